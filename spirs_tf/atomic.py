@@ -1,0 +1,57 @@
+"""Atomic file output: write to a temporary file in the destination folder, then rename.
+
+A reader never sees a half-written file, and an exception (or a kill) during the write leaves the
+destination as it was. Outputs are never allowed to overwrite one of the run's inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from typing import Iterator
+
+from spirs_tf.errors import SpirsInputError
+
+
+def _suffix(path: str) -> str:
+    name = os.path.basename(path)
+    for double in (".nii.gz", ".seg.nrrd", ".weights.h5", ".tar.gz"):
+        if name.endswith(double):
+            return double
+    return os.path.splitext(name)[1]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, protect: tuple = ()) -> Iterator[str]:
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``.
+
+    The temporary name keeps the extension (so writers that dispatch on it work). ``protect`` lists
+    input files that must never be overwritten; naming one of them is an error.
+    """
+    path = os.fspath(path)
+    for p in protect:
+        if p is not None and os.path.exists(path) and os.path.exists(p) and os.path.samefile(path, p):
+            raise SpirsInputError("refusing to overwrite an input file", path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=_suffix(path), dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,68 @@
+"""The ``spirs`` command: one verb per sub-command, each a thin wrapper around a typed function.
+
+Sub-commands live in :mod:`spirs_tf.commands`, one module each, exposing ``add_parser(subparsers)``
+and ``run(args) -> int``. A sub-command is listed only when its module exists.
+
+Errors in user input are printed as a single line ``spirs: error: <file>: <problem>`` with exit
+code 2; no traceback is shown (set ``SPIRS_DEBUG=1`` to see one).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from spirs_tf import __version__  # noqa: E402
+from spirs_tf.errors import SpirsInputError  # noqa: E402
+
+#: (sub-command, module) in the order ``spirs --help`` lists them.
+COMMANDS = (
+    ("demo", "spirs_tf.commands.demo"),
+    ("predict", "spirs_tf.commands.predict"),
+    ("synth", "spirs_tf.commands.synth"),
+    ("manifest", "spirs_tf.commands.manifest"),
+    ("train", "spirs_tf.commands.train"),
+    ("export", "spirs_tf.commands.export"),
+    ("evaluate", "spirs_tf.commands.evaluate"),
+)
+
+
+def available_commands():
+    for name, module in COMMANDS:
+        if importlib.util.find_spec(module) is not None:
+            yield name, importlib.import_module(module)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spirs",
+        description="SPIRS: joint registration and segmentation of brain metastases on longitudinal MRI.")
+    parser.add_argument("--version", action="version", version=f"spirs-tf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for _name, module in available_commands():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpirsInputError as exc:
+        if os.environ.get("SPIRS_DEBUG"):
+            raise
+        print(f"spirs: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spirs: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

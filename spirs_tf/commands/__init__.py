@@ -1,0 +1,1 @@
+"""One module per ``spirs`` sub-command (see :mod:`spirs_tf.cli`)."""

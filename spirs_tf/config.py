@@ -1,0 +1,349 @@
+"""Typed configuration of spirs-tf: one dataclass tree, saved (resolved) with every run.
+
+Named experiments (:data:`NAMED_CONFIGS`):
+
+``paper``
+    The paper's network and hyper-parameters: 64 base filters, 128³ working grid at 1.5 mm, γ = 0.5,
+    λ1 = 0.5, λ2 = 0.1, SGD with decoupled weight decay, lr 1e-2 → 4e-5 and wd 4e-5 → 2e-7 over
+    250 epochs (Appendix B), stage batch sizes 32 / 2 / 2.
+``cpu-small``
+    A width and grid that train to a useful model on a 2-core CPU in about an hour.
+``test``
+    Tiny: for unit tests only.
+
+A config is built with :func:`get_config` (a name or a JSON file, plus ``key.sub=value`` overrides)
+and written with :func:`save_config`. Keys are checked: a typo is an error, not a silent default.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from spirs_tf.errors import SpirsInputError
+
+CONFIG_VERSION = 1
+
+
+@dataclass
+class DataConfig:
+    """Working grid and preprocessing (FACTS decision 1)."""
+
+    grid_size: int = 128  #: voxels per axis of the finest pyramid level (must be divisible by 32)
+    spacing_mm: float = 1.5  #: isotropic working spacing in mm
+    clip_sigma: float = 5.0  #: intensities clipped at mean ± clip_sigma·std of non-zero voxels
+    pairing: str = "consecutive"  #: "consecutive" or "all" ordered (prior, new) pairs per patient
+    both_directions: bool = False  #: also train on (new, prior) pairs
+
+
+@dataclass
+class ModelConfig:
+    """Network widths (FACTS section B). The paper uses ``base_filters = 64``."""
+
+    base_filters: int = 64  #: SE1 width; SE2 uses 2×, 4×, 8×, 16× this
+    opening_filters: int = 32  #: filters of the three opening convolutions
+    num_levels: int = 3  #: L, pyramid depth of the full model
+    affine_dense_units: int = 128
+    affine_dropout: float = 0.15
+    registration_kernel: int = 7  #: opening kernel of the affine and deformable modules
+    segmentation_kernel: int = 3  #: opening kernel of the segmentation module
+    blur_size: int = 5  #: Gaussian kernel applied to the warped prior mask before P2
+    blur_sigma: float = 1.0
+    seg_prior_probability: float = 0.01  #: RetinaNet prior for the segmentation head biases
+    bn_epsilon: float = 1e-5
+    bn_momentum: float = 0.99
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (Eq. 10 and FACTS decision 6)."""
+
+    optimisation: str = "isolated"  #: "isolated" (authors: three tapes/optimisers) or "joint" (Eq. 10)
+    gamma: float = 0.5  #: pyramid weight γ^(L−i)
+    lambda_smooth: float = 0.5  #: λ1
+    lambda_dice: float = 0.1  #: λ2 (registration Dice and its BCE)
+    weight_mse: float = 1.0
+    weight_lncc_affine: float = 1.0
+    weight_lncc_deformable: float = 1.0
+    weight_segmentation: float = 1.0
+    lncc_window: int = 9
+    background_displacement_weight: float = 0.01
+    bce_positive_weight: float = 3.0
+    dice_smooth: float = 1.0
+
+
+@dataclass
+class OptimizerConfig:
+    """One SGDW optimiser with cosine learning-rate and weight-decay schedules (Appendix B, Eq. 11)."""
+
+    learning_rate: float = 1e-2
+    learning_rate_min: float = 4e-5
+    weight_decay: float = 4e-5
+    weight_decay_min: float = 2e-7
+    momentum: float = 0.9
+    nesterov: bool = False
+    cycle_epochs: int = 250  #: T of Eq. 11, in epochs
+    warmup_epochs: int = 0  #: authors: 5 (linear from lr/1000)
+    warm_restarts: bool = False  #: authors' cycle=True: each cycle 1.5× longer, max/10, min/15
+    restart_length_factor: float = 1.5
+    restart_max_divisor: float = 10.0
+    restart_min_divisor: float = 15.0
+
+
+@dataclass
+class OptimConfig:
+    """The three optimisers of ``isolated`` mode; ``joint`` mode uses ``registration`` alone."""
+
+    registration: OptimizerConfig = field(default_factory=OptimizerConfig)
+    segmentation_p1: OptimizerConfig = field(default_factory=OptimizerConfig)
+    segmentation_p2: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+
+@dataclass
+class AugmentConfig:
+    """On-the-fly augmentation (FACTS decision 9). The random affine is the ground-truth affine."""
+
+    enabled: bool = True
+    flip_probability: float = 0.5  #: per axis, applied to both images alike
+    spatial_probability: float = 0.9  #: each of scale / rotation / shear / translation
+    scale_range: tuple[float, float] = (0.9, 1.1)  #: anisotropic
+    rotation_degrees: float = 20.0
+    shear_range: float = 0.05
+    translation_voxels_at_128: float = 20.0  #: scaled with the grid size
+    gamma_probability: float = 0.5
+    gamma_range: tuple[float, float] = (0.75, 1.25)
+    image_order: int = 3  #: spline order for images (authors: cubic)
+    mask_order: int = 0  #: 0 = nearest (authors), 1 = linear then threshold 0.5
+
+
+@dataclass
+class StageConfig:
+    """One coarse-to-fine stage (FACTS decision 8)."""
+
+    levels: int = 1
+    batch_size: int = 32
+    bn_trainable: bool = True
+    epochs: int = 250
+    steps_per_epoch: int | None = None  #: None = ceil(#pairs / batch)
+
+
+def _default_stages() -> list[StageConfig]:
+    return [
+        StageConfig(levels=1, batch_size=32, bn_trainable=True),
+        StageConfig(levels=2, batch_size=2, bn_trainable=False),
+        StageConfig(levels=3, batch_size=2, bn_trainable=False),
+    ]
+
+
+@dataclass
+class TrainConfig:
+    stages: list[StageConfig] = field(default_factory=_default_stages)
+    seed: int = 1234
+    validation_pairs: int | None = None  #: None = every validation pair
+    checkpoint_every_epochs: int = 1
+    keep_best_metric: str = "val_registration_loss"  #: authors monitor the registration loss
+    mixed_precision: bool = False
+    xla_warp: bool = True  #: compile only the warp (fast on CPU); the network stays un-compiled
+    distribute: str = "none"  #: "none", "mirrored" or "multi_worker"
+    loader_workers: int = 2
+
+
+@dataclass
+class SpirsConfig:
+    name: str = "paper"
+    version: int = CONFIG_VERSION
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def level_grid(self, level: int) -> int:
+        """Grid size of pyramid ``level`` (1 = coarsest) of the full ``num_levels`` pyramid."""
+        return self.data.grid_size // 2 ** (self.model.num_levels - level)
+
+    def validate(self) -> "SpirsConfig":
+        d, m = self.data, self.model
+        coarsest = d.grid_size // 2 ** (m.num_levels - 1)
+        if d.grid_size <= 0 or coarsest % 8:
+            raise SpirsInputError(
+                f"config {self.name!r}: data.grid_size={d.grid_size} must make the coarsest level "
+                f"({coarsest}) divisible by 8 (three poolings in the shared encoder)")
+        if d.spacing_mm <= 0:
+            raise SpirsInputError(f"config {self.name!r}: data.spacing_mm must be > 0, got {d.spacing_mm}")
+        if d.pairing not in ("consecutive", "all"):
+            raise SpirsInputError(f"config {self.name!r}: data.pairing must be 'consecutive' or 'all'")
+        if self.loss.optimisation not in ("isolated", "joint"):
+            raise SpirsInputError(f"config {self.name!r}: loss.optimisation must be 'isolated' or 'joint'")
+        if self.train.distribute not in ("none", "mirrored", "multi_worker"):
+            raise SpirsInputError(
+                f"config {self.name!r}: train.distribute must be 'none', 'mirrored' or 'multi_worker'")
+        for s in self.train.stages:
+            if not 1 <= s.levels <= m.num_levels:
+                raise SpirsInputError(f"config {self.name!r}: stage levels must be in 1..{m.num_levels}")
+        return self
+
+
+# --------------------------------------------------------------------------------------------- named
+def _paper() -> SpirsConfig:
+    return SpirsConfig(name="paper")
+
+
+def _cpu_small() -> SpirsConfig:
+    cfg = SpirsConfig(name="cpu-small")
+    cfg.data.grid_size = 64
+    cfg.data.spacing_mm = 3.0
+    cfg.model.base_filters = 8
+    cfg.model.opening_filters = 8
+    cfg.model.affine_dense_units = 32
+    cfg.train.stages = [
+        StageConfig(levels=1, batch_size=8, bn_trainable=True, epochs=30),
+        StageConfig(levels=2, batch_size=2, bn_trainable=False, epochs=10),
+        StageConfig(levels=3, batch_size=2, bn_trainable=False, epochs=5),
+    ]
+    for opt in (cfg.optim.registration, cfg.optim.segmentation_p1, cfg.optim.segmentation_p2):
+        opt.cycle_epochs = 30
+    return cfg
+
+
+def _test() -> SpirsConfig:
+    cfg = SpirsConfig(name="test")
+    cfg.data.grid_size = 32
+    cfg.data.spacing_mm = 6.0
+    cfg.model.base_filters = 2
+    cfg.model.opening_filters = 2
+    cfg.model.affine_dense_units = 8
+    cfg.train.stages = [
+        StageConfig(levels=1, batch_size=2, bn_trainable=True, epochs=2, steps_per_epoch=2),
+        StageConfig(levels=2, batch_size=1, bn_trainable=False, epochs=1, steps_per_epoch=2),
+        StageConfig(levels=3, batch_size=1, bn_trainable=False, epochs=1, steps_per_epoch=1),
+    ]
+    cfg.train.loader_workers = 1
+    return cfg
+
+
+NAMED_CONFIGS = {"paper": _paper, "cpu-small": _cpu_small, "test": _test}
+
+
+# ------------------------------------------------------------------------------------ (de)serialise
+def to_dict(cfg: SpirsConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    if not isinstance(data, dict):
+        raise SpirsInputError(f"config: {where or 'top level'} must be a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise SpirsInputError(f"config: unknown key(s) {unknown} in {where or 'top level'}; "
+                              f"known: {sorted(fields)}")
+    kwargs = {}
+    defaults = cls()
+    for name, value in data.items():
+        default = getattr(defaults, name)
+        kwargs[name] = _coerce(default, value, f"{where}.{name}".lstrip("."))
+    return cls(**kwargs)
+
+
+def _coerce(default, value, where: str):
+    if dataclasses.is_dataclass(default):
+        return _from_dict(type(default), value, where)
+    if isinstance(default, list) and default and dataclasses.is_dataclass(default[0]):
+        if not isinstance(value, list):
+            raise SpirsInputError(f"config: {where} must be a list")
+        return [_from_dict(type(default[0]), v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(default, tuple):
+        return tuple(value)
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise SpirsInputError(f"config: {where} must be true/false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    if isinstance(default, int) and not isinstance(default, bool) and value is not None:
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise SpirsInputError(f"config: {where} must be an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise SpirsInputError(f"config: {where} must be an integer, got {value!r}")
+        return int(as_float)
+    if isinstance(default, float) and value is not None:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise SpirsInputError(f"config: {where} must be a number, got {value!r}") from None
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> SpirsConfig:
+    data = migrate(copy.deepcopy(data))
+    return _from_dict(SpirsConfig, data, "").validate()
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older saved config up to :data:`CONFIG_VERSION` (version 1 is the first)."""
+    version = data.get("version", CONFIG_VERSION)
+    if version > CONFIG_VERSION:
+        raise SpirsInputError(f"config: version {version} is newer than this spirs-tf ({CONFIG_VERSION})")
+    data["version"] = CONFIG_VERSION
+    return data
+
+
+def apply_overrides(cfg: SpirsConfig, overrides: list[str] | None) -> SpirsConfig:
+    """Apply ``section.key=value`` strings, e.g. ``model.base_filters=16`` or ``train.stages.0.epochs=3``."""
+    data = to_dict(cfg)
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpirsInputError(f"config override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+            elif part in node:
+                node = node[part]
+            else:
+                raise SpirsInputError(f"config override {item!r}: unknown key {part!r}")
+        last = parts[-1]
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if isinstance(node, list):
+            node[int(last)] = value
+        elif last in node:
+            node[last] = value
+        else:
+            raise SpirsInputError(f"config override {item!r}: unknown key {last!r}")
+    return from_dict(data)
+
+
+def get_config(name_or_path: str | os.PathLike = "paper", overrides: list[str] | None = None) -> SpirsConfig:
+    """A named config (``paper``, ``cpu-small``, ``test``) or a JSON file, with overrides applied."""
+    key = os.fspath(name_or_path)
+    if key in NAMED_CONFIGS:
+        cfg = NAMED_CONFIGS[key]()
+    elif os.path.isfile(key):
+        try:
+            with open(key, encoding="utf-8") as fh:
+                cfg = from_dict(json.load(fh))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SpirsInputError(f"not a valid JSON config ({exc})", key) from None
+    else:
+        raise SpirsInputError(f"config {key!r} is neither a named config {sorted(NAMED_CONFIGS)} "
+                              "nor an existing JSON file")
+    return apply_overrides(cfg, overrides).validate()
+
+
+def save_config(cfg: SpirsConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as JSON, atomically."""
+    from spirs_tf.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n")
