@@ -1,0 +1,209 @@
+"""Keras layers: thin adapters over :mod:`spirs_tf.transforms` (one call each, no weights).
+
+Every layer is registered for serialization (``package="spirs_tf"``) and round-trips through
+``get_config`` / ``from_config`` and ``model.save(...)`` / ``keras.models.load_model(...)``.
+
+Layers that produce coordinates, affines, displacement fields or warped volumes default to the
+``float32`` dtype policy, so they stay float32 under a global ``mixed_float16`` policy (inputs are
+autocast to float32 as well). :class:`Upsample2x`, :class:`GaussianBlur3D` and :class:`Subsample`
+follow the global policy (they are used inside the decoders and the fusion block).
+"""
+from __future__ import annotations
+
+from spirs_tf import transforms
+from spirs_tf._compat import keras
+
+__all__ = [
+    "AffineMatrix",
+    "ComposeAffines",
+    "ComposeDVF",
+    "GaussianBlur3D",
+    "ScaleTranslation",
+    "SpatialTransformer",
+    "Subsample",
+    "Upsample2x",
+    "UpsampleDVF",
+]
+
+_register = keras.saving.register_keras_serializable(package="spirs_tf")
+
+
+class _Float32Layer(keras.layers.Layer):
+    """Base for layers that must compute in float32 regardless of the global policy."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+
+
+def _spatial_times(shape, factor):
+    return tuple(None if n is None else n * factor for n in shape)
+
+
+@_register
+class SpatialTransformer(_Float32Layer):
+    """Warp a moving volume with an affine and/or a displacement field (:func:`transforms.warp`).
+
+    Inputs, in this order: ``moving (B, D, H, W, C)``, then ``matrix (B, 3, 4)`` if
+    ``use_affine``, then ``dvf (B, D, H, W, 3)`` if ``use_dvf``. Output ``(B, D, H, W, C)`` float32,
+    ``moving(M(x − c) + t + u(x) + c)``, trilinear, zeros outside.
+
+    Args:
+        use_affine: expect a ``(B, 3, 4)`` matrix input.
+        use_dvf: expect a ``(B, D, H, W, 3)`` displacement input.
+    Raises:
+        ValueError: if neither is used, or on the wrong number of inputs.
+    """
+
+    def __init__(self, use_affine: bool = True, use_dvf: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        if not (use_affine or use_dvf):
+            raise ValueError("SpatialTransformer needs use_affine=True and/or use_dvf=True")
+        self.use_affine = bool(use_affine)
+        self.use_dvf = bool(use_dvf)
+
+    def _split(self, inputs):
+        inputs = list(inputs) if isinstance(inputs, (list, tuple)) else [inputs]
+        expected = 1 + self.use_affine + self.use_dvf
+        if len(inputs) != expected:
+            names = ["moving"] + ["matrix"] * self.use_affine + ["dvf"] * self.use_dvf
+            raise ValueError(f"SpatialTransformer expects inputs {names}, got {len(inputs)} tensors")
+        moving = inputs[0]
+        matrix = inputs[1] if self.use_affine else None
+        dvf = inputs[-1] if self.use_dvf else None
+        return moving, matrix, dvf
+
+    def call(self, inputs):
+        return transforms.warp(*self._split(inputs))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        return {**super().get_config(), "use_affine": self.use_affine, "use_dvf": self.use_dvf}
+
+
+@_register
+class AffineMatrix(_Float32Layer):
+    """15 affine parameters ``(B, 15)`` → ``[M | t]`` ``(B, 3, 4)`` (:func:`transforms.affine_params_to_matrix`)."""
+
+    def call(self, params):
+        return transforms.affine_params_to_matrix(params)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 3, 4)
+
+
+@_register
+class ScaleTranslation(_Float32Layer):
+    """``[M | t] → [M | factor·t]`` (:func:`transforms.scale_translation`); ``(B, 3, 4) → (B, 3, 4)``."""
+
+    def __init__(self, factor: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.factor = float(factor)
+
+    def call(self, matrix):
+        return transforms.scale_translation(matrix, self.factor)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+@_register
+class ComposeAffines(_Float32Layer):
+    """Inputs ``[coarse, residual]`` ``(B, 3, 4)`` each → ``coarse · residual`` (:func:`transforms.compose_affines`)."""
+
+    def call(self, inputs):
+        coarse, residual = inputs
+        return transforms.compose_affines(coarse, residual)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+
+@_register
+class UpsampleDVF(_Float32Layer):
+    """``u → 2·upsample2x(u)`` (:func:`transforms.upsample_dvf`); ``(B, D, H, W, 3) → (B, 2D, 2H, 2W, 3)``."""
+
+    def call(self, dvf):
+        return transforms.upsample_dvf(dvf)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + _spatial_times(input_shape[1:4], 2) + (input_shape[4],)
+
+
+@_register
+class ComposeDVF(_Float32Layer):
+    """Inputs ``[u_up, r]`` → ``u_up + r(x + u_up(x))`` (:func:`transforms.compose_dvf`)."""
+
+    def call(self, inputs):
+        u_up, residual = inputs
+        return transforms.compose_dvf(u_up, residual)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+
+@_register
+class Upsample2x(keras.layers.Layer):
+    """The authors' fixed ×2 upsampling (:func:`transforms.upsample2x`); no weights."""
+
+    def call(self, x):
+        return transforms.upsample2x(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + _spatial_times(input_shape[1:4], 2) + (input_shape[4],)
+
+
+@_register
+class GaussianBlur3D(keras.layers.Layer):
+    """Fixed per-channel Gaussian blur, 'same' zero padding (:func:`transforms.gaussian_blur`); no weights.
+
+    Args:
+        size: odd kernel size (authors: 5).
+        sigma: standard deviation in voxels (authors: 1.0).
+    Raises:
+        ValueError: for an even/non-positive size or non-positive sigma.
+    """
+
+    def __init__(self, size: int = 5, sigma: float = 1.0, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        transforms.gaussian_kernel3d(size, sigma)  # validates
+        self.size = int(size)
+        self.sigma = float(sigma)
+
+    def call(self, x):
+        return transforms.gaussian_blur(x, self.size, self.sigma)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size, "sigma": self.sigma}
+
+
+@_register
+class Subsample(keras.layers.Layer):
+    """Strided subsample ``x[:, ::f, ::f, ::f]`` (:func:`transforms.subsample`)."""
+
+    def __init__(self, factor: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        if int(factor) != factor or factor < 1:
+            raise ValueError(f"Subsample factor must be a positive integer, got {factor}")
+        self.factor = int(factor)
+
+    def call(self, x):
+        return transforms.subsample(x, self.factor)
+
+    def compute_output_shape(self, input_shape):
+        def down(n):
+            return None if n is None else -(-n // self.factor)
+
+        return (input_shape[0],) + tuple(down(n) for n in input_shape[1:4]) + (input_shape[4],)
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
