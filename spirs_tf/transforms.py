@@ -272,15 +272,16 @@ _COMPILED_WARP = None
 def compiled_warp(moving, matrix=None, dvf=None):
     """:func:`warp` compiled with XLA (``tf.function(jit_compile=True)``) under TensorFlow.
 
-    The gather-based warp is much faster under XLA on CPU (see the module timing in the
-    transformer tests / report), while XLA makes 3-D convolutions slower, so only the warp is
-    compiled. Under other backends this is plain :func:`warp`. Same arguments and result.
+    The gather-based warp is about 8× faster under XLA on a CPU (128³ with affine + DVF:
+    0.2–0.3 s eager vs 0.02–0.04 s compiled; ``tests/test_transforms.py::test_timing_eager_vs_compiled_warp_128``),
+    whereas XLA makes 3-D convolutions slower, so only the warp is compiled. One trace per input
+    shape. Under other backends this is plain :func:`warp`. Same arguments and result.
     """
     global _COMPILED_WARP
     if BACKEND != "tensorflow":
         return warp(moving, matrix, dvf)
     if _COMPILED_WARP is None:
-        _COMPILED_WARP = tf.function(warp, jit_compile=True, reduce_retracing=True)
+        _COMPILED_WARP = tf.function(warp, jit_compile=True, autograph=False)
     return _COMPILED_WARP(moving, matrix, dvf)
 
 
