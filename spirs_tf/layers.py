@@ -85,7 +85,10 @@ class SpatialTransformer(_Float32Layer):
 
 @_register
 class AffineMatrix(_Float32Layer):
-    """15 affine parameters ``(B, 15)`` → ``[M | t]`` ``(B, 3, 4)`` (:func:`transforms.affine_params_to_matrix`)."""
+    """15 affine parameters ``(B, 15)`` → ``[M | t]`` ``(B, 3, 4)``.
+
+    See :func:`transforms.affine_params_to_matrix`.
+    """
 
     def call(self, params):
         return transforms.affine_params_to_matrix(params)
@@ -114,7 +117,10 @@ class ScaleTranslation(_Float32Layer):
 
 @_register
 class ComposeAffines(_Float32Layer):
-    """Inputs ``[coarse, residual]`` ``(B, 3, 4)`` each → ``coarse · residual`` (:func:`transforms.compose_affines`)."""
+    """Inputs ``[coarse, residual]``, ``(B, 3, 4)`` each → ``coarse · residual``.
+
+    See :func:`transforms.compose_affines`.
+    """
 
     def call(self, inputs):
         coarse, residual = inputs

@@ -66,7 +66,7 @@ def _check_rank(name: str, x, rank: int, last: int | None = None) -> None:
         raise ValueError(f"{name} must have {want}, got shape {shape}")
 
 
-def identity_grid(spatial_shape) -> "ops.Tensor":
+def identity_grid(spatial_shape):
     """Voxel coordinates ``x`` of a grid, shape ``(D, H, W, 3)`` float32, channel a = index on axis a."""
     axes = [ops.arange(int(n), dtype="float32") for n in spatial_shape]
     return ops.stack(ops.meshgrid(*axes, indexing="ij"), axis=-1)
@@ -273,8 +273,9 @@ def compiled_warp(moving, matrix=None, dvf=None):
     """:func:`warp` compiled with XLA (``tf.function(jit_compile=True)``) under TensorFlow.
 
     The gather-based warp is about 8× faster under XLA on a CPU (128³ with affine + DVF:
-    0.2–0.3 s eager vs 0.02–0.04 s compiled; ``tests/test_transforms.py::test_timing_eager_vs_compiled_warp_128``),
-    whereas XLA makes 3-D convolutions slower, so only the warp is compiled. One trace per input
+    0.2–0.3 s eager vs 0.02–0.04 s compiled, measured by
+    ``tests/test_transforms.py::test_timing_eager_vs_compiled_warp_128``), whereas XLA makes 3-D
+    convolutions slower, so only the warp is compiled. One trace per input
     shape. Under other backends this is plain :func:`warp`. Same arguments and result.
     """
     global _COMPILED_WARP

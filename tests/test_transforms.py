@@ -187,7 +187,7 @@ def test_warp_gradient_wrt_affine_matches_finite_differences(rng):
 
 
 def test_warp_gradient_wrt_volume_is_the_adjoint(rng):
-    """warp is linear in the volume: ⟨w, warp(v)⟩ has gradient warpᵀw; check ⟨warpᵀw, v⟩ = ⟨w, warp(v)⟩."""
+    """warp is linear in the volume, so ∇_v⟨w, warp(v)⟩ = warpᵀw and ⟨warpᵀw, v⟩ = ⟨w, warp(v)⟩."""
     v = rng.normal(size=(1, 8, 8, 8, 2)).astype(np.float32)
     w = rng.normal(size=(1, 8, 8, 8, 2)).astype(np.float32)
     matrix, dvf = random_matrix(rng, 1), rng.normal(0, 1, (1, 8, 8, 8, 3)).astype(np.float32)
@@ -230,7 +230,8 @@ def test_scale_translation_and_compose_affines(rng):
     # Warping with the composition = sampling p = A(B(x)) (coarse applied last), at the coordinate level.
     shape = (6, 6, 6)
     pb = G.sample_locations(b[0], shape)
-    pa_of_pb = np.einsum("ab,bijk->aijk", a[0, :, :3].astype(np.float64), pb - 3.0) + a[0, :, 3, None, None, None] + 3.0
+    m_a, t_a = a[0, :, :3].astype(np.float64), a[0, :, 3, None, None, None]
+    pa_of_pb = np.einsum("ab,bijk->aijk", m_a, pb - 3.0) + t_a + 3.0
     np.testing.assert_allclose(G.sample_locations(composed[0], shape), pa_of_pb, atol=1e-4)
 
 
@@ -359,4 +360,5 @@ def test_timing_eager_vs_compiled_warp_128(capsys):
     eager, compiled = seconds(T.warp), seconds(T.compiled_warp)
     with capsys.disabled():
         print(f"\nwarp 128^3 affine+dvf: eager {eager:.3f} s, compiled {compiled:.3f} s, x{eager / compiled:.1f}")
-    np.testing.assert_allclose(np_(T.compiled_warp(moving, matrix, dvf)), np_(T.warp(moving, matrix, dvf)), atol=1e-5)
+    compiled_out = np_(T.compiled_warp(moving, matrix, dvf))
+    np.testing.assert_allclose(compiled_out, np_(T.warp(moving, matrix, dvf)), atol=1e-5)
