@@ -172,7 +172,8 @@ def test_bending_energy_of_quadratic_fields_is_analytic():
     zero = np.zeros_like(x)
     # u0 = x² → u_xx = 2 at every interior voxel: (2² = 4 in one of 3 channels) → 4/3
     square = np.stack([x ** 2, zero, zero], -1)[None]
-    # u1 = x·y → u_xy = ((i−1)(j−1) − (i+1)(j−1) − (i−1)(j+1) + (i+1)(j+1))/4 = 1 → 2·1² / 3 channels
+    # u1 = x·y → u_xy = ((i−1)(j−1) − (i+1)(j−1) − (i−1)(j+1) + (i+1)(j+1))/4 = 1,
+    # so 2·u_xy² = 2 in one of 3 channels → 2/3
     mixed = np.stack([zero, x * y, zero], -1)[None]
     both = np.stack([x ** 2, x * y, 3 * x ** 2], -1)[None]  # (4 + 2 + 36) / 3
     got = np_(L.bending_energy(np.concatenate([square, mixed, both])))
