@@ -116,40 +116,74 @@ def lesion_targets(fixed_mask: np.ndarray, moving_mask: np.ndarray) -> tuple[np.
 def strided_positions(matrix: np.ndarray, grid_size: int, out_size: int) -> np.ndarray:
     """Full-grid source coordinates ``matrix(factor·i)`` for the ``out_size³`` strided output voxels.
 
-    ``matrix`` is a centred 3×4 affine in voxels of the full grid (centre ``c = grid_size/2``) and
-    ``factor = grid_size / out_size``. Since ``c = factor·(out_size/2)``, the coordinates equal
-    ``factor · sample_locations(matrix with t/factor, out_size³)``.
+    ``matrix`` is a centred 3×4 affine ``[M | t]`` in voxels of the full grid (centre
+    ``c = grid_size/2``) and ``factor = grid_size / out_size``::
+
+        q(i) = M(factor·i − c) + t + c,   i ∈ {0 … out_size − 1}³
+
+    (the same as ``factor · geometry.sample_locations([M | t/factor], (out_size,)*3)``). Built from
+    separable broadcasts, without a meshgrid.
 
     Returns:
         float64 array (3, S, S, S).
     """
     factor = grid_size // out_size
-    return factor * geometry.sample_locations(geometry.scale_translation(matrix, 1.0 / factor),
-                                              (out_size,) * 3)
+    m = np.asarray(matrix, dtype=np.float64)
+    c = grid_size / 2.0
+    axis = np.arange(out_size, dtype=np.float64) * factor - c
+    shapes = ((-1, 1, 1), (1, -1, 1), (1, 1, -1))
+    out = np.empty((3, out_size, out_size, out_size), dtype=np.float64)
+    for a in range(3):
+        np.add((m[a, 0] * axis + m[a, 3] + c).reshape(shapes[0]), (m[a, 1] * axis).reshape(shapes[1]),
+               out=out[a])
+        out[a] += (m[a, 2] * axis).reshape(shapes[2])
+    return out
 
 
-def resample_image(volume: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
+def resample_image(volume: np.ndarray, coords: np.ndarray, order: int,
+                   support: np.ndarray | None = None) -> np.ndarray:
     """Sample an image at ``coords`` (3, ...) with spline ``order``; zeros outside; see module rules.
 
-    Values are clipped to [0, 1] and set to 0 where the nearest source voxel is 0.
+    Values are clipped to [0, 1] and set to 0 where the nearest source voxel is 0. ``support``, if
+    given, is that nearest-neighbour sample of ``volume != 0`` (computed by the caller).
     """
     volume = np.asarray(volume, dtype=np.float32)
     coeffs = ndimage.spline_filter(volume, order, mode="constant", output=np.float32) if order > 1 else volume
     out = ndimage.map_coordinates(coeffs, coords, order=order, mode="constant", cval=0.0,
                                   prefilter=False, output=np.float32)
-    support = ndimage.map_coordinates((volume != 0).view(np.uint8), coords, order=0, mode="constant",
-                                      cval=0, prefilter=False)
+    if support is None:
+        support = _nearest((volume != 0).view(np.uint8), coords)
     out[support == 0] = 0.0
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _nearest(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    return ndimage.map_coordinates(volume, coords, order=0, mode="constant", cval=0, prefilter=False)
 
 
 def resample_mask(mask: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
     """Sample a binary mask at ``coords``: order 0 nearest, order 1 linear then ``>= 0.5``. float32."""
     if order not in (0, 1):
         raise ValueError(f"mask_order must be 0 (nearest) or 1 (linear + threshold), got {order}")
-    out = ndimage.map_coordinates(np.asarray(mask, dtype=np.float32), coords, order=order, mode="constant",
+    if order == 0:
+        return (_nearest((np.asarray(mask) > 0.5).view(np.uint8), coords) > 0).astype(np.float32)
+    out = ndimage.map_coordinates(np.asarray(mask, dtype=np.float32), coords, order=1, mode="constant",
                                   cval=0.0, prefilter=False, output=np.float32)
     return (out >= 0.5).astype(np.float32)
+
+
+def resample_moving(image: np.ndarray, mask: np.ndarray, coords: np.ndarray, image_order: int,
+                    mask_order: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`resample_image` and :func:`resample_mask` of the moving pair at ``coords``.
+
+    With ``mask_order = 0`` the image support and the mask share one nearest-neighbour pass
+    (bit 0 = image non-zero, bit 1 = lesion).
+    """
+    if mask_order != 0:
+        return resample_image(image, coords, image_order), resample_mask(mask, coords, mask_order)
+    packed = (np.asarray(image) != 0).view(np.uint8) | ((np.asarray(mask) > 0.5).view(np.uint8) << 1)
+    near = _nearest(packed, coords)
+    return resample_image(image, coords, image_order, support=near & 1), (near >> 1).astype(np.float32)
 
 
 def random_gamma(image: np.ndarray, rng: np.random.Generator, aug_cfg: AugmentConfig) -> np.ndarray:
@@ -225,8 +259,8 @@ def augment_pair(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray, 
     out = {k: np.ascontiguousarray(flip(v)[stride], dtype=np.float32) for k, v in fixed_space.items()}
     out["fixed_mask"] = (out["fixed_mask"] > 0.5).astype(np.float32)
     coords = strided_positions(geometry.invert_affine(true_affine), grid, out_size)
-    out["moving_image"] = resample_image(flip(moving), coords, aug_cfg.image_order)
-    out["moving_mask"] = resample_mask(flip(moving_mask), coords, aug_cfg.mask_order)
+    out["moving_image"], out["moving_mask"] = resample_moving(flip(moving), flip(moving_mask), coords,
+                                                              aug_cfg.image_order, aug_cfg.mask_order)
     out["fixed_image"] = random_gamma(out["fixed_image"], rng, aug_cfg)
     out["moving_image"] = random_gamma(out["moving_image"], rng, aug_cfg)
     out["true_affine"] = geometry.scale_translation(true_affine, 1.0 / factor)

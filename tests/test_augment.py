@@ -299,3 +299,23 @@ def test_bad_shapes_raise_with_shapes_in_message():
         A.augment_pair(vol, vol[:, :, :16], ZEROS, ZEROS, np.random.default_rng(0), AugmentConfig(), 16)
     with pytest.raises(ValueError, match="must divide"):
         A.augment_pair(vol, vol, ZEROS, ZEROS, np.random.default_rng(0), AugmentConfig(), 12)
+
+
+def test_strided_positions_match_geometry_sample_locations():
+    m = G.params_to_matrix(G.IDENTITY_PARAMS + np.random.default_rng(2).normal(0, 0.1, 15))
+    for out_size in (32, 8):
+        f = GRID // out_size
+        full = G.sample_locations(m, (GRID,) * 3)[:, ::f, ::f, ::f]
+        np.testing.assert_allclose(A.strided_positions(m, GRID, out_size), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_packed_moving_resampling_equals_separate_passes(order):
+    img = smooth_volume(15) * sphere(GRID, (16, 15, 17), 11)
+    mask = sphere(GRID, (12, 13, 14), 4)
+    coords = G.sample_locations(G.params_to_matrix(G.IDENTITY_PARAMS + 0.05), (GRID,) * 3)
+    image, lesion = A.resample_moving(img, mask, coords, order, 0)
+    np.testing.assert_array_equal(image, A.resample_image(img, coords, order))
+    np.testing.assert_array_equal(lesion, A.resample_mask(mask, coords, 0))
+    expected = ndimage.map_coordinates(mask, coords, order=0, mode="constant") > 0.5
+    np.testing.assert_array_equal(lesion, expected)
