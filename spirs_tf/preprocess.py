@@ -181,7 +181,8 @@ def from_working(array: np.ndarray, mapping: GridMapping, order: int) -> np.ndar
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.shape != tuple(mapping.working_shape):
-        raise ValueError(f"expected an array of the working shape {tuple(mapping.working_shape)}, got {array.shape}")
+        raise ValueError(
+            f"expected an array of the working shape {tuple(mapping.working_shape)}, got {array.shape}")
     return _resample(array, mapping.original_to_working(), mapping.original_shape, order)
 
 

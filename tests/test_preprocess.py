@@ -129,7 +129,8 @@ def test_round_trip_returns_the_original_within_interpolation_error(brain):
     """to_working then from_working (both trilinear): error ≤ bound(original h) + bound(working h).
 
     Compared inside the brain, ``reach_orig + reach_work`` mm away from its edge, where every
-    interpolation only mixes brain values. Here the bound is ≈ 0.84 intensity units for a ±40 variation (measured max error 0.69).
+    interpolation only mixes brain values. Here the bound is ≈ 0.84 intensity units for a ±40
+    variation (measured max error 0.69).
     """
     vol, dist = brain
     mapping = working_grid_for(vol, GRID, WORK_SPACING)
