@@ -211,3 +211,119 @@ def test_prediction_inputs_reject_a_mask_on_another_grid(cfg):
 
     with pytest.raises(SpirsInputError, match="prior_mask.nii.gz"):
         data.prediction_inputs(scan(img), bad, scan(img), cfg)
+
+
+# ------------------------------------------------------------------------------ on-disk cohort
+def _write_nifti(path, array, affine):
+    import nibabel as nib
+
+    nib.Nifti1Image(np.asarray(array), affine).to_filename(str(path))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """3 patients × 2 time points of 32³ NIfTI (p1, p2 train; p3 val) and a manifest CSV.
+
+    Time point 1 holds the same world content as time point 0 but is stored with the first voxel axis
+    reversed (a different voxel grid), so the pre-aligned pair is exactly aligned on the working grid.
+    """
+    root = tmp_path_factory.mktemp("cohort")
+    rows = ["patient_id,timepoint,image,mask,split"]
+    for p, split in (("p1", "train"), ("p2", "train"), ("p3", "val")):
+        img, _, lesion, _ = blob_pair(int(p[1]))
+        os.makedirs(root / p)
+        for t in (0, 1):
+            v, m = scan(img * 300.0, flip0=t == 1), scan(lesion.astype(np.uint8), flip0=t == 1)
+            _write_nifti(root / p / f"t{t}.nii.gz", v.data, v.affine)
+            _write_nifti(root / p / f"t{t}_mask.nii.gz", m.data, m.affine)
+            rows.append(f"{p},{t},{p}/t{t}.nii.gz,{p}/t{t}_mask.nii.gz,{split}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_pair_source_from_manifest_gives_aligned_preprocessed_pairs(cfg, cohort):
+    from spirs_tf.manifest import load_manifest
+
+    src = data.PairSource(load_manifest(cohort / "manifest.csv"), "train", cfg.data)
+    assert len(src) == 2 and src.grid_size == 32
+    assert [p.patient_id for p in src.pairs] == ["p1", "p2"]
+    for i in range(2):
+        item = src[i]
+        assert item.fixed_image.shape == (32,) * 3 and item.fixed_image.dtype == np.float32
+        assert item.fixed_mask.dtype == item.moving_mask.dtype == np.uint8
+        assert item.fixed_image.max() == pytest.approx(1.0) and item.fixed_image.min() == 0.0
+        np.testing.assert_allclose(item.moving_image, item.fixed_image, atol=1e-5)
+        np.testing.assert_array_equal(item.moving_mask, item.fixed_mask)
+        assert item.fixed_mask.sum() > 0
+    assert src.nbytes == 2 * 2 * (32 ** 3 * 4 + 32 ** 3)
+
+
+@pytest.mark.parametrize("levels,size", [(1, 8), (2, 16)])
+def test_dataset_from_on_disk_cohort(cfg, cohort, levels, size):
+    from spirs_tf.manifest import load_manifest
+
+    manifest = load_manifest(cohort / "manifest.csv")
+    train = data.PairSource(manifest, "train", cfg.data)
+    batches = take_all(data.make_dataset(train, cfg, levels, batch_size=2, training=True, seed=0, epoch=1))
+    assert len(batches) == 1
+    b = batches[0]
+    assert b["fixed_image"].shape == (2, size, size, size, 1) and b["true_affine"].shape == (2, 3, 4)
+    assert all(v.dtype == np.float32 for v in b.values())
+    val = data.PairSource(manifest, "val", cfg.data)
+    v1 = take_all(data.make_dataset(val, cfg, levels, batch_size=1, training=False, seed=0, epoch=1))
+    v2 = take_all(data.make_dataset(val, cfg, levels, batch_size=1, training=False, seed=0, epoch=2))
+    assert len(v1) == len(v2) == 1
+    for key in data.BATCH_KEYS:
+        np.testing.assert_array_equal(v1[0][key], v2[0][key])
+
+
+def test_disk_cache_is_used_and_invalidated_by_mtime(cfg, cohort, tmp_path, monkeypatch):
+    from spirs_tf.manifest import load_manifest
+
+    manifest = load_manifest(cohort / "manifest.csv")
+    first = data.PairSource(manifest, "train", cfg.data, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4  # 2 fixed + 2 moving entries
+    assert not list((tmp_path / "cache").glob(".tmp-*"))
+
+    def fail(*args, **kwargs):
+        raise AssertionError("preprocessing ran although the cache holds the result")
+
+    monkeypatch.setattr(data, "preprocess_scan", fail)
+    monkeypatch.setattr(data, "prior_onto_new", fail)
+    second = data.PairSource(manifest, "train", cfg.data, cache_dir=tmp_path / "cache")
+    for a, b in zip(first._items, second._items):
+        np.testing.assert_array_equal(a.moving_image, b.moving_image)
+        np.testing.assert_array_equal(a.fixed_mask, b.fixed_mask)
+    # a new modification time of one scan invalidates the entries that depend on it
+    st = os.stat(cohort / "p1" / "t1.nii.gz")
+    os.utime(cohort / "p1" / "t1.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    with pytest.raises(AssertionError, match="preprocessing ran"):
+        data.PairSource(manifest, "train", cfg.data, cache_dir=tmp_path / "cache")
+    # other settings are other entries
+    monkeypatch.undo()
+    other = dataclasses.replace(cfg.data, clip_sigma=3.0)
+    data.PairSource(manifest, "train", other, cache_dir=tmp_path / "cache")
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 4 + 4  # the failed build above wrote nothing
+
+
+def test_both_directions_and_all_pairs(cfg, cohort):
+    from spirs_tf.manifest import load_manifest
+
+    manifest = load_manifest(cohort / "manifest.csv")
+    both = dataclasses.replace(cfg.data, both_directions=True)
+    src = data.PairSource(manifest, "train", both)
+    assert len(src) == 4
+    assert src.pairs[1].prior.timepoint == 1 and src.pairs[1].new.timepoint == 0
+    np.testing.assert_allclose(src[1].moving_image, src[1].fixed_image, atol=1e-5)
+    assert len(data.PairSource(manifest, "train", cfg.data, limit=1)) == 1
+
+
+def test_pairs_without_a_mask_are_refused(cfg, cohort, tmp_path):
+    from spirs_tf.errors import SpirsInputError
+    from spirs_tf.manifest import load_manifest
+
+    rel = os.path.relpath(cohort, tmp_path)
+    (tmp_path / "m.csv").write_text("patient_id,timepoint,image,mask,split\n"
+                                    f"p1,0,{rel}/p1/t0.nii.gz,,test\np1,1,{rel}/p1/t1.nii.gz,,test\n")
+    with pytest.raises(SpirsInputError, match="has no lesion mask"):
+        data.PairSource(load_manifest(tmp_path / "m.csv"), "test", cfg.data)
