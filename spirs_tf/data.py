@@ -28,8 +28,8 @@ pairs), and every batch is full. Validation (stream 1) keeps augmentation on —
 validation pairs are augmented, which is what gives the affine MSE a target (FACTS C) — with one
 fixed generator per pair (``[seed, 1, 0, pair]``), so every epoch sees the same batches.
 
-Note: SciPy's resampling holds the GIL, so ``loader_workers`` threads overlap augmentation with the
-model step but do not run several augmentations at once.
+``cfg.train.loader_workers`` samples are augmented concurrently in ``tf.data`` threads (SciPy's spline
+filter and resampling release the GIL); ``deterministic=True`` keeps the batch order fixed.
 """
 from __future__ import annotations
 
