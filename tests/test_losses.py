@@ -76,27 +76,40 @@ def test_lncc_of_negated_image_is_clamped_to_zero(rng):
     assert unclamped == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("box_sum", L.BOX_SUM_METHODS)
 @pytest.mark.parametrize("dtype, rtol", [("float64", 1e-9), ("float32", 2e-3)])
-def test_lncc_matches_brute_force_at_single_voxels(rng, dtype, rtol):
+def test_lncc_matches_brute_force_at_single_voxels(rng, dtype, rtol, box_sum):
     shape = (1, 14, 13, 12)
     fixed = rng.random(shape).astype(dtype)
     moving = (0.6 * fixed + 0.4 * rng.random(shape)).astype(dtype)
     for index in [(7, 6, 5), (0, 0, 0), (13, 2, 11), (3, 12, 9)]:
         mask = np.zeros(shape + (1,), dtype)
         mask[(0,) + index + (0,)] = 1.0
-        got = np_(L.lncc(fixed[..., None], moving[..., None], mask=mask))[0]
+        got = np_(L.lncc(fixed[..., None], moving[..., None], mask=mask, box_sum=box_sum))[0]
         expected = brute_force_cc(fixed[0], moving[0], index)
         assert got == pytest.approx(expected, rel=rtol), index
 
 
-def test_lncc_unmasked_mean_matches_brute_force(rng):
+@pytest.mark.parametrize("box_sum", L.BOX_SUM_METHODS)
+def test_lncc_unmasked_mean_matches_brute_force(rng, box_sum):
     shape = (1, 10, 10, 10)
     fixed = rng.random(shape)
     moving = rng.random(shape)
     expected = np.mean([brute_force_cc(fixed[0], moving[0], idx, window=5)
                         for idx in np.ndindex(*shape[1:])])
-    got = np_(L.lncc(fixed[..., None], moving[..., None], window=5))[0]
+    got = np_(L.lncc(fixed[..., None], moving[..., None], window=5, box_sum=box_sum))[0]
     assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_box_sum_methods_agree_with_full_box_convolution(rng):
+    """Both separable methods equal one 9³ all-ones Conv3D with zero 'same' padding (the authors')."""
+    x = rng.random((2, 11, 12, 13, 1))
+    full = np_(ops.conv(x, np.ones((9, 9, 9, 1, 1)), padding="same"))
+    for method in L.BOX_SUM_METHODS:
+        np.testing.assert_allclose(np_(L._box_sum(ops.convert_to_tensor(x), 9, method)), full,
+                                   rtol=1e-12)
+    with pytest.raises(ValueError, match="box-sum method"):
+        L.lncc(x, x, box_sum="fft")
 
 
 def test_lncc_empty_mask_is_finite_zero_with_zero_gradient(rng):
