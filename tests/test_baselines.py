@@ -195,3 +195,130 @@ def test_ants_displacement_reproduces_ants_warp(syn_case):
     err = np.abs(ours - result.warped_image)[inside]
     assert err.max() < 1e-3, err.max()
     assert np.abs(result.displacement).max() > 0.5  # a real deformation was found
+
+
+# ------------------------------------------------------------------------------------------------
+# VoxelMorph (Keras VxmDense)
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vxm():
+    pytest.importorskip("tensorflow")
+    from spirs_tf.baselines import voxelmorph
+
+    return voxelmorph
+
+
+def _np_integrate(velocity: np.ndarray, steps: int) -> np.ndarray:
+    """NumPy scaling and squaring: border-extended trilinear composition (SciPy mode 'nearest')."""
+    u = velocity / 2.0**steps  # (3, D, H, W)
+    grid = _identity(u.shape[1:])
+    for _ in range(steps):
+        coords = grid + u
+        u = u + np.stack([ndi.map_coordinates(u[a], coords, order=1, mode="nearest") for a in range(3)])
+    return u
+
+
+def test_vxm_identity_at_initialisation(vxm):
+    model = vxm.build_vxm_dense(16)
+    rng = np.random.default_rng(1)
+    moving, fixed = rng.random((2, 1, 16, 16, 16, 1)).astype(np.float32)
+    out = model({"moving_image": moving, "fixed_image": fixed})
+    assert set(out) == {"warped_image", "displacement", "velocity"}
+    disp = np.asarray(out["displacement"])
+    assert disp.shape == (1, 16, 16, 16, 3) and np.abs(disp).max() < 1e-3
+    np.testing.assert_allclose(np.asarray(out["warped_image"]), moving, atol=1e-3)
+    kernel = model.get_layer("vxm_flow").kernel.numpy()
+    assert 0.5e-5 < kernel.std() < 2e-5
+    assert all(layer.name.startswith("vxm_") for layer in model.layers if layer.name not in ("moving_image", "fixed_image"))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        vxm.build_vxm_dense(24)
+
+
+def test_scaling_and_squaring_constant_velocity_is_exact(vxm):
+    v = np.broadcast_to(np.array([0.3, -0.7, 1.2], np.float32), (1, 16, 16, 16, 3))
+    u = np.asarray(vxm.integrate_velocity(v, 7))
+    np.testing.assert_allclose(u, v, atol=1e-5)
+
+
+def test_scaling_and_squaring_matches_numpy(vxm):
+    v = _smooth_field(16, 2.5, seed=5, sigma=3.0)  # (3, D, H, W)
+    ours = np.asarray(vxm.integrate_velocity(np.moveaxis(v, 0, -1)[None].astype(np.float32), 7))[0]
+    ref = np.moveaxis(_np_integrate(v, 7), 0, -1)
+    np.testing.assert_allclose(ours, ref, atol=1e-4)
+    # The integrated field is the time-1 flow: integrating -v gives (approximately) its inverse.
+    back = np.asarray(vxm.integrate_velocity(-np.moveaxis(v, 0, -1)[None].astype(np.float32), 7))[0]
+    coords = _identity(v.shape[1:]) + np.moveaxis(ours, -1, 0)
+    composed = ours + np.stack([_sample(back[..., a], coords) for a in range(3)], axis=-1)
+    interior = (slice(4, -4),) * 3
+    assert np.abs(composed[interior]).max() < 0.05 * np.abs(ours).max()
+
+
+def test_vxm_ncc_matches_bruteforce_lncc(vxm):
+    a = _smooth_field(16, 1.0, seed=6, sigma=1.5)[0]
+    b = 0.7 * a + 0.3 * _smooth_field(16, 1.0, seed=7, sigma=1.5)[0]
+    ours = np.asarray(vxm.vxm_ncc(a[None, ..., None], b[None, ..., None], window=9))
+    # Zero-padded window sums: cross = n·cov, var = n·var, so eps enters as eps / n².
+    ref = _lncc(a, b, win=9, eps=1e-5 / 9**6)
+    assert ours.shape == (1,)
+    np.testing.assert_allclose(ours[0], ref, rtol=1e-3)
+    same = np.asarray(vxm.vxm_ncc(a[None, ..., None], a[None, ..., None]))[0]
+    assert 0.99 < same <= 1.0
+
+
+def test_vxm_grad_of_linear_field(vxm):
+    alpha = 0.4
+    flow = np.zeros((2, 16, 16, 16, 3), np.float32)
+    flow[1, ..., 0] = alpha * np.arange(16, dtype=np.float32)[:, None, None]
+    grad = np.asarray(vxm.vxm_grad(flow))
+    # Only d0 of channel 0 is non-zero (= alpha): mean over channels alpha²/3, mean over axes /3.
+    np.testing.assert_allclose(grad, [0.0, alpha**2 / 9], rtol=1e-6, atol=1e-8)
+    loss = np.asarray(vxm.vxm_loss(flow[..., :1], flow[..., :1], flow, lambda_grad=2.0))
+    np.testing.assert_allclose(loss, -np.asarray(vxm.vxm_ncc(flow[..., :1], flow[..., :1])) + 2 * grad, rtol=1e-6)
+
+
+def test_vxm_training_reduces_loss_and_recovers_shift_direction(vxm):
+    fixed, blob = _phantom(16)
+    coords = _identity(fixed.shape)
+    coords[0] += 1.0  # moving(x) = fixed(x + e0): the registration needs u ≈ -e0
+    moving = _sample(fixed, coords).astype(np.float32)
+    log = []
+    model = vxm.train_vxm([(fixed, moving)], 16, steps=25, lr=1e-3, seed=0, on_step=lambda s, l: log.append(l["loss"]))
+    assert len(log) == 25
+    assert np.mean(log[-5:]) < log[0] - 0.1, log
+    result = vxm.register_vxm(model, fixed, moving, blob)
+    assert result.displacement[..., 0].mean() < -0.1
+    assert abs(result.displacement[..., 1].mean()) < abs(result.displacement[..., 0].mean())
+    with pytest.raises(ValueError, match="ran out after 0 pairs"):
+        vxm.train_vxm(iter([]), 16, steps=2, model=model)
+
+
+def test_vxm_register_result_and_keras_round_trip(vxm, tmp_path):
+    import keras
+
+    model = vxm.build_vxm_dense(16)
+    flow = model.get_layer("vxm_flow")
+    rng = np.random.default_rng(2)
+    flow.kernel.assign(rng.normal(0, 0.02, flow.kernel.shape).astype(np.float32))  # a non-trivial field
+    fixed, blob = _phantom(16)
+    moving = np.roll(fixed, 1, axis=1)
+    result = vxm.register_vxm(model, fixed, moving, np.roll(blob, 1, axis=1))
+    assert result.method == "vxm" and result.matrix is None and result.seconds > 0
+    assert result.warped_image.shape == (16, 16, 16) and result.displacement.shape == (16, 16, 16, 3)
+    assert np.abs(result.displacement).max() > 0.05
+    # Our convention: warped(x) = moving(x + u(x)), zero padding (SciPy 'grid-constant').
+    coords = _identity(fixed.shape) + np.moveaxis(result.displacement.astype(np.float64), -1, 0)
+    ref = ndi.map_coordinates(moving.astype(np.float64), coords, order=1, mode="grid-constant", cval=0.0)
+    np.testing.assert_allclose(result.warped_image, ref, atol=1e-4)
+    mask_ref = ndi.map_coordinates(np.roll(blob, 1, axis=1).astype(np.float64), coords, order=1, mode="grid-constant") > 0.5
+    assert np.array_equal(result.warped_mask.astype(bool), mask_ref)
+
+    path = tmp_path / "vxm.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    again = vxm.register_vxm(loaded, fixed, moving)
+    np.testing.assert_allclose(again.displacement, result.displacement, atol=1e-6)
+    np.testing.assert_allclose(again.warped_image, result.warped_image, atol=1e-6)
+    layer = vxm.VelocityIntegration(5, name="int")
+    assert vxm.VelocityIntegration.from_config(layer.get_config()).int_steps == 5
+    with pytest.raises(SpirsInputError, match="spatial size"):
+        vxm.register_vxm(model, fixed[:8], moving[:8])
