@@ -121,8 +121,9 @@ def ants_module():
 
 
 def test_ants_affine_recovers_rigid_motion(ants_module):
-    from spirs_tf.baselines.ants import register_ants
+    from spirs_tf.baselines.ants import ants_available, register_ants
 
+    assert ants_available()
     fixed, blob = _phantom()
     true = params_to_matrix([2.0, -1.5, 1.0, 0.1, -0.05, 0.08, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     # moving(p(x)) = fixed(x): resample fixed with the inverse transform.
@@ -193,7 +194,7 @@ def test_ants_displacement_reproduces_ants_warp(syn_case):
     inside = np.all((coords >= 0) & (coords <= N - 1), axis=0)
     assert inside.mean() > 0.8
     err = np.abs(ours - result.warped_image)[inside]
-    assert err.max() < 1e-3, err.max()
+    assert err.max() < 1e-4, err.max()  # measured 1.1e-6 (float32 field)
     assert np.abs(result.displacement).max() > 0.5  # a real deformation was found
 
 
