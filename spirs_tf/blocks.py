@@ -30,6 +30,8 @@ import math
 from dataclasses import dataclass
 
 from spirs_tf._compat import keras
+from spirs_tf.geometry import IDENTITY_PARAMS
+from spirs_tf.layers import AffineMatrix, GaussianBlur3D, Upsample2x
 
 MAX_EXTRA_POOLS = 2  #: the FACTS describe levels whose grid is at most 4× the coarsest grid
 
@@ -43,12 +45,6 @@ def prior_bias(probability: float) -> float:
     if not 0.0 < probability < 1.0:
         raise ValueError(f"seg_prior_probability must be in (0, 1), got {probability}")
     return -math.log((1.0 - probability) / probability)
-
-
-def _upsampler(name: str):
-    from spirs_tf.layers import Upsample2x  # owned by the transformer helper
-
-    return Upsample2x(name=name)
 
 
 class PreActBlock:
@@ -174,9 +170,6 @@ class AffineHead:
     """
 
     def __init__(self, model_cfg, bn_trainable: bool = True):
-        from spirs_tf.geometry import IDENTITY_PARAMS
-        from spirs_tf.layers import AffineMatrix
-
         w = widths(model_cfg.base_filters)
         make = _BlockMaker(model_cfg, bn_trainable)
         self.blocks = [make(f"aff_head{k + 1}", f, 1) for k, f in enumerate(w["affine"])]
@@ -233,7 +226,7 @@ class Decoder:
 
         def up(x):
             n_up[0] += 1
-            return _upsampler(f"{p}_up{n_up[0]}")(x)
+            return Upsample2x(name=f"{p}_up{n_up[0]}")(x)
 
         def cat(a, b, k):
             return keras.layers.Concatenate(axis=-1, name=f"{p}_cat{k}")([a, b])
@@ -278,8 +271,6 @@ class FusionBlock:
     """
 
     def __init__(self, model_cfg, bn_trainable: bool = True):
-        from spirs_tf.layers import GaussianBlur3D
-
         f = model_cfg.opening_filters
         make = _BlockMaker(model_cfg, bn_trainable)
         self.sigmoid = keras.layers.Activation("sigmoid", name="fuse_p1_sigmoid")
