@@ -1,0 +1,509 @@
+"""Staged coarse-to-fine training of SPIRS (Appendix B; FACTS decisions 6–8).
+
+The loop reads like the method::
+
+    run_stage(cfg, stage, manifest, run_dir)
+      └─ Trainer.fit()
+           for epoch:  on_epoch_start → train_step × steps → validate → on_epoch_end (log, checkpoint)
+
+* ``train_step`` is one ``tf.function``: a forward pass of the whole pyramid, the losses of
+  :func:`spirs_tf.losses.spirs_losses`, and either the authors' **isolated** update (three
+  optimisers: registration loss → registration variables incl. the shared encoder; P1 loss → P1
+  variables incl. the shared encoder; P2 loss → the fusion block only) or the paper's **joint**
+  update (Eq. 10 with one optimiser). In isolated mode the gradient of each loss is taken only with
+  respect to its own variable group, which is exactly what the authors' three tapes computed.
+* Checkpoints are name-keyed ``.npz`` files (model variables and optimiser slots by variable path,
+  plus epoch, step and best metric), written with write-then-rename: ``checkpoints/latest.npz``
+  every epoch, ``checkpoints/best.npz`` on improvement of ``train.keep_best_metric``. A run that was
+  killed resumes from ``latest.npz``; the half-written temporary file of a killed write is never
+  loaded.
+* Stage ``n > 1`` starts from stage ``n − 1``'s ``best.npz`` (same variable names: the levels share
+  every weight). Optimiser state is not carried across stages: each stage has its own step count and
+  schedule (the authors restarted schedules per stage too; they carried momentum, which is
+  negligible after the first hundred steps).
+
+Run directory layout (``RUN`` holds all three stages)::
+
+    RUN/stage1/config.json        resolved config
+    RUN/stage1/history.csv        one row per epoch, every loss term and validation metric
+    RUN/stage1/curves.png         learning curves
+    RUN/stage1/checkpoints/{latest,best}.npz
+    RUN/stage1/tensorboard/
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from spirs_tf import config as config_lib
+from spirs_tf.atomic import atomic_path
+from spirs_tf.errors import SpirsInputError
+
+CHECKPOINT_FORMAT = 1
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(path: str, model_state: dict, optimizer_states: dict, meta: dict) -> None:
+    """Write one name-keyed checkpoint atomically (temporary file + rename)."""
+    arrays = {f"model/{k}": v for k, v in model_state.items()}
+    for opt_name, state in optimizer_states.items():
+        arrays.update({f"optim/{opt_name}/{k}": v for k, v in state.items()})
+    meta = dict(meta, format=CHECKPOINT_FORMAT)
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
+    """Read a checkpoint written by :func:`save_checkpoint` → (model_state, optimizer_states, meta)."""
+    if not os.path.isfile(path):
+        raise SpirsInputError("checkpoint not found", path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as exc:  # corrupt zip, truncated file
+        raise SpirsInputError(f"cannot read checkpoint ({exc.__class__.__name__}: {exc})", path) from None
+    if "__meta__" not in arrays:
+        raise SpirsInputError("not a spirs-tf checkpoint (no metadata)", path)
+    meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
+    model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
+    optimizer_states: dict[str, dict] = {}
+    for k, v in arrays.items():
+        if k.startswith("optim/"):
+            _, name, var = k.split("/", 2)
+            optimizer_states.setdefault(name, {})[var] = v
+    return model_state, optimizer_states, meta
+
+
+# ------------------------------------------------------------------------------------------ trainer
+@dataclass
+class StagePaths:
+    root: str
+
+    @property
+    def checkpoints(self) -> str:
+        return os.path.join(self.root, "checkpoints")
+
+    @property
+    def latest(self) -> str:
+        return os.path.join(self.checkpoints, "latest.npz")
+
+    @property
+    def best(self) -> str:
+        return os.path.join(self.checkpoints, "best.npz")
+
+    @property
+    def history(self) -> str:
+        return os.path.join(self.root, "history.csv")
+
+    @property
+    def config(self) -> str:
+        return os.path.join(self.root, "config.json")
+
+
+def stage_dir(run_dir: str, stage: int) -> str:
+    return os.path.join(run_dir, f"stage{stage}")
+
+
+def _mean(x):
+    from spirs_tf._compat import ops
+
+    return ops.mean(x)
+
+
+class Trainer:
+    """Trains one stage. Hyper-parameters come from the config, never from attributes set here."""
+
+    def __init__(self, cfg: config_lib.SpirsConfig, stage: int, train_source, val_source, run_dir: str,
+                 init_from: str | None = None, verbose: int = 1, strategy=None):
+        from spirs_tf._compat import keras
+        from spirs_tf import networks
+
+        if not 1 <= stage <= len(cfg.train.stages):
+            raise SpirsInputError(f"stage must be in 1..{len(cfg.train.stages)}, got {stage}")
+        self.cfg = cfg
+        self.stage = stage
+        self.stage_cfg = cfg.train.stages[stage - 1]
+        self.levels = self.stage_cfg.levels
+        self.train_source = train_source
+        self.val_source = val_source
+        self.paths = StagePaths(stage_dir(run_dir, stage))
+        self.verbose = verbose
+        self.strategy = strategy
+        os.makedirs(self.paths.checkpoints, exist_ok=True)
+        config_lib.save_config(cfg, self.paths.config)
+
+        keras.utils.set_random_seed(cfg.train.seed + stage)
+        if cfg.train.mixed_precision:
+            keras.mixed_precision.set_global_policy("mixed_float16")
+        n_pairs = len(train_source)
+        if n_pairs == 0:
+            raise SpirsInputError("no training pairs: the manifest's train split needs at least one patient "
+                                  "with two time points")
+        self.steps_per_epoch = self.stage_cfg.steps_per_epoch or math.ceil(n_pairs / self.stage_cfg.batch_size)
+
+        scope = strategy.scope() if strategy is not None else _nullcontext()
+        with scope:
+            self.model = networks.build_spirs(cfg, self.levels, bn_trainable=self.stage_cfg.bn_trainable)
+            self.groups = networks.variable_groups(self.model)
+            self.optimizers = self._make_optimizers()
+        self.epoch = 0  # number of completed epochs
+        self.best = math.inf
+        self.history: list[dict] = []
+        self._metrics: dict = {}
+
+        if os.path.isfile(self.paths.latest):
+            self._restore(self.paths.latest)
+        elif init_from:
+            state, _, meta = load_checkpoint(init_from)
+            networks.load_model_state(self.model, state)
+            if verbose:
+                print(f"stage {stage}: initialised from {init_from} (stage {meta.get('stage')}, "
+                      f"epoch {meta.get('epoch')})")
+        self._train_step = None
+        self._eval_step = None
+
+    # --------------------------------------------------------------------------- optimisers
+    def _make_optimizers(self) -> dict:
+        from spirs_tf import optim
+
+        o = self.cfg.optim
+        if self.cfg.loss.optimisation == "joint":
+            opts = {"joint": optim.make_optimizer(o.registration, self.steps_per_epoch, name="joint")}
+            self._var_lists = {"joint": list(self.model.trainable_variables)}
+        else:
+            opts = {
+                "registration": optim.make_optimizer(o.registration, self.steps_per_epoch, name="registration"),
+                "segmentation_p1": optim.make_optimizer(o.segmentation_p1, self.steps_per_epoch,
+                                                        name="segmentation_p1"),
+                "segmentation_p2": optim.make_optimizer(o.segmentation_p2, self.steps_per_epoch,
+                                                        name="segmentation_p2"),
+            }
+            self._var_lists = {k: [v for v in self.groups[k] if v.trainable] for k in opts}
+        for name, opt in opts.items():
+            opt.build(self._var_lists[name])
+        return opts
+
+    def _loss_for(self, name: str, losses: dict):
+        return {"joint": "total", "registration": "registration", "segmentation_p1": "segmentation_p1",
+                "segmentation_p2": "segmentation_p2"}[name]
+
+    # --------------------------------------------------------------------------------- steps
+    def _inputs(self, batch):
+        return {k: batch[k] for k in ("fixed_image", "moving_image", "moving_mask")}
+
+    def _compute_losses(self, batch, training: bool):
+        from spirs_tf import losses as losses_lib
+
+        outputs = self.model(self._inputs(batch), training=training)
+        per_sample = losses_lib.spirs_losses(outputs, batch, self.cfg, self.levels)
+        return outputs, per_sample
+
+    def _build_steps(self):
+        from spirs_tf._compat import tf
+
+        global_batch = self.stage_cfg.batch_size
+
+        def reduce(x):
+            # per-sample (B,) → scalar; under a strategy each replica sums and divides by the global batch
+            if self.strategy is not None:
+                return tf.reduce_sum(x) / global_batch
+            return tf.reduce_mean(x)
+
+        def train_step(batch):
+            with tf.GradientTape(persistent=True) as tape:
+                outputs, per_sample = self._compute_losses(batch, training=True)
+                scalars = {k: reduce(v) for k, v in per_sample.items()}
+            for name, opt in self.optimizers.items():
+                variables = self._var_lists[name]
+                grads = tape.gradient(scalars[self._loss_for(name, scalars)], variables)
+                pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+                opt.apply([g for g, _ in pairs], [v for _, v in pairs])
+            del tape
+            return scalars
+
+        def eval_step(batch):
+            from spirs_tf import losses as losses_lib
+
+            outputs, per_sample = self._compute_losses(batch, training=False)
+            scalars = {k: reduce(v) for k, v in per_sample.items()}
+            L = self.levels
+            fixed = batch["fixed_image"]
+            scalars["lncc_identity"] = reduce(losses_lib.lncc(fixed, batch["moving_image"],
+                                                              window=self.cfg.loss.lncc_window))
+            scalars["lncc_affine"] = reduce(losses_lib.lncc(fixed, outputs[f"warped_affine_image_{L}"],
+                                                            window=self.cfg.loss.lncc_window))
+            scalars["lncc_deformable"] = reduce(losses_lib.lncc(fixed, outputs[f"warped_image_{L}"],
+                                                                window=self.cfg.loss.lncc_window))
+            target = batch["fixed_mask"]
+            scalars["dice_identity"] = reduce(_hard_dice_prob(target, batch["moving_mask"]))
+            scalars["dice_affine"] = reduce(_hard_dice_prob(target, outputs[f"warped_affine_mask_{L}"]))
+            scalars["dice_deformable"] = reduce(_hard_dice_prob(target, outputs[f"warped_mask_{L}"]))
+            scalars["dice_p1"] = reduce(losses_lib.hard_dice(target, outputs["p1_logits"]))
+            scalars["dice_p2"] = reduce(losses_lib.hard_dice(target, outputs["p2_logits"]))
+            return scalars
+
+        if self.strategy is not None:
+            strategy = self.strategy
+
+            def dist_train(batch):
+                per_replica = strategy.run(train_step, args=(batch,))
+                return {k: strategy.reduce("SUM", v, axis=None) for k, v in per_replica.items()}
+
+            def dist_eval(batch):
+                per_replica = strategy.run(eval_step, args=(batch,))
+                return {k: strategy.reduce("SUM", v, axis=None) for k, v in per_replica.items()}
+
+            self._train_step = tf.function(dist_train)
+            self._eval_step = tf.function(dist_eval)
+        else:
+            self._train_step = tf.function(train_step)
+            self._eval_step = tf.function(eval_step)
+
+    # --------------------------------------------------------------------------------- hooks
+    def on_epoch_start(self, epoch: int) -> None:
+        for m in self._metrics.values():
+            m.reset_state()
+
+    def _track(self, prefix: str, scalars: dict) -> None:
+        from spirs_tf._compat import keras
+
+        for k, v in scalars.items():
+            key = f"{prefix}{k}"
+            if key not in self._metrics:
+                self._metrics[key] = keras.metrics.Mean(name=key)
+            self._metrics[key].update_state(v)
+
+    def validate(self, epoch: int) -> dict:
+        if self.val_source is None or len(self.val_source) == 0:
+            return {}
+        from spirs_tf import data as data_lib
+
+        ds = data_lib.make_dataset(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
+                                   seed=self.cfg.train.seed)
+        if self.strategy is not None:
+            ds = self.strategy.experimental_distribute_dataset(ds)
+        for batch in ds:
+            self._track("val_", self._eval_step(batch))
+        return {k: float(m.result()) for k, m in self._metrics.items() if k.startswith("val_")}
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> None:
+        row = {"epoch": epoch, **logs}
+        self.history.append(row)
+        self._write_history()
+        monitor = logs.get(self.cfg.train.keep_best_metric, logs.get("registration"))
+        improved = monitor is not None and monitor < self.best
+        if improved:
+            self.best = float(monitor)
+        meta = {"stage": self.stage, "levels": self.levels, "epoch": epoch, "best": self.best,
+                "config_name": self.cfg.name, "steps_per_epoch": self.steps_per_epoch,
+                "history": self.history}
+        if improved:
+            self._save(self.paths.best, meta)
+        if epoch % self.cfg.train.checkpoint_every_epochs == 0 or epoch == self.stage_cfg.epochs:
+            self._save(self.paths.latest, meta)
+        self._log_tensorboard(epoch, logs)
+
+    # ------------------------------------------------------------------------------- main loop
+    def fit(self, epochs: int | None = None) -> list[dict]:
+        from spirs_tf._compat import keras
+        from spirs_tf import data as data_lib
+
+        epochs = self.stage_cfg.epochs if epochs is None else epochs
+        if self._train_step is None:
+            self._build_steps()
+        while self.epoch < epochs:
+            epoch = self.epoch + 1
+            self.on_epoch_start(epoch)
+            ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels,
+                                       batch_size=self.stage_cfg.batch_size, training=True,
+                                       seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
+            if self.strategy is not None:
+                ds = self.strategy.experimental_distribute_dataset(ds)
+            bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
+                                      stateful_metrics=None) if self.verbose else None
+            start = time.perf_counter()
+            for step, batch in enumerate(ds):
+                if step >= self.steps_per_epoch:
+                    break
+                scalars = self._train_step(batch)
+                self._track("", scalars)
+                if bar is not None:
+                    bar.update(step + 1, values=[(k, float(self._metrics[k].result()))
+                                                 for k in ("registration", "segmentation_p1", "segmentation_p2")
+                                                 if k in self._metrics])
+            logs = {k: float(m.result()) for k, m in self._metrics.items() if not k.startswith("val_")}
+            logs["seconds"] = time.perf_counter() - start
+            logs["learning_rate"] = float(_current_lr(next(iter(self.optimizers.values()))))
+            logs.update(self.validate(epoch))
+            if self.verbose:
+                shown = {k: round(v, 4) for k, v in logs.items()
+                         if k in ("registration", "val_registration", "val_dice_deformable", "val_dice_p1",
+                                  "val_dice_p2", "val_lncc_deformable", "seconds")}
+                print(f"stage {self.stage} epoch {epoch}/{epochs}: {shown}")
+            self.epoch = epoch
+            self.on_epoch_end(epoch, logs)
+        plot_curves(self.history, os.path.join(self.paths.root, "curves.png"), title=f"stage {self.stage}")
+        return self.history
+
+    # ------------------------------------------------------------------------------ persistence
+    def _save(self, path: str, meta: dict) -> None:
+        from spirs_tf import networks, optim
+
+        save_checkpoint(path, networks.model_state(self.model),
+                        {k: optim.optimizer_state(o) for k, o in self.optimizers.items()}, meta)
+
+    def _restore(self, path: str) -> None:
+        from spirs_tf import networks, optim
+
+        state, opt_states, meta = load_checkpoint(path)
+        if meta.get("levels") != self.levels:
+            raise SpirsInputError(f"checkpoint is for {meta.get('levels')} levels, this stage trains "
+                                  f"{self.levels}", path)
+        networks.load_model_state(self.model, state)
+        for name, opt in self.optimizers.items():
+            if name in opt_states:
+                optim.load_optimizer_state(opt, opt_states[name])
+        self.epoch = int(meta["epoch"])
+        self.best = float(meta.get("best", math.inf))
+        self.history = list(meta.get("history", []))
+        if self.verbose:
+            print(f"stage {self.stage}: resumed from {path} after epoch {self.epoch}")
+
+    def _write_history(self) -> None:
+        keys: list[str] = []
+        for row in self.history:
+            keys.extend(k for k in row if k not in keys)
+        with atomic_path(self.paths.history) as tmp:
+            with open(tmp, "w", newline="", encoding="utf-8") as fh:
+                writer = csv.DictWriter(fh, fieldnames=keys)
+                writer.writeheader()
+                writer.writerows(self.history)
+
+    def _log_tensorboard(self, epoch: int, logs: dict) -> None:
+        from spirs_tf._compat import tf
+
+        if tf is None or getattr(self, "_tb", False) is None:
+            return
+        if not hasattr(self, "_tb"):
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                print("note: tensorboard is not installed; TensorBoard logs are skipped")
+                self._tb = None
+                return
+            self._tb = tf.summary.create_file_writer(os.path.join(self.paths.root, "tensorboard"))
+        with self._tb.as_default():
+            for k, v in logs.items():
+                tf.summary.scalar(k, v, step=epoch)
+        self._tb.flush()
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _hard_dice_prob(target, prob):
+    """Hard Dice of a soft (warped) mask thresholded at 0.5; empty vs empty = 1."""
+    from spirs_tf._compat import ops
+
+    axes = tuple(range(1, len(target.shape)))
+    t = ops.cast(target > 0.5, "float32")
+    p = ops.cast(prob > 0.5, "float32")
+    inter = ops.sum(t * p, axis=axes)
+    denom = ops.sum(t, axis=axes) + ops.sum(p, axis=axes)
+    return ops.where(denom > 0, 2.0 * inter / ops.maximum(denom, 1e-7), ops.ones_like(denom))
+
+
+def _current_lr(opt) -> float:
+    lr = opt.learning_rate
+    return float(np.asarray(lr))
+
+
+def plot_curves(history: list[dict], path: str, title: str = "") -> None:
+    """Learning curves: training losses and validation metrics per epoch (PNG, written atomically)."""
+    if not history:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key in ("registration", "segmentation_p1", "segmentation_p2", "val_registration"):
+        if key in history[0]:
+            axes[0].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
+    axes[0].set_title("losses"); axes[0].set_xlabel("epoch"); axes[0].legend()
+    for key in ("val_lncc_identity", "val_lncc_affine", "val_lncc_deformable"):
+        if key in history[0]:
+            axes[1].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
+    axes[1].set_title("validation LNCC (finest level)"); axes[1].set_xlabel("epoch"); axes[1].legend()
+    for key in ("val_dice_identity", "val_dice_affine", "val_dice_deformable", "val_dice_p1", "val_dice_p2"):
+        if key in history[0]:
+            axes[2].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
+    axes[2].set_title("validation Dice"); axes[2].set_xlabel("epoch"); axes[2].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------- entry
+def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_dir: str,
+              init_from: str | None = None, epochs: int | None = None, verbose: int = 1,
+              strategy=None) -> Trainer:
+    """Train stage ``stage`` of ``cfg`` on a manifest; stage n > 1 starts from stage n−1's best checkpoint."""
+    from spirs_tf import data as data_lib
+    from spirs_tf.manifest import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    train_source = data_lib.PairSource(manifest, "train", cfg.data)
+    if "val" in manifest.splits():
+        val_source = data_lib.PairSource(manifest, "val", cfg.data, limit=cfg.train.validation_pairs)
+    else:
+        print(f"note: {manifest_path} has no 'val' split; training without validation (the best checkpoint "
+              "then follows the training registration loss)")
+        val_source = None
+    if init_from is None and stage > 1 and not os.path.isfile(StagePaths(stage_dir(run_dir, stage)).latest):
+        prev = StagePaths(stage_dir(run_dir, stage - 1))
+        init_from = prev.best if os.path.isfile(prev.best) else prev.latest
+        if not os.path.isfile(init_from):
+            raise SpirsInputError(f"stage {stage} starts from stage {stage - 1}, but {run_dir} has no "
+                                  f"stage-{stage - 1} checkpoint; run --stage {stage - 1} first (or pass "
+                                  "--init-from)", run_dir)
+    trainer = Trainer(cfg, stage, train_source, val_source, run_dir, init_from=init_from, verbose=verbose,
+                      strategy=strategy)
+    trainer.fit(epochs)
+    return trainer
+
+
+def make_strategy(kind: str):
+    """``none`` → None; ``mirrored`` → MirroredStrategy (all local GPUs, or logical CPU devices);
+    ``multi_worker`` → MultiWorkerMirroredStrategy (cluster from the ``TF_CONFIG`` environment variable)."""
+    if kind == "none":
+        return None
+    from spirs_tf._compat import tf
+
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if kind == "multi_worker":
+        if "TF_CONFIG" not in os.environ:
+            raise SpirsInputError("multi_worker training needs the TF_CONFIG environment variable "
+                                  "(see README: multi-worker training)")
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    raise SpirsInputError(f"unknown distribute strategy {kind!r}")

@@ -1,0 +1,153 @@
+"""Training loop: checkpoints, loss decrease, stage hand-off, resume after a kill (tiny volumes, 2 filters)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spirs_tf import config as config_lib
+from spirs_tf.errors import SpirsInputError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cohort import make_cohort  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(str(tmp_path_factory.mktemp("cohort")), n_patients=3)
+
+
+def test_checkpoint_round_trip_and_atomicity(tmp_path, monkeypatch):
+    from spirs_tf import train
+
+    path = str(tmp_path / "c.npz")
+    model_state = {"enc_conv/kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    optim_state = {"registration": {"iterations": np.array(5), "momentum/enc_conv/kernel": np.ones((2, 3))}}
+    train.save_checkpoint(path, model_state, optim_state, {"epoch": 3, "levels": 1})
+    m, o, meta = train.load_checkpoint(path)
+    np.testing.assert_array_equal(m["enc_conv/kernel"], model_state["enc_conv/kernel"])
+    np.testing.assert_array_equal(o["registration"]["momentum/enc_conv/kernel"], np.ones((2, 3)))
+    assert meta["epoch"] == 3 and meta["format"] == train.CHECKPOINT_FORMAT
+
+    # A write that dies half-way leaves the previous checkpoint intact and no temporary file.
+    def boom(fh, **arrays):
+        fh.write(b"PK partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.np, "savez", boom)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, model_state, optim_state, {"epoch": 4, "levels": 1})
+    assert train.load_checkpoint(path)[2]["epoch"] == 3
+    assert os.listdir(tmp_path) == ["c.npz"]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    from spirs_tf import train
+
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(SpirsInputError, match="bad.npz: cannot read checkpoint"):
+        train.load_checkpoint(str(bad))
+
+
+def test_total_loss_decreases_on_a_fixed_batch(cohort):
+    """Joint mode, level 1, one fixed batch: 15 SGDW steps lower Eq. 10's total."""
+    from spirs_tf import data, networks, losses, optim
+    from spirs_tf._compat import tf
+    from spirs_tf.manifest import load_manifest
+
+    cfg = config_lib.get_config("test", ["optim.registration.learning_rate=0.003"])
+    source = data.PairSource(load_manifest(cohort), "train", cfg.data)
+    batch = next(iter(data.make_dataset(source, cfg, 1, batch_size=2, training=True, seed=0)))
+    model = networks.build_spirs(cfg, 1, bn_trainable=False)
+    opt = optim.make_optimizer(cfg.optim.registration, steps_per_epoch=100, name="joint")
+    variables = model.trainable_variables
+    opt.build(variables)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            out = model({k: batch[k] for k in ("fixed_image", "moving_image", "moving_mask")}, training=True)
+            loss = tf.reduce_mean(losses.spirs_losses(out, batch, cfg, 1)["total"])
+        grads = tape.gradient(loss, variables)
+        opt.apply(grads, variables)
+        return loss
+
+    history = [float(step()) for _ in range(15)]
+    assert np.all(np.isfinite(history))
+    assert history[-1] < history[0] - 0.05, history
+
+
+def test_three_stages_hand_off_weights(cohort, tmp_path):
+    from spirs_tf import networks, train
+
+    cfg = config_lib.get_config("test")
+    run = str(tmp_path / "run")
+    t1 = train.run_stage(cfg, 1, cohort, run, verbose=0)
+    assert len(t1.history) == cfg.train.stages[0].epochs
+    assert os.path.isfile(os.path.join(run, "stage1", "config.json"))
+    assert os.path.isfile(os.path.join(run, "stage1", "history.csv"))
+    assert os.path.isfile(os.path.join(run, "stage1", "curves.png"))
+    state1, _, meta1 = train.load_checkpoint(os.path.join(run, "stage1", "checkpoints", "best.npz"))
+
+    # Stage 2 starts exactly from stage 1's best weights (checked before any stage-2 step).
+    trainer2 = train.Trainer(cfg, 2, t1.train_source, t1.val_source, run,
+                             init_from=os.path.join(run, "stage1", "checkpoints", "best.npz"), verbose=0)
+    state2 = networks.model_state(trainer2.model)
+    assert set(state2) == set(state1)
+    for k in state1:
+        np.testing.assert_array_equal(state2[k], state1[k], err_msg=k)
+    assert not trainer2.model.get_layer("enc_se1_bn").trainable  # BatchNorm frozen from stage 2 on
+    trainer2.fit()
+    t3 = train.run_stage(cfg, 3, cohort, run, verbose=0)
+    assert t3.levels == 3 and len(t3.history) == 1
+    for row in t3.history:
+        assert np.isfinite(row["total"]) and np.isfinite(row["val_total"])
+
+
+def test_stage_two_without_stage_one_is_a_clear_error(cohort, tmp_path):
+    from spirs_tf import train
+
+    with pytest.raises(SpirsInputError, match="run --stage 1 first"):
+        train.run_stage(config_lib.get_config("test"), 2, cohort, str(tmp_path / "empty"), verbose=0)
+
+
+KILL_SCRIPT = r"""
+import os, sys
+sys.path.insert(0, {tests!r})
+from spirs_tf import config, train
+cfg = config.get_config("test", ["train.stages.0.epochs=4", "train.stages.0.steps_per_epoch=3"])
+orig = train.Trainer.on_epoch_end
+def on_epoch_end(self, epoch, logs):
+    orig(self, epoch, logs)
+    if epoch == int(os.environ.get("KILL_AFTER", "0")):
+        os.kill(os.getpid(), 9)  # SIGKILL right after the epoch-2 checkpoint
+train.Trainer.on_epoch_end = on_epoch_end
+train.run_stage(cfg, 1, {manifest!r}, {run!r}, verbose=0)
+print("FINISHED")
+"""
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_finishes(cohort, tmp_path):
+    from spirs_tf import train
+
+    run = str(tmp_path / "run")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT.format(tests=os.path.dirname(__file__), manifest=cohort, run=run))
+    env = dict(os.environ, KILL_AFTER="2")
+    first = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    assert first.returncode == -signal.SIGKILL, first.stderr[-2000:]
+    _, _, meta = train.load_checkpoint(os.path.join(run, "stage1", "checkpoints", "latest.npz"))
+    assert meta["epoch"] == 2
+    second = subprocess.run([sys.executable, str(script)], env=dict(os.environ, KILL_AFTER="0"),
+                            capture_output=True, text=True)
+    assert second.returncode == 0 and "FINISHED" in second.stdout, second.stderr[-2000:]
+    _, opt_states, meta = train.load_checkpoint(os.path.join(run, "stage1", "checkpoints", "latest.npz"))
+    assert meta["epoch"] == 4
+    assert [r["epoch"] for r in meta["history"]] == [1, 2, 3, 4]
+    assert int(opt_states["registration"]["iterations"]) == 4 * 3
