@@ -9,10 +9,16 @@ from spirs_tf._compat import keras, tf
 from spirs_tf.blocks import SharedEncoder, deformable_decoder, opening_conv, prior_bias
 from spirs_tf.config import get_config
 from spirs_tf.errors import SpirsInputError
-from spirs_tf.geometry import sample_locations, scale_translation
+from spirs_tf.geometry import IDENTITY_PARAMS, sample_locations, scale_translation
 from spirs_tf.transforms import upsample2x
 
 IDENTITY = np.concatenate([np.eye(3), np.zeros((3, 1))], axis=1).astype(np.float32)
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    """Deterministic weight initialisation in every test."""
+    keras.utils.set_random_seed(1234)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,11 @@ def randomise(model, rng, affine=True):
             v.assign(rng.normal(0, 0.3, shape).astype(np.float32))
         elif name == "aff_params/kernel":
             v.assign(rng.normal(0, 0.02, shape).astype(np.float32) if affine else np.zeros(shape, np.float32))
+        elif name == "aff_params/bias":  # identity, or a random affine (also when the ReLUs are dead)
+            noise = np.concatenate([rng.normal(0, 0.5, 3), rng.normal(0, 0.03, 12)]) if affine else 0.0
+            v.assign((IDENTITY_PARAMS + noise).astype(np.float32))
+        elif name == "aff_dense/bias":
+            v.assign(np.full(shape, 0.1, np.float32))
 
 
 # ------------------------------------------------------------------------------------------ wiring
