@@ -128,6 +128,7 @@ class StageConfig:
     bn_trainable: bool = True
     epochs: int = 250
     steps_per_epoch: int | None = None  #: None = ceil(#pairs / batch)
+    cycle_epochs: int | None = None  #: cosine length T for this stage; None = the optimisers' cycle_epochs
 
 
 def _default_stages() -> list[StageConfig]:
@@ -200,13 +201,13 @@ def _cpu_small() -> SpirsConfig:
     cfg.model.base_filters = 8
     cfg.model.opening_filters = 8
     cfg.model.affine_dense_units = 32
+    # Each stage runs one cosine cycle over its own epochs (the paper's T = 250 epochs does not fit a CPU).
     cfg.train.stages = [
-        StageConfig(levels=1, batch_size=8, bn_trainable=True, epochs=30),
-        StageConfig(levels=2, batch_size=2, bn_trainable=False, epochs=10),
-        StageConfig(levels=3, batch_size=2, bn_trainable=False, epochs=5),
+        StageConfig(levels=1, batch_size=8, bn_trainable=True, epochs=40, cycle_epochs=40),
+        StageConfig(levels=2, batch_size=2, bn_trainable=False, epochs=12, cycle_epochs=12),
+        StageConfig(levels=3, batch_size=2, bn_trainable=False, epochs=6, cycle_epochs=6),
     ]
-    for opt in (cfg.optim.registration, cfg.optim.segmentation_p1, cfg.optim.segmentation_p2):
-        opt.cycle_epochs = 30
+    cfg.train.validation_pairs = 16
     return cfg
 
 

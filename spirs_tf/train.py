@@ -33,6 +33,7 @@ Run directory layout (``RUN`` holds all three stages)::
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -177,6 +178,10 @@ class Trainer:
         from spirs_tf import optim
 
         o = self.cfg.optim
+        if self.stage_cfg.cycle_epochs is not None:  # this stage runs its own cosine cycle
+            o = dataclasses.replace(o, **{name: dataclasses.replace(getattr(o, name),
+                                                                    cycle_epochs=self.stage_cfg.cycle_epochs)
+                                          for name in ("registration", "segmentation_p1", "segmentation_p2")})
         if self.cfg.loss.optimisation == "joint":
             opts = {"joint": optim.make_optimizer(o.registration, self.steps_per_epoch, name="joint")}
             self._var_lists = {"joint": list(self.model.trainable_variables)}
