@@ -1,0 +1,77 @@
+"""``spirs predict``: register a prior scan to a new scan and segment the new scan's metastases.
+
+One case::
+
+    spirs predict --new NEW --prior PRIOR --prior-mask MASK --out DIR [--model RUN_OR_SAVEDMODEL]
+
+A cohort (one folder per (prior, new) pair of a manifest split, resumable)::
+
+    spirs predict --manifest M --split test --out DIR [--model RUN_OR_SAVEDMODEL]
+
+``--model`` is a run directory (highest stage, best checkpoint), a checkpoint ``.npz`` or a SavedModel
+folder from ``spirs export``; without it the shipped demo weights are used, if any. Every output is on
+the new scan's original grid; see ``report.json`` in each case folder. Not for clinical use.
+"""
+from __future__ import annotations
+
+import argparse
+
+from spirs_tf.errors import SpirsInputError
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser("predict", help="predict one (prior, new) pair or a manifest cohort",
+                                   description=__doc__.replace("``", ""),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    one = parser.add_argument_group("one case")
+    one.add_argument("--new", help="new (follow-up) scan: NIfTI, NRRD, MetaImage or a DICOM folder")
+    one.add_argument("--prior", help="prior scan")
+    one.add_argument("--prior-mask", help="binary lesion mask of the prior scan (same grid as --prior)")
+    cohort = parser.add_argument_group("cohort")
+    cohort.add_argument("--manifest", help="manifest CSV (see data_manifests/README.md)")
+    cohort.add_argument("--split", default="test", help="manifest split to predict (default: test)")
+    cohort.add_argument("--pairing", choices=("consecutive", "all"), default="consecutive",
+                        help="which (prior, new) pairs per patient (default: consecutive time points)")
+    cohort.add_argument("--batch-size", type=int, default=1, help="cases per forward pass (default 1)")
+    parser.add_argument("--out", required=True, help="case folder (one case) or cohort folder")
+    parser.add_argument("--model", default=None, help="run directory, checkpoint .npz or SavedModel folder "
+                                                      "(default: shipped demo weights)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing case folder (one case)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from spirs_tf import inference
+
+    single = [args.new, args.prior, args.prior_mask]
+    if args.manifest:
+        if any(single):
+            raise SpirsInputError("give either --manifest or --new/--prior/--prior-mask, not both")
+        if args.batch_size < 1:
+            raise SpirsInputError(f"--batch-size must be >= 1, got {args.batch_size}")
+        from spirs_tf.manifest import load_manifest, make_pairs
+
+        manifest = load_manifest(args.manifest)  # manifest problems are reported before the model loads
+        make_pairs(manifest, args.split, args.pairing)
+        predictor = inference.load_predictor(args.model)
+        rows = inference.predict_cohort(predictor, manifest, args.split, args.out, pairing=args.pairing,
+                                        batch_size=args.batch_size, verbose=not args.quiet)
+        failed = [r for r in rows if r["status"] == "error"]
+        if failed:
+            raise SpirsInputError(f"{len(failed)} of {len(rows)} case(s) failed, first: {failed[0]['message']} "
+                                  "(see cohort_summary.csv)", args.out)
+        return 0
+    if not all(single):
+        missing = [f for f, v in zip(("--new", "--prior", "--prior-mask"), single) if not v]
+        raise SpirsInputError(f"missing {', '.join(missing)} (or use --manifest for a cohort)")
+    inputs = inference.read_case_inputs(args.new, args.prior, args.prior_mask)  # validate before loading
+    inference.check_out_dir(args.out, [args.new, args.prior, args.prior_mask], args.overwrite)
+    predictor = inference.load_predictor(args.model)
+    result = inference.run_case(predictor, inputs, args.out, overwrite=args.overwrite)
+    if not args.quiet:
+        reg, les = result.report["registration"], result.report["lesions"]
+        print(f"spirs: wrote {result.out_dir} ({len(result.files)} files); LNCC {reg['lncc']:.3f} "
+              f"(before {reg['lncc_identity']:.3f}), folding {reg['folding_percent']:.2f} %, "
+              f"{les['p2_lesions']} lesion(s): " + ", ".join(f"{k} {v}" for k, v in les["changes"].items() if v))
+    return 0

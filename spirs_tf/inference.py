@@ -1,0 +1,664 @@
+"""Inference: load a trained SPIRS model and predict on (prior, new) scan pairs.
+
+``predict_case`` reads and validates the three inputs, brings the new scan and the prior (image +
+lesion mask) onto their own working grids (each centred on its brain, intensities normalised;
+FACTS decision 1), runs the model's finest level once, and writes a case folder on the NEW scan's
+original grid. Every output file:
+
+=============================  ==================================================================
+``prior_warped.nii.gz``        original prior image resampled once through the registration (float32)
+``prior_mask_warped.nii.gz``   original prior mask, trilinear then ≥ 0.5 (uint8)
+``prior_labels_warped.nii.gz`` prior lesions (26-connected ids), nearest neighbour (int32)
+``p1_prob.nii.gz``             P1 probability (new scan alone), ``σ(clip(logit, ±50))`` (float32)
+``p2_prob.nii.gz``             P2 probability (new scan + registered prior)
+``p1_mask.nii.gz``             P1 ≥ 0.5 (uint8); ``p2_mask.nii.gz`` likewise
+``affine.tfm``                 ITK affine, NEW → PRIOR physical points (LPS mm)
+``deformation.nii.gz``         ITK/ANTs displacement field (LPS mm), full map = affine(x + d(x))
+                               (``antsApplyTransforms -t deformation.nii.gz -t affine.tfm``)
+``transform_total.nii.gz``     one displacement field holding everything: x → prior point − x
+``lesions.csv``                one row per P2 lesion + unmatched prior lesions (:mod:`spirs_tf.lesions`)
+``qc.png``                     QC figure (:mod:`spirs_tf.qc`)
+``report.json``                registration quality, model, versions, timings, inputs, outputs
+=============================  ==================================================================
+
+The geometry of the one-step resampling and of the transform files is in :mod:`spirs_tf.itk_export`.
+
+**Brain overlap rule.** Before anything runs, the axis-aligned world (RAS mm) bounding boxes of the
+non-zero voxels of the new and the prior image are intersected. If they do not intersect at all the
+pair is refused (``SpirsInputError`` naming the prior): the scans do not share a patient coordinate
+frame (wrong patient, or a header without real-world geometry). An overlap below
+:data:`LOW_OVERLAP` of the smaller box only gives a warning (stderr and ``report.json``): the
+working grids are each centred on their own brain, so the centre offset is absorbed anyway.
+
+**Atomic case folders.** Files are written into ``.tmp-spirs-<case>-*`` inside the output's parent
+folder, which is renamed to the case folder at the end: a case folder is either complete or absent
+(``report.json``, written last, marks a finished case). Inputs are never overwritten, and an output
+folder that contains an input is refused. Cohort mode: :func:`predict_cohort`.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from spirs_tf import __version__
+from spirs_tf import config as config_lib
+from spirs_tf.atomic import atomic_write_text
+from spirs_tf.errors import SpirsInputError
+from spirs_tf.io import Volume, check_same_grid, read_volume, write_volume
+from spirs_tf.preprocess import GridMapping, from_working, preprocess_scan, subsample
+
+OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
+LOGIT_CLIP = 50.0
+LOW_OVERLAP = 0.3
+TMP_PREFIX = ".tmp-spirs-"
+NOT_FOR_CLINICAL_USE = ("Research software, not for clinical use: outputs have not been validated for "
+                        "diagnosis or treatment decisions.")
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+DEMO_NAME = "cpu-small"
+
+
+# ------------------------------------------------------------------------------------------ predictor
+def serving_outputs(raw: dict, levels: int) -> dict:
+    """Model output dict → the six inference outputs (float32 tensors) of :data:`OUTPUT_NAMES`.
+
+    ``p*_prob = σ(clip(p*_logits, ±50))`` (B, S, S, S, 1); ``affine = affine_{levels}`` (B, 3, 4);
+    ``dvf = dvf_{levels}`` (B, S, S, S, 3); ``prior_warped``/``prior_mask_warped`` = the finest
+    ``warped_image``/``warped_mask`` (soft, trilinear) on the new scan's working grid.
+    """
+    from spirs_tf._compat import ops
+
+    def prob(x):
+        return ops.sigmoid(ops.clip(ops.cast(x, "float32"), -LOGIT_CLIP, LOGIT_CLIP))
+
+    f32 = lambda x: ops.cast(x, "float32")  # noqa: E731
+    return {"p1_prob": prob(raw["p1_logits"]), "p2_prob": prob(raw["p2_logits"]),
+            "affine": f32(raw[f"affine_{levels}"]), "dvf": f32(raw[f"dvf_{levels}"]),
+            "prior_warped": f32(raw[f"warped_image_{levels}"]),
+            "prior_mask_warped": f32(raw[f"warped_mask_{levels}"])}
+
+
+@dataclass(eq=False)
+class Predictor:
+    """A model ready for inference.
+
+    Attributes:
+        cfg: the run's config (working grid, spacing, clipping, LNCC window).
+        levels: pyramid levels of the model; its inputs are ``S = cfg.level_grid(levels)`` voxels.
+        run_fn: ``(new, prior, prior_mask) → {name: array}`` on batches ``(B, S, S, S, 1)``, returning
+            :data:`OUTPUT_NAMES`.
+        info: description for reports (``kind``, ``path``, ``checkpoint``, ``stage``, ``config``).
+    """
+
+    cfg: config_lib.SpirsConfig
+    levels: int
+    run_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], dict]
+    info: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.cfg.level_grid(self.levels)
+
+    @property
+    def subsample_factor(self) -> int:
+        """Working grid (``cfg.data.grid_size``) voxels per model-input voxel."""
+        return self.cfg.data.grid_size // self.size
+
+    def predict(self, new: np.ndarray, prior: np.ndarray, prior_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """Run the model on a batch ``(B, S, S, S, 1)`` each → NumPy outputs (:data:`OUTPUT_NAMES`)."""
+        arrays = [np.asarray(a, dtype=np.float32) for a in (new, prior, prior_mask)]
+        s = self.size
+        for a in arrays:
+            if a.ndim != 5 or a.shape[1:] != (s, s, s, 1):
+                raise ValueError(f"model inputs must be (B, {s}, {s}, {s}, 1), got {a.shape}")
+        out = self.run_fn(*arrays)
+        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES}
+
+
+def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict | None = None) -> Predictor:
+    """Wrap a SPIRS Keras model in a compiled (``tf.function``, ``training=False``) predictor whose
+    signature has a free batch axis (one trace for every cohort batch size)."""
+    from spirs_tf._compat import tf
+
+    s = cfg.level_grid(levels)
+    spec = tf.TensorSpec((None, s, s, s, 1), tf.float32)
+
+    @tf.function(input_signature=[spec, spec, spec])
+    def infer(new, prior, mask):
+        raw = model({"fixed_image": new, "moving_image": prior, "moving_mask": mask}, training=False)
+        return serving_outputs(raw, levels)
+
+    def run(new, prior, mask):
+        return {k: v.numpy() for k, v in infer(new, prior, mask).items()}
+
+    run.model = model  # keep the model reachable for export and tests
+    return Predictor(cfg, levels, run, dict(info or {}))
+
+
+def _checkpoint_predictor(checkpoint: str, config_path: str, stage: int | None = None) -> Predictor:
+    from spirs_tf import networks
+    from spirs_tf.train import load_checkpoint
+
+    cfg = config_lib.get_config(config_path)
+    state, _, meta = load_checkpoint(checkpoint)
+    stage = meta.get("stage", stage)
+    levels = meta.get("levels") or (cfg.train.stages[stage - 1].levels if stage else cfg.model.num_levels)
+    model = networks.build_spirs(cfg, int(levels), bn_trainable=False)
+    try:
+        networks.load_model_state(model, state)
+    except SpirsInputError as exc:
+        raise SpirsInputError(f"checkpoint does not fit its config {config_path}: {exc.problem}", checkpoint) \
+            from None
+    info = {"kind": "checkpoint", "checkpoint": os.path.abspath(checkpoint), "config_file": os.path.abspath(config_path),
+            "config": cfg.name, "stage": stage, "levels": int(levels), "epoch": meta.get("epoch")}
+    return keras_predictor(model, cfg, int(levels), info)
+
+
+def find_run_checkpoint(run_dir: str) -> tuple[str, str, int | None]:
+    """``(checkpoint, config.json, stage)`` of a run directory: the highest ``stageN`` that holds a
+    checkpoint, its ``best.npz`` else ``latest.npz``. A single stage folder is accepted too.
+
+    Raises:
+        SpirsInputError: no stage with a checkpoint and a config.
+    """
+    stages = []
+    for name in os.listdir(run_dir):
+        if name.startswith("stage") and name[5:].isdigit():
+            stages.append((int(name[5:]), os.path.join(run_dir, name)))
+    candidates = sorted(stages, reverse=True) + [(None, run_dir)]
+    for stage, folder in candidates:
+        for ckpt in ("best.npz", "latest.npz"):
+            path = os.path.join(folder, "checkpoints", ckpt)
+            cfg = os.path.join(folder, "config.json")
+            if os.path.isfile(path) and os.path.isfile(cfg):
+                return path, cfg, stage
+    raise SpirsInputError("not a run directory (no stageN/checkpoints/best.npz or latest.npz with "
+                          "stageN/config.json) and not a SavedModel (no saved_model.pb)", run_dir)
+
+
+def load_predictor(model: str | os.PathLike | None) -> Predictor:
+    """A :class:`Predictor` from a run directory, a checkpoint ``.npz``, a SavedModel or the demo weights.
+
+    Args:
+        model: a run directory (highest stage; ``best.npz`` else ``latest.npz``; its ``config.json``),
+            a checkpoint ``.npz`` (``config.json`` beside it or one folder up), a SavedModel folder
+            written by ``spirs export``, or ``None`` for the shipped demo weights
+            (``spirs_tf/weights/cpu-small.npz`` + ``cpu-small.json``).
+
+    Raises:
+        SpirsInputError: missing path, unrecognised folder, no config, checkpoint/config mismatch,
+            ``None`` without shipped weights.
+    """
+    if model is None:
+        ckpt = os.path.join(WEIGHTS_DIR, f"{DEMO_NAME}.npz")
+        cfg = os.path.join(WEIGHTS_DIR, f"{DEMO_NAME}.json")
+        if not (os.path.isfile(ckpt) and os.path.isfile(cfg)):
+            raise SpirsInputError("no model given (use --model RUN_DIR, a checkpoint .npz or a SavedModel "
+                                  "folder) and this spirs-tf ships no demo weights (spirs_tf/weights/)")
+        predictor = _checkpoint_predictor(ckpt, cfg)
+        predictor.info["kind"] = "demo weights"
+        return predictor
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise SpirsInputError("model not found", path)
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "saved_model.pb")):
+            from spirs_tf.export import load_saved_model_predictor
+
+            return load_saved_model_predictor(path)
+        return _checkpoint_predictor(*find_run_checkpoint(path))
+    if not path.endswith(".npz"):
+        raise SpirsInputError("a model must be a run directory, a checkpoint .npz or a SavedModel folder", path)
+    folder = os.path.dirname(os.path.abspath(path))
+    for cfg in (os.path.join(folder, "config.json"), os.path.join(os.path.dirname(folder), "config.json")):
+        if os.path.isfile(cfg):
+            return _checkpoint_predictor(path, cfg)
+    raise SpirsInputError("no config.json beside the checkpoint or one folder up", path)
+
+
+# ---------------------------------------------------------------------------------------- case inputs
+@dataclass(eq=False)
+class CaseInputs:
+    """Validated volumes of one case, their brain overlap and the reading time."""
+
+    new: Volume
+    prior: Volume
+    prior_mask: Volume
+    overlap: dict
+    read_s: float = 0.0
+
+
+def brain_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """Axis-aligned RAS box (lo, hi) in mm around the non-zero voxels (voxel corners included)."""
+    nz = np.nonzero(volume.data)
+    lo = np.array([i.min() for i in nz], float) - 0.5
+    hi = np.array([i.max() for i in nz], float) + 0.5
+    corners = np.array([[(hi if b else lo)[a] for a, b in enumerate(bits)] + [1.0]
+                        for bits in np.ndindex(2, 2, 2)]).T
+    world = (np.asarray(volume.affine, float) @ corners)[:3]
+    return world.min(axis=1), world.max(axis=1)
+
+
+def brain_overlap(new: Volume, prior: Volume) -> dict:
+    """Overlap of the two brain boxes (:func:`brain_box`): intersection volume / smaller box volume.
+
+    Raises:
+        SpirsInputError: (naming the prior) when the boxes do not intersect.
+    """
+    (lo_n, hi_n), (lo_p, hi_p) = brain_box(new), brain_box(prior)
+    inter = np.minimum(hi_n, hi_p) - np.maximum(lo_n, lo_p)
+    fmt = lambda lo, hi: "[" + ", ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(lo, hi)) + "] mm"  # noqa: E731
+    if np.any(inter <= 0):
+        raise SpirsInputError(
+            f"its brain does not overlap the brain of {new.path or 'the new scan'} in world coordinates "
+            f"(RAS boxes {fmt(lo_p, hi_p)} vs {fmt(lo_n, hi_n)}); both scans must be of the same patient "
+            "with real-world (scanner) geometry in their headers", prior.path or "<prior>")
+    fraction = float(np.prod(inter) / min(np.prod(hi_n - lo_n), np.prod(hi_p - lo_p)))
+    return {"box_overlap_fraction": fraction, "new_box_mm": [lo_n.tolist(), hi_n.tolist()],
+            "prior_box_mm": [lo_p.tolist(), hi_p.tolist()], "low_overlap_warning": fraction < LOW_OVERLAP}
+
+
+def read_case_inputs(new, prior, prior_mask) -> CaseInputs:
+    """Read (paths) or accept (Volumes) the three inputs and validate them.
+
+    Raises:
+        SpirsInputError: unreadable/missing file, not 3-D, several volumes, NaN/inf, mask not
+            binary, mask not on the prior's grid, brains that do not overlap (:func:`brain_overlap`).
+    """
+    t0 = time.perf_counter()
+    new = new if isinstance(new, Volume) else read_volume(new, "image")
+    prior = prior if isinstance(prior, Volume) else read_volume(prior, "image")
+    prior_mask = prior_mask if isinstance(prior_mask, Volume) else read_volume(prior_mask, "mask")
+    check_same_grid(prior_mask, prior)
+    overlap = brain_overlap(new, prior)
+    return CaseInputs(new, prior, prior_mask, overlap, time.perf_counter() - t0)
+
+
+@dataclass(eq=False)
+class PreparedCase:
+    """Model inputs of one case on the model grid ``S`` and the mappings back to the originals."""
+
+    inputs: CaseInputs
+    new_image: np.ndarray
+    prior_image: np.ndarray
+    prior_mask: np.ndarray
+    new_mapping: GridMapping
+    prior_mapping: GridMapping
+    preprocess_s: float
+
+
+def _model_grid(image, mask, mapping: GridMapping, factor: int):
+    """Strided subsample of the working grid to the model's input grid (corner aligned)."""
+    if factor == 1:
+        return image, mask, mapping
+    affine = mapping.working_affine @ np.diag([factor, factor, factor, 1.0])
+    shape = tuple(n // factor for n in mapping.working_shape)
+    return (subsample(image, factor), None if mask is None else subsample(mask, factor),
+            GridMapping(affine, shape, mapping.original_affine, mapping.original_shape))
+
+
+def prepare_case(inputs: CaseInputs, predictor: Predictor) -> PreparedCase:
+    """Preprocess the new scan and the prior (image + mask) onto their own working grids."""
+    t0 = time.perf_counter()
+    f = predictor.subsample_factor
+    n = preprocess_scan(inputs.new, None, predictor.cfg.data)
+    p = preprocess_scan(inputs.prior, inputs.prior_mask, predictor.cfg.data)
+    new_img, _, new_map = _model_grid(n.image, None, n.mapping, f)
+    prior_img, prior_mask, prior_map = _model_grid(p.image, p.mask, p.mapping, f)
+    return PreparedCase(inputs, new_img, prior_img, prior_mask, new_map, prior_map, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------- case output
+@dataclass(eq=False)
+class CaseResult:
+    """A finished case: its folder, the files written, the report and the lesion rows."""
+
+    out_dir: str
+    case_id: str
+    files: list[str]
+    report: dict
+    lesions: list[dict]
+
+
+def _input_paths(inputs: CaseInputs) -> list[str]:
+    return [os.path.abspath(v.path) for v in (inputs.new, inputs.prior, inputs.prior_mask) if v.path]
+
+
+def check_out_dir(out_dir: str, input_paths, overwrite: bool) -> str:
+    """Absolute ``out_dir`` after checking it may be (re)written.
+
+    Raises:
+        SpirsInputError: it is a file; it contains an input; it is a non-empty folder and not ``overwrite``.
+    """
+    out = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SpirsInputError("output path exists and is not a folder", out)
+    for p in input_paths:
+        if os.path.commonpath([out, os.path.abspath(p)]) == out:
+            raise SpirsInputError(f"output folder contains the input {p}; choose another --out", out)
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise SpirsInputError("output folder exists and is not empty (use --overwrite to replace it)", out)
+    return out
+
+
+def _commit_folder(tmp: str, out: str) -> None:
+    """Rename the finished temporary folder to ``out`` (replacing an old one, if any)."""
+    if os.path.isdir(out) and os.listdir(out):
+        old = tempfile.mkdtemp(prefix=TMP_PREFIX + "old-", dir=os.path.dirname(out))
+        os.replace(out, os.path.join(old, "case"))
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+
+
+def _versions() -> dict:
+    out = {"spirs-tf": __version__}
+    for pkg in ("tensorflow", "keras", "numpy", "scipy", "nibabel", "SimpleITK"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def _json_safe(x):
+    """Nested structure → JSON-safe (NumPy scalars to Python, NaN/inf to ``None``)."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir: str, *,
+               overwrite: bool = False, case_id: str | None = None, network_s: float = 0.0) -> CaseResult:
+    """Write every output of one case (``outputs``: this case's slice of :meth:`Predictor.predict`)."""
+    from spirs_tf import metrics
+    from spirs_tf.itk_export import CaseTransform, resample_to_new, write_displacement, write_itk_affine
+    from spirs_tf.lesions import change_counts, lesion_changes, write_lesions_csv
+    from spirs_tf.qc import write_qc_png
+
+    inputs = case.inputs
+    protect = _input_paths(inputs)
+    out = check_out_dir(out_dir, protect, overwrite)
+    case_id = case_id or os.path.basename(out)
+    t0 = time.perf_counter()
+    new = inputs.new
+    transform = CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
+                              np.asarray(outputs["affine"], np.float64).reshape(3, 4),
+                              np.asarray(outputs["dvf"], np.float32).reshape(case.new_image.shape + (3,)))
+    prior_labels, n_prior = metrics.label_lesions(inputs.prior_mask.data)
+    res = resample_to_new(transform, new, inputs.prior, inputs.prior_mask, prior_labels)
+    probs = {k: np.clip(from_working(np.asarray(outputs[f"{k}_prob"]), case.new_mapping, order=1), 0, 1)
+             for k in ("p1", "p2")}
+    masks = {k: (v >= 0.5).astype(np.uint8) for k, v in probs.items()}
+    rows = lesion_changes(masks["p2"], res.prior_labels_warped, new.spacing, new.affine)
+
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(out)}-", dir=os.path.dirname(out))
+    try:
+        def vol(name, data, **kw):
+            write_volume(os.path.join(tmp, name), data, new.affine, protect=protect, **kw)
+
+        vol("prior_warped.nii.gz", res.prior_warped)
+        vol("prior_mask_warped.nii.gz", res.prior_mask_warped)
+        vol("prior_labels_warped.nii.gz", res.prior_labels_warped, intent="label")
+        for k in ("p1", "p2"):
+            vol(f"{k}_prob.nii.gz", probs[k].astype(np.float32))
+            vol(f"{k}_mask.nii.gz", masks[k])
+        write_itk_affine(os.path.join(tmp, "affine.tfm"), transform.world_affine_lps())
+        write_displacement(os.path.join(tmp, "deformation.nii.gz"), res.deformation, new.affine)
+        write_displacement(os.path.join(tmp, "transform_total.nii.gz"), res.total, new.affine)
+        write_lesions_csv(os.path.join(tmp, "lesions.csv"), rows)
+        qc_slices = write_qc_png(os.path.join(tmp, "qc.png"), case_id, new.data, res.prior_warped,
+                                 res.prior_mask_warped, masks["p1"], masks["p2"], new.affine)
+        new_w, warped_w = case.new_image, np.asarray(outputs["prior_warped"])[..., 0]
+        window = predictor.cfg.loss.lncc_window
+        lncc_mask = metrics.lncc_mask(new_w, warped_w, np.asarray(outputs["p2_prob"])[..., 0] >= 0.5,
+                                      np.asarray(outputs["prior_mask_warped"])[..., 0] >= 0.5)
+        files = sorted(os.listdir(tmp)) + ["report.json"]
+        report = {
+            "case_id": case_id, "note": NOT_FOR_CLINICAL_USE,
+            "inputs": {"new": new.path, "prior": inputs.prior.path, "prior_mask": inputs.prior_mask.path},
+            "model": predictor.info | {"levels": predictor.levels, "input_grid": predictor.size},
+            "registration": {
+                "grid": "model working grid of the new scan",
+                "lncc_window": window,
+                "lncc_identity": metrics.lncc(new_w, case.prior_image, window),
+                "lncc": metrics.lncc(new_w, warped_w, window),
+                "lncc_masked": metrics.lncc(new_w, warped_w, window, mask=lncc_mask),
+                "folding_percent": metrics.folding_percent(transform.dvf),
+                "affine_voxel": transform.matrix.tolist(),
+                "affine_world_ras": transform.world_affine().tolist(),
+                "max_displacement_mm": float(np.linalg.norm(res.deformation, axis=-1).max()),
+            },
+            "brain_overlap": inputs.overlap,
+            "lesions": {"p2_lesions": sum(r["source"] == "p2" for r in rows), "prior_lesions": n_prior,
+                        "changes": change_counts(rows), "growth_ratio": ">1.25", "shrink_ratio": "<0.8"},
+            "qc_slices": qc_slices,
+            "transforms": {
+                "ants": "antsApplyTransforms -d 3 -i PRIOR -r NEW -o OUT -t deformation.nii.gz -t affine.tfm",
+                "ants_total": "antsApplyTransforms -d 3 -i PRIOR -r NEW -o OUT -t transform_total.nii.gz",
+                "convention": "new-scan physical point x -> prior point affine(x + d(x)), ITK LPS mm; "
+                              "vectors LPS, NIfTI intent vector (1007); see spirs_tf/itk_export.py"},
+            "timings_s": {"read": inputs.read_s, "preprocess": case.preprocess_s, "network": network_s,
+                          "resample_write": time.perf_counter() - t0},
+            "versions": _versions(),
+            "outputs": files,
+        }
+        atomic_write_text(os.path.join(tmp, "report.json"),
+                          json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+        _commit_folder(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return CaseResult(out, case_id, files, report, rows)
+
+
+def _one(outputs: dict, b: int) -> dict:
+    return {k: v[b] for k, v in outputs.items()}
+
+
+def run_network(predictor: Predictor, cases: list[PreparedCase]) -> tuple[list[dict], float]:
+    """One batched forward pass → (per-case outputs, seconds)."""
+    t0 = time.perf_counter()
+    stack = lambda name: np.stack([getattr(c, name) for c in cases])[..., None]  # noqa: E731
+    out = predictor.predict(stack("new_image"), stack("prior_image"), stack("prior_mask"))
+    return [_one(out, b) for b in range(len(cases))], time.perf_counter() - t0
+
+
+def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, overwrite: bool = False,
+                 case_id: str | None = None) -> CaseResult:
+    """Predict one (prior, new) pair and write its case folder (see the module docstring).
+
+    Args:
+        predictor: from :func:`load_predictor`.
+        new, prior, prior_mask: paths or :class:`spirs_tf.io.Volume` objects.
+        out_dir: the case folder (created; must not exist unless empty or ``overwrite``).
+        overwrite: replace an existing case folder.
+        case_id: name in the report and the QC title (default: the folder name).
+
+    Raises:
+        SpirsInputError: every input problem of :func:`read_case_inputs`, an output folder that
+            exists (without ``overwrite``) or contains an input. Nothing is written then.
+    """
+    return run_case(predictor, read_case_inputs(new, prior, prior_mask), out_dir, overwrite=overwrite,
+                    case_id=case_id)
+
+
+def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrite: bool = False,
+             case_id: str | None = None) -> CaseResult:
+    """:func:`predict_case` for inputs already read and validated by :func:`read_case_inputs`."""
+    check_out_dir(out_dir, _input_paths(inputs), overwrite)
+    if inputs.overlap["low_overlap_warning"]:
+        print(f"spirs: warning: brains of {inputs.new.path} and {inputs.prior.path} overlap little "
+              f"({100 * inputs.overlap['box_overlap_fraction']:.0f} % of the smaller box)", file=sys.stderr)
+    case = prepare_case(inputs, predictor)
+    (outputs,), network_s = run_network(predictor, [case])
+    return write_case(predictor, case, outputs, out_dir, overwrite=overwrite, case_id=case_id,
+                      network_s=network_s)
+
+
+# -------------------------------------------------------------------------------------------- cohort
+SUMMARY_COLUMNS = ("case_id", "patient_id", "prior_timepoint", "new_timepoint", "status", "lncc",
+                   "lncc_identity", "folding_percent", "p2_lesions", "new_lesions", "seconds", "message")
+
+
+def case_name(pair) -> str:
+    """``<patient>_<priorTP>_to_<newTP>`` with characters other than letters, digits, ``-._`` → ``_``."""
+    text = f"{pair.patient_id}_{pair.prior.timepoint}_to_{pair.new.timepoint}"
+    return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in text)
+
+
+def clean_stale_temp(out_dir: str) -> list[str]:
+    """Remove ``.tmp-spirs-*`` folders left in ``out_dir`` by a crashed run; return their names."""
+    removed = []
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        if name.startswith(TMP_PREFIX) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+def _summary_row(pair, cid, status, report=None, seconds=None, message="") -> dict:
+    reg = (report or {}).get("registration", {})
+    les = (report or {}).get("lesions", {})
+    return {"case_id": cid, "patient_id": pair.patient_id, "prior_timepoint": str(pair.prior.timepoint),
+            "new_timepoint": str(pair.new.timepoint), "status": status, "lncc": reg.get("lncc"),
+            "lncc_identity": reg.get("lncc_identity"), "folding_percent": reg.get("folding_percent"),
+            "p2_lesions": les.get("p2_lesions"), "new_lesions": les.get("changes", {}).get("new"),
+            "seconds": seconds, "message": message}
+
+
+class _Progress:
+    """A one-line text progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled and total > 0, time.perf_counter()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.enabled:
+            filled = int(30 * self.done / self.total)
+            rate = self.done / max(time.perf_counter() - self.t0, 1e-9) * 60
+            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {rate:5.1f} cases/min "
+                  f"{label[:40]:<40}", end="", file=sys.stderr, flush=True)
+            if self.done == self.total:
+                print(file=sys.stderr)
+
+
+def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: str, *,
+                   pairing: str = "consecutive", batch_size: int = 1, verbose: bool = True) -> list[dict]:
+    """Predict every (prior, new) pair of a manifest split into ``out_dir/<case_name>/``.
+
+    Resumable: a pair whose ``report.json`` exists is skipped; ``.tmp-spirs-*`` folders left by a
+    crash are removed first. A prefetch thread reads and preprocesses the next batch while the
+    current one runs through the network and is written. A pair with bad input (e.g. a prior
+    without a mask) is recorded as ``error`` and the cohort goes on.
+
+    Args:
+        predictor: from :func:`load_predictor`.
+        manifest: a manifest path or :class:`spirs_tf.manifest.Manifest`.
+        split: the split to predict (``None``: all).
+        out_dir: cohort folder; also receives ``cohort_summary.csv`` (one row per pair).
+        pairing: ``consecutive`` or ``all`` (:func:`spirs_tf.manifest.make_pairs`).
+        batch_size: cases per forward pass.
+        verbose: progress bar and the final cases-per-minute line.
+
+    Returns:
+        the summary rows (:data:`SUMMARY_COLUMNS`).
+
+    Raises:
+        SpirsInputError: bad manifest, unknown split, no pairs.
+    """
+    import concurrent.futures
+    import csv
+    import io as _io
+
+    from spirs_tf.manifest import Manifest, load_manifest, make_pairs
+
+    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    pairs = make_pairs(m, split, pairing)
+    if not pairs:
+        raise SpirsInputError(f"no (prior, new) pairs in split {split!r}", m.path)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    clean_stale_temp(out_dir)
+    rows: dict[str, dict] = {}
+    todo = []
+    for pair in pairs:
+        cid = case_name(pair)
+        report_path = os.path.join(out_dir, cid, "report.json")
+        if os.path.isfile(report_path):
+            with open(report_path, encoding="utf-8") as fh:
+                rows[cid] = _summary_row(pair, cid, "skipped", json.load(fh), message="already done")
+        else:
+            todo.append((pair, cid))
+    batches = [todo[i:i + max(1, batch_size)] for i in range(0, len(todo), max(1, batch_size))]
+
+    def load(batch):
+        loaded = []
+        for pair, cid in batch:
+            try:
+                if pair.prior.mask is None:
+                    raise SpirsInputError("the prior scan has no lesion mask in the manifest", pair.prior.image)
+                inputs = read_case_inputs(pair.new.image, pair.prior.image, pair.prior.mask)
+                loaded.append((pair, cid, prepare_case(inputs, predictor)))
+            except SpirsInputError as exc:
+                loaded.append((pair, cid, exc))
+        return loaded
+
+    progress = _Progress(len(todo), verbose)
+    t_start, n_done = time.perf_counter(), 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(load, batches[0]) if batches else None
+        for k in range(len(batches)):
+            loaded = future.result()
+            if k + 1 < len(batches):
+                future = pool.submit(load, batches[k + 1])
+            ready = [item for item in loaded if isinstance(item[2], PreparedCase)]
+            outputs, network_s = run_network(predictor, [c for _, _, c in ready]) if ready else ([], 0.0)
+            results = dict(zip([cid for _, cid, _ in ready], outputs))
+            for pair, cid, case in loaded:
+                t0 = time.perf_counter()
+                if isinstance(case, SpirsInputError):
+                    rows[cid] = _summary_row(pair, cid, "error", message=str(case))
+                else:
+                    try:
+                        res = write_case(predictor, case, results[cid], os.path.join(out_dir, cid),
+                                         overwrite=True, case_id=cid, network_s=network_s / len(ready))
+                        n_done += 1
+                        rows[cid] = _summary_row(pair, cid, "done", res.report, time.perf_counter() - t0
+                                                 + case.preprocess_s + case.inputs.read_s + network_s / len(ready))
+                    except SpirsInputError as exc:
+                        rows[cid] = _summary_row(pair, cid, "error", message=str(exc))
+                progress.step(cid)
+    ordered = [rows[case_name(p)] for p in pairs]
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in ordered])
+    atomic_write_text(os.path.join(out_dir, "cohort_summary.csv"), buf.getvalue())
+    minutes = (time.perf_counter() - t_start) / 60
+    if verbose:
+        counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "skipped", "error")}
+        rate = f"{n_done / minutes:.1f} cases/min" if n_done and minutes > 0 else "no case predicted"
+        print(f"spirs: {counts['done']} predicted, {counts['skipped']} skipped (already done), "
+              f"{counts['error']} failed; {rate}; summary: {os.path.join(out_dir, 'cohort_summary.csv')}",
+              file=sys.stderr)
+    return ordered
