@@ -1,0 +1,162 @@
+"""Export a trained SPIRS model as a TensorFlow SavedModel (``spirs export --run RUN --out DIR``).
+
+The SavedModel holds one ``tf.Module`` with the model's weights and a ``serving_default`` signature:
+
+=====================  ====================  ===================================================
+input                  shape, dtype          meaning
+=====================  ====================  ===================================================
+``new_image``          (None, S, S, S, 1) f32  new scan on its working grid, preprocessed
+``prior_image``        (None, S, S, S, 1) f32  prior scan on its own working grid, preprocessed
+``prior_mask``         (None, S, S, S, 1) f32  prior lesion mask on the prior's working grid {0, 1}
+=====================  ====================  ===================================================
+
+"Preprocessed" = :func:`spirs_tf.preprocess.preprocess_scan` with the stored config (RAS grid of
+``data.grid_size`` voxels at ``data.spacing_mm`` centred on the brain, clip at mean ± k·σ, [0, 1],
+background 0), strided by ``grid_size / S`` when the model has fewer levels than the config.
+
+=====================  ====================  ===================================================
+output                 shape                 meaning
+=====================  ====================  ===================================================
+``p1_prob``            (B, S, S, S, 1)       P1 probability, σ(clip(logit, ±50))
+``p2_prob``            (B, S, S, S, 1)       P2 probability
+``affine``             (B, 3, 4)             ``[M | t]`` in voxels, p(y) = M(y − c) + t + c + u(y), c = S/2
+``dvf``                (B, S, S, S, 3)       u in voxels, channels in array-axis order
+``prior_warped``       (B, S, S, S, 1)       prior image warped onto the new working grid
+``prior_mask_warped``  (B, S, S, S, 1)       prior mask warped (soft, trilinear)
+=====================  ====================  ===================================================
+
+The resolved config and a description (levels, input size, source checkpoint, stage) are stored
+twice: as the string variable ``spirs_info`` (JSON; read by :func:`read_export_info`) and as the
+asset file ``assets/spirs_info.json`` for people. :func:`spirs_tf.inference.load_predictor`
+accepts the folder and rebuilds the preprocessing from it.
+
+Loading elsewhere::
+
+    m = tf.saved_model.load(DIR)
+    out = m.signatures["serving_default"](new_image=x, prior_image=y, prior_mask=z)
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from spirs_tf import config as config_lib
+from spirs_tf.errors import SpirsInputError
+
+INFO_FILE = "spirs_info.json"
+
+
+def _module(model, cfg, levels: int, info: dict, asset_path: str):
+    from spirs_tf._compat import tf
+    from spirs_tf.inference import serving_outputs
+
+    s = cfg.level_grid(levels)
+
+    class SpirsExport(tf.Module):
+        def __init__(self):
+            super().__init__(name="spirs")
+            self.model = model
+            self.spirs_info = tf.Variable(json.dumps(info), trainable=False, dtype=tf.string)
+            self.info_asset = tf.saved_model.Asset(asset_path)
+
+        @tf.function(input_signature=[tf.TensorSpec((None, s, s, s, 1), tf.float32, name=n)
+                                      for n in ("new_image", "prior_image", "prior_mask")])
+        def serve(self, new_image, prior_image, prior_mask):
+            raw = self.model({"fixed_image": new_image, "moving_image": prior_image,
+                              "moving_mask": prior_mask}, training=False)
+            return serving_outputs(raw, levels)
+
+    return SpirsExport()
+
+
+def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> str:
+    """Write ``predictor``'s Keras model as a SavedModel folder ``out_dir`` (atomic: temporary folder
+    beside it, renamed at the end).
+
+    Args:
+        predictor: a :class:`spirs_tf.inference.Predictor` built from a checkpoint (``load_predictor``).
+        out_dir: destination folder.
+        overwrite: replace an existing folder.
+
+    Returns:
+        the absolute output path.
+
+    Raises:
+        SpirsInputError: ``out_dir`` exists (without ``overwrite``) or the predictor has no Keras model
+            (e.g. it was itself loaded from a SavedModel).
+    """
+    from spirs_tf._compat import tf
+
+    model = getattr(predictor.run_fn, "model", None)
+    if model is None:
+        raise SpirsInputError("this model is not a Keras checkpoint (it is already a SavedModel?)")
+    out = os.path.abspath(out_dir)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
+        raise SpirsInputError("output exists (use --overwrite to replace it)", out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    info = {"config": config_lib.to_dict(predictor.cfg), "levels": predictor.levels,
+            "input_size": predictor.size, "source": predictor.info,
+            "inputs": ["new_image", "prior_image", "prior_mask"],
+            "outputs": ["p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped"]}
+    work = tempfile.mkdtemp(prefix=".tmp-spirs-export-", dir=parent)
+    try:
+        asset = os.path.join(work, INFO_FILE)
+        with open(asset, "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2, default=str)
+        module = _module(model, predictor.cfg, predictor.levels, json.loads(json.dumps(info, default=str)), asset)
+        saved = os.path.join(work, "saved_model")
+        tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
+        if os.path.exists(out):
+            shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
+        os.replace(saved, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def read_export_info(loaded) -> dict:
+    """The description dict stored by :func:`export_saved_model` in a loaded SavedModel.
+
+    Raises:
+        SpirsInputError: not a spirs-tf export.
+    """
+    var = getattr(loaded, "spirs_info", None)
+    if var is None:
+        raise SpirsInputError("SavedModel was not written by spirs export (no spirs_info)")
+    return json.loads(var.numpy().decode("utf-8"))
+
+
+def load_saved_model_predictor(path: str):
+    """A :class:`spirs_tf.inference.Predictor` running a SavedModel's ``serving_default``.
+
+    Raises:
+        SpirsInputError: the folder cannot be loaded or is not a spirs-tf export.
+    """
+    from spirs_tf._compat import tf
+    from spirs_tf.inference import OUTPUT_NAMES, Predictor
+
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as exc:  # TF raises many types for a broken SavedModel
+        raise SpirsInputError(f"cannot load SavedModel ({type(exc).__name__}: {exc})", path) from None
+    try:
+        info = read_export_info(loaded)
+    except SpirsInputError as exc:
+        raise SpirsInputError(exc.problem, path) from None
+    cfg = config_lib.from_dict(info["config"])
+    serve = loaded.signatures["serving_default"]
+
+    def run(new, prior, mask):
+        out = serve(new_image=tf.constant(new), prior_image=tf.constant(prior), prior_mask=tf.constant(mask))
+        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES}
+
+    run.loaded = loaded  # keep the restored objects alive
+    source = info.get("source", {})
+    return Predictor(cfg, int(info["levels"]), run,
+                     {"kind": "SavedModel", "path": os.path.abspath(path), "config": cfg.name,
+                      "stage": source.get("stage"), "checkpoint": source.get("checkpoint")})
