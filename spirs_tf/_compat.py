@@ -11,8 +11,39 @@ import os
 # Quiet the C++ start-up chatter (CUDA probing on CPU machines) unless the user asked for it.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-from keras import ops  # noqa: E402
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Hide the C++ start-up lines TensorFlow prints before its logging is configured (CUDA probing,
+    oneDNN notes) — they ignore TF_CPP_MIN_LOG_LEVEL in recent releases. ``SPIRS_DEBUG=1`` shows them."""
+    if os.environ.get("SPIRS_DEBUG"):
+        yield
+        return
+    try:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:  # pragma: no cover - no usable fd 2
+        yield
+        return
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+with _quiet_native_stderr():
+    import keras  # noqa: E402
+    from keras import ops  # noqa: E402
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as _tf  # noqa: E402
+
+        _tf.config.list_physical_devices()  # device probing happens here, silently
 
 KERAS_MIN = (3, 0)
 TF_MIN = (2, 16)
