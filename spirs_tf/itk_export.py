@@ -119,12 +119,13 @@ class CaseTransform:
         """New-scan RAS points ``w`` (3, n) → (prior RAS points ``q`` (3, n), world ``d`` (3, n))."""
         wn = np.asarray(self.new_working_affine, float)
         wp = np.asarray(self.prior_working_affine, float)
-        y = np.linalg.solve(wn[:3, :3], world - wn[:3, 3:4])
+        wn_inv = np.linalg.inv(wn)
+        y = wn_inv[:3, :3] @ world + wn_inv[:3, 3:4]
         a = voxel_affine(self.matrix, self.size)
         u = self._dvf_at(y)
         p = a[:3, :3] @ y + a[:3, 3:4] + u
         q = wp[:3, :3] @ p + wp[:3, 3:4]
-        d = wn[:3, :3] @ np.linalg.solve(a[:3, :3], u)
+        d = (wn[:3, :3] @ np.linalg.inv(a[:3, :3])) @ u
         return q, d
 
 

@@ -298,15 +298,22 @@ def test_load_predictor_from_checkpoint_file_and_errors(run_dir, tmp_path, monke
 
 
 # ------------------------------------------------------------------------------------------ cohort
-def test_cohort_resume_skips_done_and_cleans_crash_leftovers(predictor, tmp_path, capsys):
+def test_cohort_resume_skips_done_and_cleans_crash_leftovers(predictor, run_dir, tmp_path, capsys):
     from cohort import make_cohort
 
-    manifest = make_cohort(str(tmp_path / "data"), n_patients=2, n_timepoints=2, shape=(20, 20, 20),
+    manifest = make_cohort(str(tmp_path / "data"), n_patients=3, n_timepoints=2, shape=(20, 20, 20),
                            spacing=5.0, splits=("test",))
+    with open(manifest) as fh:
+        table = list(csv.DictReader(fh))
+    table[4]["mask"] = ""  # p2's prior has no lesion mask: that pair fails, the others go on
+    with open(manifest, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
     out = tmp_path / "pred"
-    rows = inference.predict_cohort(predictor, manifest, "test", str(out), batch_size=2)
-    assert [r["status"] for r in rows] == ["done", "done"]
-    assert [r["case_id"] for r in rows] == ["p0_0_to_1", "p1_0_to_1"]
+    rows = inference.predict_cohort(predictor, manifest, "test", str(out), batch_size=2)  # batches of 2, 1
+    assert [r["case_id"] for r in rows] == ["p0_0_to_1", "p1_0_to_1", "p2_0_to_1"]
+    assert [r["status"] for r in rows] == ["done", "done", "error"] and "no lesion mask" in rows[2]["message"]
     assert "cases/min" in capsys.readouterr().err
     done_report = out / "p0_0_to_1" / "report.json"
     stamp = done_report.stat().st_mtime_ns
@@ -314,14 +321,15 @@ def test_cohort_resume_skips_done_and_cleans_crash_leftovers(predictor, tmp_path
     crash = out / ".tmp-spirs-p1_0_to_1-abc123"  # ...while writing it
     crash.mkdir()
     (crash / "prior_warped.nii.gz").write_bytes(b"half")
-    rows = inference.predict_cohort(predictor, manifest, "test", str(out), verbose=False)
-    assert [r["status"] for r in rows] == ["skipped", "done"]
+    code = cli.main(["predict", "--manifest", manifest, "--split", "test", "--out", str(out), "--model", run_dir,
+                     "--quiet"])
+    assert code == 2 and "1 of 3 case(s) failed" in capsys.readouterr().err
     assert done_report.stat().st_mtime_ns == stamp
     assert not crash.exists()
     assert sorted(os.listdir(out)) == ["cohort_summary.csv", "p0_0_to_1", "p1_0_to_1"]
     with open(out / "cohort_summary.csv") as fh:
         summary = list(csv.DictReader(fh))
-    assert [r["status"] for r in summary] == ["skipped", "done"] and float(summary[0]["lncc"]) > 0
+    assert [r["status"] for r in summary] == ["skipped", "done", "error"] and float(summary[0]["lncc"]) > 0
 
 
 # ------------------------------------------------------------------------------- CLI and bad input
