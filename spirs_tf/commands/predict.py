@@ -21,7 +21,7 @@ from spirs_tf.errors import SpirsInputError
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("predict", help="predict one (prior, new) pair or a manifest cohort",
-                                   description=__doc__.replace("``", ""),
+                                   description=__doc__.replace("``", "").replace("::", ":"),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     one = parser.add_argument_group("one case")
     one.add_argument("--new", help="new (follow-up) scan: NIfTI, NRRD, MetaImage or a DICOM folder")
