@@ -178,10 +178,17 @@ class Trainer:
         from spirs_tf import optim
 
         o = self.cfg.optim
-        if self.stage_cfg.cycle_epochs is not None:  # this stage runs its own cosine cycle
-            o = dataclasses.replace(o, **{name: dataclasses.replace(getattr(o, name),
-                                                                    cycle_epochs=self.stage_cfg.cycle_epochs)
-                                          for name in ("registration", "segmentation_p1", "segmentation_p2")})
+        st = self.stage_cfg
+
+        def for_stage(opt_cfg):
+            k = st.lr_scale  # the stage's scale of learning rates and weight decays
+            return dataclasses.replace(
+                opt_cfg, learning_rate=k * opt_cfg.learning_rate, learning_rate_min=k * opt_cfg.learning_rate_min,
+                weight_decay=k * opt_cfg.weight_decay, weight_decay_min=k * opt_cfg.weight_decay_min,
+                cycle_epochs=opt_cfg.cycle_epochs if st.cycle_epochs is None else st.cycle_epochs)
+
+        o = dataclasses.replace(o, **{name: for_stage(getattr(o, name))
+                                      for name in ("registration", "segmentation_p1", "segmentation_p2")})
         if self.cfg.loss.optimisation == "joint":
             opts = {"joint": optim.make_optimizer(o.registration, self.steps_per_epoch, name="joint")}
             self._var_lists = {"joint": list(self.model.trainable_variables)}
@@ -341,6 +348,11 @@ class Trainer:
                 if step >= self.steps_per_epoch:
                     break
                 scalars = self._train_step(batch)
+                if not math.isfinite(float(scalars["total"])):
+                    raise SpirsInputError(
+                        f"training diverged at stage {self.stage}, epoch {epoch}, step {step + 1} (loss is "
+                        f"{float(scalars['total'])}); the last good checkpoint is kept. Lower the learning rate, "
+                        f"e.g. --set train.stages.{self.stage - 1}.lr_scale=0.01", self.paths.root)
                 self._track("", scalars)
                 if bar is not None:
                     bar.update(step + 1, values=[(k, float(self._metrics[k].result()))
