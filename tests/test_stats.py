@@ -29,7 +29,7 @@ def _load_script(name):
 
 
 def _write_csv(path, header, rows):
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
         w.writerow(header)
         w.writerows(rows)
@@ -156,7 +156,7 @@ def test_segmentation_table_end_to_end(tmp_path, capsys):
     out, md = tmp_path / "table1.csv", tmp_path / "table1.md"
     assert script.main([src, "--out", str(out), "--markdown", str(md)]) == 0
     printed = capsys.readouterr().out
-    with open(out) as fh:
+    with open(out, encoding="utf-8") as fh:
         table = {(r["size_bin"], r["method"]): r for r in csv.DictReader(fh)}
     micro1, micro2 = table[("micro", "P1")], table[("micro", "P2")]
     assert int(micro1["n_lesions"]) == 4 and int(micro1["n_detected"]) == 1
@@ -180,7 +180,7 @@ def test_segmentation_table_end_to_end(tmp_path, capsys):
     assert "| micro | P1 | 4 | 0.00 (0.00–0.12) | inf (inf–inf) | 25 (1–81) | 0.5000 |" in printed
     assert "| micro | P2 | 4 | 0.30 (0.15–0.45) | 3.50 (2.75–inf) | 75 (19–99) | 0.5000 |" in printed
     assert "| large | P1 | 0 | – | – | – | – |" in printed
-    assert md.read_text() == printed
+    assert md.read_text(encoding="utf-8") == printed
 
 
 def test_segmentation_table_reports_bad_input(tmp_path, capsys):
@@ -210,7 +210,7 @@ def test_stats_script_end_to_end(tmp_path, capsys):
     out = tmp_path / "stats.json"
     assert script.main(["--registration", reg, "--lesions", les, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text(encoding="utf-8"))
     tests = {(t["metric"], t["method"]): t for t in result["registration"]["tests"]}
     assert set(tests) == {(m, o) for m in ("lncc_deformable", "dice_affine", "folding_percent")
                           for o in ("ANTs", "VXM")}                          # "fixed" is not a metric

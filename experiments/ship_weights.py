@@ -1,0 +1,52 @@
+"""Copy a trained run's final weights into the package as the shipped demo weights.
+
+    python experiments/ship_weights.py --run runs/cpu-small
+
+Writes ``spirs_tf/weights/cpu-small.npz`` (model variables only, no optimiser state, float32),
+``cpu-small.json`` (the resolved config) and ``cpu-small.provenance.json`` (where they came from: the
+run, stage, epoch, validation metrics of the checkpoint, and the commands that trained them).
+The weights were trained on SYNTHETIC data: they demonstrate the package and are not for clinical use.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+from spirs_tf import __version__
+from spirs_tf.atomic import atomic_write_text
+from spirs_tf.inference import DEMO_NAME, WEIGHTS_DIR, find_run_checkpoint
+from spirs_tf.train import load_checkpoint, save_checkpoint
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="trained run directory")
+    parser.add_argument("--commands", default="", help="text recording how the run was trained")
+    parser.add_argument("--out", default=WEIGHTS_DIR, help="destination folder (default: the package)")
+    args = parser.parse_args(argv)
+    checkpoint, config_path, stage = find_run_checkpoint(args.run)
+    state, _, meta = load_checkpoint(checkpoint)
+    history = meta.pop("history", [])
+    last = next((row for row in history if row.get("epoch") == meta.get("epoch")), history[-1] if history else {})
+    os.makedirs(args.out, exist_ok=True)
+    keep = {k: v for k, v in meta.items() if k in ("stage", "levels", "epoch", "best", "config_name")}
+    save_checkpoint(os.path.join(args.out, f"{DEMO_NAME}.npz"), state, {}, keep)
+    shutil.copyfile(config_path, os.path.join(args.out, f"{DEMO_NAME}.json"))
+    provenance = {
+        "trained_on": "SYNTHETIC data (spirs synth); not a model of real patients; not for clinical use",
+        "source_checkpoint": os.path.relpath(checkpoint, args.run), "stage": stage, "epoch": meta.get("epoch"),
+        "validation_at_checkpoint": {k: v for k, v in last.items() if k.startswith("val_")},
+        "commands": args.commands, "spirs_tf_version": __version__,
+        "parameters": int(sum(v.size for v in state.values())),
+    }
+    atomic_write_text(os.path.join(args.out, f"{DEMO_NAME}.provenance.json"),
+                      json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    print(f"shipped {checkpoint} (stage {stage}, epoch {meta.get('epoch')}) → {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
