@@ -31,7 +31,10 @@ Contract
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 
@@ -87,6 +90,40 @@ def _suffix(path: str) -> str:
         if name.endswith(suffix):
             return suffix
     return os.path.splitext(name)[1]
+
+
+@contextlib.contextmanager
+def sitk_path(path: str | os.PathLike):
+    """Yield a name under which SimpleITK can open ``path``.
+
+    SimpleITK passes paths to C++ as UTF-8; a path that is not valid UTF-8 (a folder named with
+    Latin-1 bytes, seen by Python as lone surrogates) makes it *abort the process*. Such a path is
+    reached through a symbolic link in a temporary folder instead: a link to its folder when the
+    file name itself is UTF-8 (so sidecar files such as ``.mhd`` → ``.raw`` and new files written
+    there resolve), else a link to the file or folder itself. Other paths are yielded unchanged.
+    """
+    path = os.fspath(path)
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        pass
+    else:
+        yield path
+        return
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix="spirs-itk-")
+    try:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            alias = os.path.join(tmp, "item" + _suffix(name))
+            os.symlink(os.path.abspath(path), alias)
+        else:
+            os.symlink(folder, os.path.join(tmp, "dir"))
+            alias = os.path.join(tmp, "dir", name)
+        yield alias
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # removes the links only, never what they point to
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +199,28 @@ def _check_spacing(spacing, path: str) -> None:
             f"implausible voxel spacing ({shown}) mm; each must be > 0 and <= {MAX_SPACING_MM:g} mm", path)
 
 
+def _stored_pixdim(path: str) -> np.ndarray | None:
+    """Voxel size ``pixdim[1:4]`` as stored when the affine comes from it (``sform_code`` 0), else ``None``.
+
+    nibabel's loader silently replaces a 0 pixdim by 1 and a negative one by its absolute value (a
+    header with no real geometry would then pass as 1 mm), so the raw header is read first.
+    """
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(path) as fh:
+            hdr = nib.Nifti1Header.from_fileobj(fh, check=False)
+        if int(hdr["sizeof_hdr"]) != 348 or int(hdr["sform_code"]) != 0 or int(hdr["dim"][0]) < 3:
+            return None  # NIfTI-2, the sform (not pixdim) gives the geometry, or not 3-D (checked later)
+        return np.asarray(hdr["pixdim"][1:4], dtype=np.float64)
+    except Exception:  # unreadable: nib.load below reports it
+        return None
+
+
 def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
+    pixdim = _stored_pixdim(path)
+    if pixdim is not None:
+        _check_spacing(pixdim, path)
     try:
         img = nib.load(path)
         shape = img.header.get_data_shape()
@@ -200,17 +258,23 @@ def sitk_to_array_affine(image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_itk(path: str, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
+    with sitk_path(path) as alias:
+        return _read_itk_at(alias, path, dicom)
+
+
+def _read_itk_at(alias: str, path: str, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Read through SimpleITK from ``alias`` (:func:`sitk_path`); messages name ``path``."""
     import SimpleITK as sitk
 
     try:
         if dicom:
-            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(path)
+            ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(alias)
             if not ids:
                 raise SpirsInputError("folder holds no DICOM series (and is not an image file)", path)
             if len(ids) > 1:
                 raise SpirsInputError(
                     f"folder holds {len(ids)} DICOM series ({', '.join(ids)}); give a folder with one", path)
-            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, ids[0])
+            files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(alias, ids[0])
             info = sitk.ImageFileReader()
             info.SetFileName(files[0])
             info.ReadImageInformation()
@@ -218,7 +282,7 @@ def _read_itk(path: str, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
             ndim, components = 3, info.GetNumberOfComponents()
         else:
             info = sitk.ImageFileReader()
-            info.SetFileName(path)
+            info.SetFileName(alias)
             info.ReadImageInformation()
             size, ndim, components = tuple(info.GetSize()), info.GetDimension(), info.GetNumberOfComponents()
             header_affine = _itk_affine(info.GetDirection(), info.GetSpacing(), info.GetOrigin(), ndim) \
@@ -238,7 +302,7 @@ def _read_itk(path: str, dicom: bool) -> tuple[np.ndarray, np.ndarray]:
             reader.SetFileNames(files)
             image = reader.Execute()
         else:
-            image = sitk.ReadImage(path)
+            image = sitk.ReadImage(alias)
     except RuntimeError as exc:
         raise SpirsInputError(f"cannot read: {str(exc).strip().splitlines()[-1]}", path) from exc
     data, affine = sitk_to_array_affine(image)
@@ -363,7 +427,8 @@ def _write_itk(tmp: str, data: np.ndarray, affine: np.ndarray, intent: str | Non
     image.SetSpacing([float(s) for s in spacing])
     image.SetDirection([float(v) for v in (_LPS_RAS @ affine[:3, :3] @ np.diag(1.0 / spacing)).ravel()])
     image.SetOrigin([float(v) for v in _LPS_RAS @ affine[:3, 3]])
-    sitk.WriteImage(image, tmp, True)
+    with sitk_path(tmp) as alias:
+        sitk.WriteImage(image, alias, True)
 
 
 # --------------------------------------------------------------------------------------------
