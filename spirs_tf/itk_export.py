@@ -60,7 +60,7 @@ import numpy as np
 from scipy import ndimage
 
 from spirs_tf.atomic import atomic_path
-from spirs_tf.io import Volume, write_volume
+from spirs_tf.io import Volume, sitk_path, write_volume
 
 #: RAS ↔ LPS (its own inverse).
 LPS_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -201,8 +201,8 @@ def write_itk_affine(path: str, affine_lps: np.ndarray) -> None:
     tx.SetMatrix([float(v) for v in a[:3, :3].ravel()])
     tx.SetTranslation([float(v) for v in a[:3, 3]])
     tx.SetCenter((0.0, 0.0, 0.0))
-    with atomic_path(path) as tmp:
-        sitk.WriteTransform(tx, tmp)
+    with atomic_path(path) as tmp, sitk_path(tmp) as alias:  # alias: SimpleITK aborts on non-UTF-8 paths
+        sitk.WriteTransform(tx, alias)
 
 
 def write_displacement(path: str, displacement_ras: np.ndarray, affine: np.ndarray) -> None:
