@@ -35,7 +35,6 @@ import contextlib
 import os
 import shutil
 import tempfile
-import zlib
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -199,6 +198,11 @@ def _check_spacing(spacing, path: str) -> None:
             f"implausible voxel spacing ({shown}) mm; each must be > 0 and <= {MAX_SPACING_MM:g} mm", path)
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (nibabel's can span several)."""
+    return " ".join(str(exc).split())
+
+
 def _stored_pixdim(path: str) -> np.ndarray | None:
     """Voxel size ``pixdim[1:4]`` as stored when the affine comes from it (``sform_code`` 0), else ``None``.
 
@@ -226,12 +230,12 @@ def _read_nifti(path: str) -> tuple[np.ndarray, np.ndarray]:
         shape = img.header.get_data_shape()
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:  # nibabel raises many types for a bad header
-        raise SpirsInputError(f"cannot read: {exc}", path) from exc
+        raise SpirsInputError(f"cannot read: {_one_line(exc)}", path) from exc
     shape3 = _check_header(shape, affine, path)
     try:
         data = np.asanyarray(img.dataobj)
-    except (zlib.error, EOFError, OSError, ValueError, MemoryError) as exc:
-        raise SpirsInputError(f"cannot read: {type(exc).__name__}: {exc}", path) from exc
+    except Exception as exc:  # zlib.error, EOFError, OSError, OverflowError (absurd vox_offset), ...
+        raise SpirsInputError(f"cannot read: {type(exc).__name__}: {_one_line(exc)}", path) from exc
     return np.asarray(data).reshape(shape3), affine
 
 
@@ -327,7 +331,11 @@ def _check_values(data: np.ndarray, kind: str, path: str) -> np.ndarray:
     if kind == "image":
         if not np.any(data):
             raise SpirsInputError("image is all zero", path)
-        return data.astype(np.float32, copy=False)
+        image = data.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(image)):  # e.g. float64 after a huge scl_slope
+            raise SpirsInputError(f"voxel values exceed the float32 range (largest magnitude "
+                                  f"{float(np.max(np.abs(data))):.3g})", path)
+        return image
     values = np.unique(data)
     if kind == "mask":
         other = values[(values != 0) & (values != 1)]
