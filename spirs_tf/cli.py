@@ -53,11 +53,11 @@ def _tolerate_undecodable_paths() -> None:
     """Let stdout print any file name instead of failing with UnicodeEncodeError (it is 'strict'
     outside Python's UTF-8 mode): a name that is not valid UTF-8 (held by Python as lone surrogates)
     is printed as its original bytes, a character the terminal's encoding lacks as an escape
-    (stderr already uses 'backslashreplace')."""
-    stream = sys.stdout
-    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
-        utf8 = str(getattr(stream, "encoding", "")).lower().replace("-", "").replace("_", "") == "utf8"
-        stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+    (Python's own stderr already uses 'backslashreplace'; a replaced stream may not)."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            utf8 = str(getattr(stream, "encoding", "")).lower().replace("-", "").replace("_", "") == "utf8"
+            stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 
 def main(argv: list[str] | None = None) -> int:
