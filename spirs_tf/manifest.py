@@ -255,10 +255,13 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     """Parse and check the manifest (without reading scans; see :func:`check_manifest` for that).
 
     Raises:
-        SpirsInputError: listing every problem, one per line.
+        SpirsInputError: listing every problem, one per line (a single problem: one line,
+            ``<manifest>: row N: <problem>``).
     """
     path = os.fspath(path)
     scans, problems, _ = _parse(path)
+    if len(problems) == 1 and problems[0].startswith(f"{path}: "):  # one line: "<path>: row N: <problem>"
+        raise SpirsInputError(problems[0][len(path) + 2:], path)
     if problems:
         raise SpirsInputError(f"{len(problems)} problem(s) in the manifest:\n" + "\n".join(problems), path)
     if not scans:
