@@ -4,7 +4,9 @@ Sub-commands live in :mod:`spirs_tf.commands`, one module each, exposing ``add_p
 and ``run(args) -> int``. A sub-command is listed only when its module exists.
 
 Errors in user input are printed as a single line ``spirs: error: <file>: <problem>`` with exit
-code 2; no traceback is shown (set ``SPIRS_DEBUG=1`` to see one).
+code 2; no traceback is shown (set ``SPIRS_DEBUG=1`` to see one). The same holds for what the file
+system refuses (``OSError``: an output path under a file, a full disk, no permission) and for running
+out of memory. See docs/troubleshooting.md.
 """
 from __future__ import annotations
 
@@ -70,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SPIRS_DEBUG"):
             raise
         print(f"spirs: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system refused: output under a file, disk full, no permission, ...
+        if os.environ.get("SPIRS_DEBUG"):
+            raise
+        where = ": ".join(os.fspath(f) for f in (exc.filename, exc.filename2) if f is not None)
+        print(f"spirs: error: {where + ': ' if where else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if os.environ.get("SPIRS_DEBUG"):
+            raise
+        print("spirs: error: out of memory; use a smaller --batch-size or a machine with more RAM", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spirs: interrupted", file=sys.stderr)
