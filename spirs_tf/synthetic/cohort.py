@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from spirs_tf.errors import SpirsInputError
+from spirs_tf.io import MAX_AXIS
 from spirs_tf.synthetic.anatomy import patient_anatomy, working_template
 from spirs_tf.synthetic.lesions import (PAPER_TEST_COUNTS, TRAJECTORIES, Lesion, mass_effect_grid,
                                         place_lesions, sample_lesion, sample_lesion_volumes, size_bin)
@@ -73,6 +74,9 @@ class SynthConfig:
         """Raises SpirsInputError naming the bad setting."""
         if int(self.grid_size) < 16:
             raise SpirsInputError(f"grid size must be at least 16 voxels, got {self.grid_size}")
+        if int(self.grid_size) > MAX_AXIS:  # checked before anything is allocated
+            raise SpirsInputError(f"grid size must be at most {MAX_AXIS} voxels (the largest scan spirs-tf "
+                                  f"reads), got {self.grid_size}")
         if not 0.5 <= float(self.spacing_mm) <= 10.0:
             raise SpirsInputError(f"spacing must be between 0.5 and 10 mm, got {self.spacing_mm}")
         lo, hi = self.timepoints
