@@ -16,7 +16,8 @@ The loop reads like the method::
   plus epoch, step and best metric), written with write-then-rename: ``checkpoints/latest.npz``
   every epoch, ``checkpoints/best.npz`` on improvement of ``train.keep_best_metric``. A run that was
   killed resumes from ``latest.npz``; the half-written temporary file of a killed write is never
-  loaded.
+  loaded. An unreadable ``latest.npz`` (which atomic writes cannot produce: disk or copy damage)
+  stops the run with an error that says what to do; it never falls back to an older checkpoint.
 * Stage ``n > 1`` starts from stage ``n − 1``'s ``best.npz`` (same variable names: the levels share
   every weight). Optimiser state is not carried across stages: each stage has its own step count and
   schedule (the authors restarted schedules per stage too; they carried momentum, which is
@@ -382,7 +383,12 @@ class Trainer:
     def _restore(self, path: str) -> None:
         from spirs_tf import networks, optim
 
-        state, opt_states, meta = load_checkpoint(path)
+        try:
+            state, opt_states, meta = load_checkpoint(path)
+        except SpirsInputError as exc:  # never fall back silently: best.npz may be many epochs older
+            raise SpirsInputError(
+                f"{exc.problem}; cannot resume stage {self.stage}. Copy best.npz over it to resume from the best "
+                "epoch, or move it away to restart the stage from its start", path) from None
         if meta.get("levels") != self.levels:
             raise SpirsInputError(f"checkpoint is for {meta.get('levels')} levels, this stage trains "
                                   f"{self.levels}", path)
