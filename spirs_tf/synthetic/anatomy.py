@@ -1,9 +1,10 @@
 """Brain anatomy for synthetic patients: the MNI152 2009 template on the working grid, warped per patient.
 
-The template ships with nilearn (ICBM152 2009a nonlinear symmetric, ``mni_icbm152_*_tal_nlin_sym_09a``, 1 mm, skull-stripped T1 plus grey and
-white matter probability maps); nothing is downloaded. :func:`working_template` resamples it once per
-``(grid_size, spacing_mm)`` onto the working grid of :func:`spirs_tf.preprocess.working_grid_for`
-(RAS-aligned cube centred on the brain; world centre at voxel ``(N − 1)/2``) and caches the result in memory.
+The template ships with nilearn (ICBM152 2009a nonlinear symmetric, ``mni_icbm152_*_tal_nlin_sym_09a``,
+1 mm, skull-stripped T1 plus grey and white matter probability maps); nothing is downloaded.
+:func:`working_template` resamples it once per ``(grid_size, spacing_mm)`` onto the working grid of
+:func:`spirs_tf.preprocess.working_grid_for` (RAS-aligned cube centred on the brain; world centre at voxel
+``(N − 1)/2``) and caches the result in memory.
 
 A *patient* (:func:`patient_anatomy`) is the template pulled back through a smooth random displacement
 ``w_p`` (a few mm, low spatial frequency) plus a radial ventricle change around the ventricles' centroid::
@@ -186,9 +187,13 @@ def smooth_random_field(rng: np.random.Generator, shape, max_frequency: int = 3,
     return out
 
 
-def sample(volume: np.ndarray, coords: np.ndarray, order: int = 1, cval: float = 0.0) -> np.ndarray:
-    """``volume`` at voxel coordinates ``coords`` (3, ...) with :func:`scipy.ndimage.map_coordinates`."""
-    return ndimage.map_coordinates(volume, coords, order=order, mode="constant", cval=cval,
+def sample(volume: np.ndarray, coords: np.ndarray, order: int = 1, mode: str = "constant") -> np.ndarray:
+    """``volume`` at voxel coordinates ``coords`` (3, ...) with :func:`scipy.ndimage.map_coordinates`.
+
+    ``mode="constant"`` (images: 0 outside the grid) or ``"nearest"`` (displacement fields: extended
+    from the edge, so that points a hair outside the grid read the edge value, not 0).
+    """
+    return ndimage.map_coordinates(volume, coords, order=order, mode=mode, cval=0.0,
                                    prefilter=order > 1).astype(np.float32, copy=False)
 
 

@@ -38,7 +38,7 @@ from spirs_tf.io import MAX_AXIS
 from spirs_tf.synthetic.anatomy import patient_anatomy, working_template
 from spirs_tf.synthetic.lesions import (PAPER_TEST_COUNTS, TRAJECTORIES, Lesion, mass_effect_grid,
                                         place_lesions, sample_lesion, sample_lesion_volumes, size_bin)
-from spirs_tf.synthetic.render import PairTransform, SynthScan, render_scan, true_transform
+from spirs_tf.synthetic.render import PairTransform, render_scan, true_transform
 from spirs_tf.synthetic.scanner import POSES, sample_pose
 
 LESION_COLUMNS = ("patient_id", "timepoint", "lesion_id", "volume_mm3", "size_bin", "centroid_x_mm",

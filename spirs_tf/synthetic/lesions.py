@@ -11,7 +11,7 @@ lesion frame is ``w = (Rᵀ v) / a`` (random rotation ``R``, axis lengths ``a`` 
 The volume is ``(4π/3) r³ · F`` with ``F = mean_n ρ(n)³`` (Fibonacci-sphere quadrature), so ``r`` is chosen
 for each time point to give the wanted volume exactly in the continuum.
 
-Appearance (:func:`render_lesion`): solid enhancement (1.3–1.75 × white matter, with a ±8 % cosine
+Appearance (:func:`render_lesion`): solid enhancement (1.35–1.85 × white matter, with a ±8 % cosine
 texture) when small; above a per-lesion radius (4–7 mm) an irregular necrotic core of relative size
 ``core_fraction`` grows in over 3 mm of radius (ring enhancement); T1-hypointense edema out to
 ``r (1 + edema_extent) + 1 mm`` with its own irregular shape, strongest in white matter (applied by the
@@ -22,11 +22,12 @@ Mass effect (:func:`mass_effect`): a smooth radial push of surrounding tissue, a
 ``m(q)`` (mm) so that tissue seen at deformed position ``q`` came from reference position ``q + m(q)``::
 
     m(q) = −Σ_j s_j(|q − c_j|) · (q − c_j)/|q − c_j|,
-    s(ρ) = A ρ / r                       for ρ < r,
+    s(ρ) = A sin(π ρ / 2r)               for ρ < r,
     s(ρ) = A (g(ρ) − g(S)) / (1 − g(S))  for r ≤ ρ < S,  g(ρ) = exp(−(ρ − r)² / 2λ²),   0 beyond S,
 
-with amplitude ``A = κ r · min(1, r / 6 mm)``, ``λ = 0.8 r + 4 mm``, support ``S = r + 3λ``; ``s′ < 1``
-keeps ``q ↦ q + m(q)`` invertible. ``r`` is the lesion's equivalent radius at that time point.
+with amplitude ``A = κ r · min(1, r / 6 mm)``, κ ≤ 0.4, ``λ = 0.8 r + 4 mm``, support ``S = r + 3λ``;
+``s`` is C¹ at ``r`` and ``s′ ≤ πκ/2 < 1`` keeps ``q ↦ q + m(q)`` invertible. ``r`` is the lesion's
+equivalent radius at that time point.
 """
 from __future__ import annotations
 
@@ -229,7 +230,7 @@ def sample_lesion(rng: np.random.Generator, lesion_id: int, volume: float, n_tp:
         core_shape=sample_shape(rng, irregularity=0.2, elongation=0.15),
         texture=np.concatenate([random_rotation(rng) * (2 * np.pi / rng.uniform(3.0, 9.0, (3, 1))),
                                 rng.uniform(0, 2 * np.pi, (3, 1))], axis=1),
-        enhancement=float(rng.uniform(1.0, 1.15) if faint else rng.uniform(1.3, 1.75)),
+        enhancement=float(rng.uniform(1.0, 1.15) if faint else rng.uniform(1.35, 1.85)),
         necrosis=float(rng.uniform(0.3, 0.5)), core_fraction=float(rng.uniform(0.45, 0.75)),
         ring_radius=float(rng.uniform(4.0, 7.0)), edema_extent=float(rng.uniform(0.5, 2.0) * big),
         edema_strength=float(rng.uniform(0.25, 0.5)), mass_kappa=float(rng.uniform(0.15, 0.4)), faint=faint)
@@ -270,7 +271,7 @@ def _push(rho: np.ndarray, r: float, amplitude: float) -> np.ndarray:
     support = r + 3.0 * lam
     g_s = np.exp(-0.5 * (3.0) ** 2)
     outer = amplitude * (np.exp(-0.5 * ((rho - r) / lam) ** 2) - g_s) / (1.0 - g_s)
-    s = np.where(rho < r, amplitude * rho / max(r, 1e-9), outer)
+    s = np.where(rho < r, amplitude * np.sin(0.5 * np.pi * rho / max(r, 1e-9)), outer)
     return np.where(rho < support, s, 0.0)
 
 

@@ -3,7 +3,8 @@
 Rows are time points, columns up to four lesions (the largest, the smallest and two in between). Each
 panel is the axial slice (array axis 2, superior up the stack) through that lesion's position in that
 scan, displayed in radiological-free "RAS as stored" orientation (i to the right, j upwards), with
-every lesion outline in the slice drawn in red and the column's lesion boxed in yellow.
+every lesion outline in the slice drawn in red and the column's lesion boxed in yellow; an inset in the
+corner away from the lesion repeats the boxed region, enlarged and without outlines, to judge the lesion's look.
 """
 from __future__ import annotations
 
@@ -56,6 +57,17 @@ def qc_figure(patient, path: str) -> None:
                 half = max(4.0, 1.6 * les.extent() / float(scan.affine[0, 0]))
                 ax.add_patch(Rectangle((centre[0] - half, centre[1] - half), 2 * half, 2 * half, fill=False,
                                        edgecolor="yellow", linewidth=0.6, linestyle="--"))
+                nx, ny = scan.image.shape[:2]
+                corner = [0.0 if centre[0] > nx / 2 else 0.68, 0.68 if centre[1] < ny / 2 else 0.0]
+                inset = ax.inset_axes(corner + [0.32, 0.32])  # the boxed region without outlines, away from it
+                inset.imshow(scan.image[:, :, k].T, origin="lower", cmap="gray", vmin=vmin, vmax=vmax,
+                             interpolation="nearest")
+                inset.set_xlim(centre[0] - half, centre[0] + half)
+                inset.set_ylim(centre[1] - half, centre[1] + half)
+                inset.set_xticks([])
+                inset.set_yticks([])
+                for spine in inset.spines.values():
+                    spine.set_edgecolor("yellow")
                 vol = float(np.sum(scan.lesions == les.lesion_id)) * abs(np.linalg.det(scan.affine[:3, :3]))
                 title += f"  L{les.lesion_id} {vol:.0f} mm³ {les.trajectory}" + (" faint" if les.faint else "")
             ax.set_title(title, color="white", fontsize=7)

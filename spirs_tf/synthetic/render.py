@@ -2,7 +2,7 @@
 
 Chain of coordinates for a scan at time ``t`` (all grids are the same working grid ``G``, voxel → world)::
 
-    scanner voxel x ──G──▶ scanner world w ──P_t──▶ patient q ──(q + m_t(q))──▶ reference anatomy r
+    scanner voxel x ─G─▶ scanner world w ─P_t─▶ patient q ─(q + m_t(q))─▶ reference anatomy r
 
 ``P_t`` is the pose (:mod:`spirs_tf.synthetic.scanner`), ``m_t`` the mass-effect pull-back of the lesions
 present at ``t`` (:func:`spirs_tf.synthetic.lesions.mass_effect`). Tissue (T1, brain mask, vessels) is read
@@ -122,7 +122,7 @@ def _pullback(q: np.ndarray | None, field: np.ndarray, support: np.ndarray) -> t
     if sub.any():
         pts = q[:, sub]
         for a in range(3):
-            r[a][sub] += sample(field[a], pts)
+            r[a][sub] += sample(field[a], pts, mode="nearest")
     return r, sub
 
 
@@ -213,11 +213,11 @@ def true_transform(anatomy: PatientAnatomy, prior: int, new: int, pose_prior: np
     displacement = np.zeros(shape + (3,), dtype=np.float32)
     if active.any():
         q_sub = grid_q[:, active].astype(np.float64)
-        r = q_sub + np.stack([sample(field_new[a], q_sub) for a in range(3)])
+        r = q_sub + np.stack([sample(field_new[a], q_sub, mode="nearest") for a in range(3)])
         q_t = r.copy()
         todo = np.arange(q_t.shape[1])
         for _ in range(iterations):  # points drop out once they have converged
-            nxt = r[:, todo] - np.stack([sample(field_prior[a], q_t[:, todo]) for a in range(3)])
+            nxt = r[:, todo] - np.stack([sample(field_prior[a], q_t[:, todo], mode="nearest") for a in range(3)])
             step = np.max(np.abs(nxt - q_t[:, todo]), axis=0)
             q_t[:, todo] = nxt
             todo = todo[step >= 1e-4]
