@@ -163,9 +163,15 @@ class Run:
         return self._cache[kind]
 
 
+_RUNS: dict[tuple, Run] = {}
+
+
 def load_run(path: str | os.PathLike) -> Run:
     """A :class:`Run` from a run directory (highest stage, ``best.npz`` else ``latest.npz``) or a
     checkpoint ``.npz`` with ``config.json`` beside it or one folder up.
+
+    Runs are cached per process, keyed by the checkpoint's and config's path, size and modification
+    time, so several experiments in one process build and trace each model once.
 
     Raises:
         SpirsInputError: missing path, no checkpoint/config, unreadable checkpoint.
@@ -185,12 +191,16 @@ def load_run(path: str | os.PathLike) -> Run:
         if config_path is None:
             raise SpirsInputError("no config.json beside the checkpoint or one folder up", path)
         checkpoint = path
+    key = tuple((os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in (checkpoint, config_path))
+    if key in _RUNS:
+        return _RUNS[key]
     cfg = config_lib.get_config(config_path)
     state, _, meta = load_checkpoint(checkpoint)
     levels = int(meta.get("levels") or cfg.model.num_levels)
     if not 1 <= levels <= cfg.model.num_levels:
         raise SpirsInputError(f"checkpoint has levels={levels}, outside 1..{cfg.model.num_levels}", checkpoint)
-    return Run(cfg, levels, state, checkpoint, config_path, meta)
+    _RUNS[key] = Run(cfg, levels, state, checkpoint, config_path, meta)
+    return _RUNS[key]
 
 
 def build_finest_only(cfg, levels: int):
