@@ -62,8 +62,22 @@ def _tolerate_undecodable_paths() -> None:
             stream.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
 
 
+def _quiet_file_readers() -> None:
+    """Keep nibabel's warnings and header-repair log lines ("Extension size is not a multiple of 16
+    bytes", "pixdim[1,2,3] should be non-zero") off the terminal: spirs validates what it reads and
+    reports a problem in its own one-line error. ``SPIRS_DEBUG=1`` shows them."""
+    if os.environ.get("SPIRS_DEBUG"):
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", module=r"nibabel(\.|$)")
+    logging.getLogger("nibabel").setLevel(logging.CRITICAL)
+
+
 def main(argv: list[str] | None = None) -> int:
     _tolerate_undecodable_paths()
+    _quiet_file_readers()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
