@@ -326,12 +326,14 @@ def registration_metrics(fixed, fixed_mask, warped, warped_mask, displacement=No
 
     ``lncc_masked`` averages over :func:`spirs_tf.metrics.lncc_mask` (``fixed`` and ``warped`` non-zero
     outside the lesions of ``fixed_mask`` / ``warped_mask``); NaN when that mask is empty. Masks:
-    ``≥ 0.5`` (soft warped masks allowed). Dice of two empty masks is 1 (:func:`spirs_tf.metrics.dice`).
+    ``≥ 0.5`` (soft warped masks allowed). ``dice`` is NaN when BOTH masks are empty (no lesion on either
+    side, e.g. small lesions lost by the strided subsampling of a coarse level: nothing to align, so the
+    pair does not count; :func:`spirs_tf.metrics.dice` would say 1); one empty mask gives 0.
     """
     fm, wm = metrics.as_mask(fixed_mask), metrics.as_mask(warped_mask)
     out = {"lncc": metrics.lncc(fixed, warped, window),
            "lncc_masked": metrics.lncc(fixed, warped, window, mask=metrics.lncc_mask(fixed, warped, fm, wm)),
-           "dice": metrics.dice(fm, wm)}
+           "dice": metrics.dice(fm, wm) if (fm.any() or wm.any()) else math.nan}
     if displacement is None:
         out.update(folding_percent=math.nan, log_jacobian_std=math.nan)
     else:
