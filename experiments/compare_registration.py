@@ -238,7 +238,8 @@ def _ants(run, args, index, arrays_dir, window, out_dir, log) -> tuple[list[dict
             fixed, fixed_mask = z["fixed"], z["fixed_mask"]
         with np.load(os.path.join(job_dir, spec["output"])) as r:
             aff = ev.registration_metrics(fixed, fixed_mask, r["affine_image"], r["affine_mask"], None, window)
-            syn = ev.registration_metrics(fixed, fixed_mask, r["syn_image"], r["syn_mask"], r["syn_displacement"], window)
+            syn = ev.registration_metrics(fixed, fixed_mask, r["syn_image"], r["syn_mask"], r["syn_displacement"],
+                                          window)
             seconds.append(float(r["affine_seconds"]) + float(r["syn_seconds"]))
             _save(os.path.join(arrays_dir, item["file"].replace(".npz", "_ants.npz")),
                   ants_affine_image=r["affine_image"], ants_affine_mask=r["affine_mask"],
@@ -293,7 +294,8 @@ def markdown(rows, info, tests) -> str:
              f"{info['pairs']} test pairs, grid {info['run']['grid']}³ at {info['run']['spacing_mm']:g} mm. "
              "Median (IQR); p: two-sided Wilcoxon signed-rank, SPIRS vs method, paired by pair, uncorrected "
              "(`experiments/stats.py` gives Holm-adjusted values).", "",
-             "| method | LNCC affine | LNCC deformable | DSC affine | DSC deformable | % folding |", "|---|---|---|---|---|---|"]
+             "| method | LNCC affine | LNCC deformable | DSC affine | DSC deformable | % folding |",
+             "|---|---|---|---|---|---|"]
     for method in METHODS:
         mine = [r for r in rows if r["method"] == method]
         if mine:

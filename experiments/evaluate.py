@@ -84,7 +84,8 @@ def markdown(reg_rows, lesion_rows, seg_rows, info) -> str:
         p1 = [r for r in lesion_rows if r["method"] == "P1" and r["size_bin"] == name]
         p2 = [r for r in lesion_rows if r["method"] == "P2" and r["size_bin"] == name]
         lines.append(f"| {name} | {len(p1)} | {sum(r['detected'] for r in p1)} | {sum(r['detected'] for r in p2)} "
-                     f"| {ev.median_iqr_text([r['dice'] for r in p1])} | {ev.median_iqr_text([r['dice'] for r in p2])} |")
+                     f"| {ev.median_iqr_text([r['dice'] for r in p1])} "
+                     f"| {ev.median_iqr_text([r['dice'] for r in p2])} |")
     for method in ev.SEGMENTATION_METHODS:
         rows = [r for r in seg_rows if r["method"] == method]
         lines.append(f"\n{method}: BraTS-2023 lesion-wise Dice {ev.median_iqr_text([r['brats_dice'] for r in rows])}, "

@@ -148,7 +148,8 @@ def figure7(picks: list[dict], path: str, title: str, spacing: float) -> None:
             ci, cj, ck = p["centroid"]
             box = ((ci - half, ci + half), (cj - half, cj + half))
             for r, method in enumerate(("P1", "P2")):
-                _show(axes[r, col], p["fixed"], int(round(ck)), [(p[method], "r", "solid"), (p["gt"], "lime", "dashed")],
+                outlines = [(p[method], "r", "solid"), (p["gt"], "lime", "dashed")]
+                _show(axes[r, col], p["fixed"], int(round(ck)), outlines,
                       f"{method} — {p['pair_id']}\nlesion {p['lesion_id']}, {p['volume_mm3']:.1f} mm³", box)
     _finish(fig, title, path)
 
