@@ -17,6 +17,7 @@
 #   COMPARE_LIMIT [20]       at most this many test pairs for the baselines (ANTs is slow)
 #   ANTS [default]           ANTs SyN settings: paper (about 5 min per 32^3 pair on 2 cores) | default | none
 #   VXM_STEPS [1000]         VoxelMorph training steps
+#   TRAIN_LIMIT [64]         at most this many training pairs for VoxelMorph (spread evenly)
 #
 # Every script writes its per-case CSV first, then a figure/table and a results.md snippet; all snippets
 # are concatenated into OUT_DIR/RESULTS_snippets.md at the end.
@@ -32,6 +33,7 @@ SPLIT=${SPLIT:-all}
 ANTS=${ANTS:-default}
 VXM_STEPS=${VXM_STEPS:-1000}
 COMPARE_LIMIT=${COMPARE_LIMIT:-20}
+TRAIN_LIMIT=${TRAIN_LIMIT:-64}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 mkdir -p "$OUT"
 LIMIT_ARGS=()
@@ -76,7 +78,8 @@ mkdir -p "$OUT/stats"
 # 5. Figure 5: SPIRS vs ANTs vs VoxelMorph
 VXM_ARGS=(--vxm-steps 0)
 if [ -n "$TRAIN_MANIFEST" ] && [ "$VXM_STEPS" -gt 0 ]; then
-  VXM_ARGS=(--vxm-steps "$VXM_STEPS" --train-manifest "$TRAIN_MANIFEST" --train-split train)
+  VXM_ARGS=(--vxm-steps "$VXM_STEPS" --train-manifest "$TRAIN_MANIFEST" --train-split train
+            --train-limit "$TRAIN_LIMIT")
 fi
 "$PYTHON" "$HERE/compare_registration.py" --run "$RUN" --manifest "$TEST_MANIFEST" --split "$SPLIT" \
   --limit "${LIMIT:-$COMPARE_LIMIT}" --ants "$ANTS" "${VXM_ARGS[@]}" --out "$OUT/figure5"
