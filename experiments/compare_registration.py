@@ -11,7 +11,8 @@ Per test pair (pre-aligned on the new scan's working grid, model finest grid, au
   defaults (seconds per pair), ``--ants-syn-iterations`` overrides the iterations. ANTs runs in a
   subprocess of a Python that can ``import ants`` (``--ants-python``, ``$SPIRS_ANTS_PYTHON``, this
   interpreter, or ``../venv-ants/bin/python`` beside the repository), exchanging ``.npz`` files in
-  ``OUT/ants/`` (finished pairs are kept, so an interrupted run resumes). Without antspyx the ANTs
+  ``OUT/ants/`` (finished pairs are kept under a hash of their inputs and settings, so an interrupted
+  run resumes and a changed run or setting never re-uses a stale result). Without antspyx the ANTs
   rows are skipped with a message.
 * ``VXM`` -- VxmDense (:mod:`spirs_tf.baselines.voxelmorph`) trained with its own NCC + gradient loss
   for ``--vxm-steps`` Adam steps on the TRAINING pairs (``--train-manifest``/``--train-split``), each
@@ -33,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -213,12 +215,17 @@ def _ants(run, args, index, arrays_dir, window, out_dir, log) -> tuple[list[dict
     job = {"syn_mode": syn_mode, "syn_iterations": args.ants_syn_iterations, "seed": args.seed,
            "spacing": list(run.spacing), "pairs": []}
     for item in index:
-        name = item["file"].replace(".npz", "")
-        inp = os.path.join(job_dir, f"{name}_input.npz")
-        if not os.path.isfile(inp):
-            with np.load(os.path.join(arrays_dir, item["file"])) as z:
-                _save(inp, fixed=z["fixed"], moving=z["moving"], moving_mask=(z["moving_mask"] > 0.5).astype(np.uint8),
-                      spirs_affine=z["spirs_affine"])
+        with np.load(os.path.join(arrays_dir, item["file"])) as z:
+            arrays = {"fixed": z["fixed"], "moving": z["moving"],
+                      "moving_mask": (z["moving_mask"] > 0.5).astype(np.uint8), "spirs_affine": z["spirs_affine"]}
+        # results are kept for resuming, keyed by everything they depend on (inputs, SPIRS affine, settings)
+        digest = hashlib.sha1(json.dumps([item["pair_id"], syn_mode, args.ants_syn_iterations, args.seed,
+                                          list(run.spacing)]).encode())
+        for key in sorted(arrays):
+            digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+        name = digest.hexdigest()[:16]
+        if not os.path.isfile(os.path.join(job_dir, f"{name}_input.npz")):
+            _save(os.path.join(job_dir, f"{name}_input.npz"), **arrays)
         job["pairs"].append({"pair_id": item["pair_id"], "input": f"{name}_input.npz",
                              "output": f"{name}_{syn_mode}.npz"})
     ev.atomic_write_text(os.path.join(job_dir, "job.json"), json.dumps(job, indent=2) + "\n")
