@@ -158,6 +158,10 @@ class Trainer:
             self.model = networks.build_spirs(cfg, self.levels, bn_trainable=self.stage_cfg.bn_trainable)
             self.groups = networks.variable_groups(self.model)
             self.optimizers = self._make_optimizers()
+        # Dropout draws: seed-generator states as built from the run's seed, re-derived per epoch in
+        # on_epoch_start (they are not weights, so checkpoints do not hold them).
+        self._seed_states = [(v, np.array(keras.ops.convert_to_numpy(v))) for v in self.model.variables
+                             if v.path.endswith("seed_generator_state")]
         self.epoch = 0  # number of completed epochs
         self.best = math.inf
         self.history: list[dict] = []
@@ -286,6 +290,10 @@ class Trainer:
     def on_epoch_start(self, epoch: int) -> None:
         for m in self._metrics.values():
             m.reset_state()
+        # Random draws (dropout) of epoch e depend only on (seed, stage, e): a run resumed after a kill
+        # replays exactly the epochs of an uninterrupted one (tests/test_reliability_runs.py).
+        for variable, initial in self._seed_states:
+            variable.assign(initial + np.array([0, epoch << 32], dtype=initial.dtype))
 
     def _track(self, prefix: str, scalars: dict) -> None:
         from spirs_tf._compat import keras
