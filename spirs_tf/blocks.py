@@ -47,13 +47,30 @@ def prior_bias(probability: float) -> float:
     return -math.log((1.0 - probability) / probability)
 
 
+def _distributed() -> bool:
+    """True while a ``tf.distribute`` strategy is active (a model built inside ``strategy.scope()``).
+
+    Trainable BatchNorm layers are then built with ``synchronized=True``: each replica's batch
+    moments are all-reduced (sums of x, x² and counts), so the statistics are those of the global
+    batch and N replicas give the update of one replica on the whole batch (tested in
+    ``tests/test_distribute.py``). Frozen BatchNorm computes no moments and needs nothing. Only the
+    TensorFlow backend has strategies; elsewhere this is always False.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return False
+    from spirs_tf._compat import tf
+
+    return tf.distribute.has_strategy()
+
+
 class PreActBlock:
     """``BatchNorm(center, no scale) → ReLU → Conv3D(stride 1, 'same')``, the authors' norm_act_conv.
 
     Layers ``{name}_bn``, ``{name}_relu``, ``{name}_conv``. The convolution has no bias unless
     ``use_bias`` (heads only). BatchNorm: ``center=True, scale=False``, ε and momentum from the config;
     ``bn_trainable=False`` builds it non-trainable, and Keras 3 then always runs it in inference mode
-    (moving statistics and β frozen), as the authors do from stage 2 on.
+    (moving statistics and β frozen), as the authors do from stage 2 on. A trainable BatchNorm built
+    under a ``tf.distribute`` strategy is synchronized (global-batch moments, :func:`_distributed`).
 
     ``(B, D, H, W, C_in) → (B, D, H, W, filters)``.
     """
@@ -66,7 +83,7 @@ class PreActBlock:
         self.name = name
         self.bn = keras.layers.BatchNormalization(
             center=True, scale=False, epsilon=epsilon, momentum=momentum,
-            trainable=bn_trainable, name=f"{name}_bn")
+            trainable=bn_trainable, synchronized=bn_trainable and _distributed(), name=f"{name}_bn")
         self.relu = keras.layers.ReLU(name=f"{name}_relu")
         self.conv = keras.layers.Conv3D(
             filters, kernel, strides=1, padding="same", use_bias=use_bias,

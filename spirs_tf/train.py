@@ -236,6 +236,14 @@ class Trainer:
                 return tf.reduce_sum(x) / global_batch
             return tf.reduce_mean(x)
 
+        if self.strategy is not None:
+            replicas = self.strategy.num_replicas_in_sync
+            if global_batch % replicas:
+                raise SpirsInputError(
+                    f"stage {self.stage}: the global batch ({global_batch}) must be a multiple of the "
+                    f"{replicas} replicas of the distribution strategy (set train.stages.{self.stage - 1}"
+                    ".batch_size)")
+
         def train_step(batch):
             with tf.GradientTape(persistent=True) as tape:
                 outputs, per_sample = self._compute_losses(batch, training=True)
@@ -250,6 +258,11 @@ class Trainer:
 
         def eval_step(batch):
             from spirs_tf import losses as losses_lib
+
+            weight = batch.get("weight")  # under a strategy: 1 per pair, 0 for padding (validate())
+
+            def reduce(x):  # noqa: F811 - weighted sums under a strategy, divided by the count later
+                return tf.reduce_mean(x) if weight is None else tf.reduce_sum(x * weight)
 
             outputs, per_sample = self._compute_losses(batch, training=False)
             scalars = {k: reduce(v) for k, v in per_sample.items()}
@@ -267,6 +280,8 @@ class Trainer:
             scalars["dice_deformable"] = reduce(_hard_dice_prob(target, outputs[f"warped_mask_{L}"]))
             scalars["dice_p1"] = reduce(losses_lib.hard_dice(target, outputs["p1_logits"]))
             scalars["dice_p2"] = reduce(losses_lib.hard_dice(target, outputs["p2_logits"]))
+            if weight is not None:
+                scalars["count"] = tf.reduce_sum(weight)
             return scalars
 
         if self.strategy is not None:
@@ -277,8 +292,11 @@ class Trainer:
                 return {k: strategy.reduce("SUM", v, axis=None) for k, v in per_replica.items()}
 
             def dist_eval(batch):
+                # global sums / global count = batch means; "count" weights the batch in validate()
                 per_replica = strategy.run(eval_step, args=(batch,))
-                return {k: strategy.reduce("SUM", v, axis=None) for k, v in per_replica.items()}
+                sums = {k: strategy.reduce("SUM", v, axis=None) for k, v in per_replica.items()}
+                count = sums.pop("count")
+                return {**{k: v / tf.maximum(count, 1.0) for k, v in sums.items()}, "count": count}
 
             self._train_step = tf.function(dist_train)
             self._eval_step = tf.function(dist_eval)
@@ -309,12 +327,22 @@ class Trainer:
             return {}
         from spirs_tf import data as data_lib
 
+        if self._eval_step is None:
+            self._build_steps()
         ds = data_lib.make_dataset(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
                                    seed=self.cfg.train.seed)
-        if self.strategy is not None:
-            ds = self.strategy.experimental_distribute_dataset(ds)
-        for batch in ds:
-            self._track("val_", self._eval_step(batch))
+        if self.strategy is None:
+            for batch in ds:
+                self._track("val_", self._eval_step(batch))
+        else:
+            from spirs_tf._compat import keras
+
+            for batch in distribute_dataset(self.strategy, _padded_batches(ds, self.strategy.num_replicas_in_sync)):
+                scalars = self._eval_step(batch)
+                count = scalars.pop("count")
+                for k, v in scalars.items():  # batch means weighted by their pairs: a pair-wise mean
+                    metric = self._metrics.setdefault(f"val_{k}", keras.metrics.Mean(name=f"val_{k}"))
+                    metric.update_state(v, sample_weight=count)
         return {k: float(m.result()) for k, m in self._metrics.items() if k.startswith("val_")}
 
     def on_epoch_end(self, epoch: int, logs: dict) -> None:
@@ -349,7 +377,7 @@ class Trainer:
                                        batch_size=self.stage_cfg.batch_size, training=True,
                                        seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
             if self.strategy is not None:
-                ds = self.strategy.experimental_distribute_dataset(ds)
+                ds = distribute_dataset(self.strategy, ds)  # each replica gets batch / replicas pairs
             bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
                                       stateful_metrics=None) if self.verbose else None
             start = time.perf_counter()
@@ -523,18 +551,122 @@ def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_d
     return trainer
 
 
+LOGICAL_CPUS_ENV = "SPIRS_LOGICAL_CPUS"
+
+
+def _split_cpu(n_text: str) -> list[str]:
+    """Split the first physical CPU into ``n`` logical devices (before TensorFlow initialises)."""
+    from spirs_tf._compat import tf
+
+    try:
+        n = int(n_text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SpirsInputError(f"{LOGICAL_CPUS_ENV} must be a positive integer, got {n_text!r}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    wanted = [tf.config.LogicalDeviceConfiguration()] * n
+    try:
+        tf.config.set_logical_device_configuration(cpu, wanted)
+    except RuntimeError:  # runtime already initialised: fine if it already has the same split
+        if len(tf.config.list_logical_devices("CPU")) != n:
+            raise SpirsInputError(f"{LOGICAL_CPUS_ENV}={n}: TensorFlow was initialised before the CPU "
+                                  "could be split; set the variable before the process starts") from None
+    return [f"/cpu:{k}" for k in range(n)]
+
+
 def make_strategy(kind: str):
-    """``none`` → None; ``mirrored`` → MirroredStrategy (all local GPUs, or logical CPU devices);
-    ``multi_worker`` → MultiWorkerMirroredStrategy (cluster from the ``TF_CONFIG`` environment variable)."""
+    """The ``tf.distribute`` strategy of ``train.distribute`` / ``spirs train --distribute``.
+
+    * ``none`` → ``None`` (plain single-device training).
+    * ``mirrored`` → ``MirroredStrategy``: one replica per local GPU (all of them), else the CPU.
+      With the environment variable ``SPIRS_LOGICAL_CPUS=n`` the first CPU is split into ``n``
+      logical devices and the strategy mirrors over them (tests and CPU-only trials of the
+      distributed code path; it does not make a CPU faster). The variable must be set before
+      TensorFlow initialises its devices, i.e. before the process runs any TensorFlow op.
+    * ``multi_worker`` → ``MultiWorkerMirroredStrategy``; the cluster and this process's role
+      come from the ``TF_CONFIG`` environment variable (``docs/distributed.md``). Construction
+      blocks until every worker of the cluster has started.
+
+    Under a strategy the trainer builds the model in ``strategy.scope()`` (trainable BatchNorm
+    layers are then synchronized: global-batch moments), splits each global batch of
+    ``train.stages[i].batch_size`` pairs across the replicas (the batch must be a multiple of
+    ``num_replicas_in_sync``), sums per-sample losses divided by the global batch on each replica,
+    and lets the optimiser all-reduce (sum) the gradients: one step on N replicas equals one step
+    of one replica on the whole batch (``tests/test_distribute.py``).
+
+    Raises:
+        SpirsInputError: an unknown kind; ``multi_worker`` without a usable ``TF_CONFIG`` (missing,
+            not JSON, no ``cluster.worker`` list, no ``task``/index outside it); a bad
+            ``SPIRS_LOGICAL_CPUS``.
+    """
     if kind == "none":
         return None
+    if kind not in ("mirrored", "multi_worker"):
+        raise SpirsInputError(f"unknown distribute strategy {kind!r}; choose none, mirrored or multi_worker")
+    if kind == "multi_worker":
+        _check_tf_config(os.environ.get("TF_CONFIG"))
     from spirs_tf._compat import tf
 
     if kind == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if kind == "multi_worker":
-        if "TF_CONFIG" not in os.environ:
-            raise SpirsInputError("multi_worker training needs the TF_CONFIG environment variable "
-                                  "(see README: multi-worker training)")
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    raise SpirsInputError(f"unknown distribute strategy {kind!r}")
+        devices = _split_cpu(os.environ[LOGICAL_CPUS_ENV]) if os.environ.get(LOGICAL_CPUS_ENV) else None
+        strategy = tf.distribute.MirroredStrategy(devices)
+    else:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    print(f"spirs: {kind} training on {strategy.num_replicas_in_sync} replica(s)")
+    return strategy
+
+
+def _check_tf_config(text: str | None) -> dict:
+    """Parse and check ``TF_CONFIG`` for a multi-worker run; returns the parsed dict."""
+    hint = ("multi_worker training needs the TF_CONFIG environment variable, e.g. TF_CONFIG='{\"cluster\": "
+            "{\"worker\": [\"host1:12345\", \"host2:12345\"]}, \"task\": {\"type\": \"worker\", "
+            "\"index\": 0}}' (see docs/distributed.md)")
+    if not text:
+        raise SpirsInputError(hint)
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpirsInputError(f"TF_CONFIG is not valid JSON ({exc}); {hint}") from None
+    cluster = conf.get("cluster") if isinstance(conf, dict) else None
+    task = conf.get("task") if isinstance(conf, dict) else None
+    if not isinstance(cluster, dict) or not isinstance(cluster.get("worker"), list) or not isinstance(task, dict):
+        raise SpirsInputError(f"TF_CONFIG needs cluster.worker (a list of host:port) and task; {hint}")
+    members, index = cluster.get(task.get("type")), task.get("index")
+    if task.get("type") not in ("worker", "chief") or not isinstance(members, list) or \
+            not isinstance(index, int) or not 0 <= index < len(members):
+        raise SpirsInputError(f"TF_CONFIG task {task} is not a member of its cluster {cluster}; {hint}")
+    return conf
+
+
+def _padded_batches(ds, replicas: int):
+    """Batches of 1 → batches of ``replicas`` pairs with a per-pair ``weight`` (1 = real, 0 = padding).
+
+    The last batch is filled up with weight-0 copies of the first pair, so that no replica ever gets
+    an empty batch (TensorFlow's BatchNorm kernels fail on a zero-sized batch).
+    """
+    from spirs_tf._compat import tf
+
+    def weighted(value):
+        return lambda b: {**b, "weight": tf.fill([tf.shape(b["fixed_image"])[0]], value)}
+
+    n = int(ds.cardinality())
+    ds = ds.map(weighted(1.0))
+    if n > 0 and n % replicas:
+        ds = ds.concatenate(ds.take(1).map(weighted(0.0)).repeat(replicas - n % replicas))
+    return ds.unbatch().batch(replicas, drop_remainder=True)
+
+
+def distribute_dataset(strategy, ds):
+    """``strategy.experimental_distribute_dataset`` of a dataset that yields GLOBAL batches.
+
+    Each replica receives ``global / num_replicas_in_sync`` pairs of every batch (a partial last
+    validation batch leaves some replicas fewer, possibly none). Across workers the dataset is
+    sharded by element (``AutoShardPolicy.DATA``): the pairs live in memory, not in files, so every
+    worker builds the same batch plan and keeps its own share.
+    """
+    from spirs_tf._compat import tf
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return strategy.experimental_distribute_dataset(ds.with_options(options))
