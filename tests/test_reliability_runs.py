@@ -2,7 +2,8 @@
 
 * **Hostile paths end to end**: ``python -m spirs_tf.cli predict`` in a real process with every input
   and the output in a folder whose name holds a space and non-UTF-8 bytes, an NRRD prior (SimpleITK
-  used to abort the process there), an empty prior mask and a strict stdout.
+  used to abort the process there), an empty prior mask and a strict stdout; an output folder under
+  a regular file is a one-line error (an OSError traceback before).
 * **Checkpoints**: resuming ignores the temporary files a killed write leaves (``.tmp-*.npz``, a
   complete one that claims a later epoch and a truncated one); an unreadable ``latest.npz`` is a
   one-line error that says what to do, with nothing written (decision: never fall back to
@@ -109,6 +110,20 @@ def test_predict_process_with_non_utf8_space_paths_nrrd_and_empty_mask(run_dir, 
     for key in ("lncc", "lncc_identity", "folding_percent", "max_displacement_mm"):
         assert np.isfinite(report["registration"][key]), key
     assert sorted(os.listdir(folder)) == ["case out", "empty mask.nrrd", "new scan.nii.gz", "prior scan.nrrd"]
+
+
+def test_output_under_a_regular_file_is_one_line_not_a_traceback(run_dir, tmp_path, capsys):
+    """What the file system refuses (here: a folder under a regular file) ends like bad input."""
+    manifest = make_cohort(str(tmp_path / "data"), n_patients=1, shape=(20, 20, 20), spacing=5.0,
+                           splits=("test",))
+    blocker = tmp_path / "results.txt"
+    blocker.write_text("not a folder")
+    code = cli.main(["predict", "--manifest", manifest, "--split", "test", "--out", str(blocker / "cohort"),
+                     "--model", run_dir, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err == f"spirs: error: {blocker / 'cohort'}: Not a directory\n"
+    assert blocker.read_text() == "not a folder"
 
 
 # ------------------------------------------------------------------------------------- checkpoints
