@@ -12,6 +12,9 @@ from typing import Iterator
 
 from spirs_tf.errors import SpirsInputError
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def _suffix(path: str) -> str:
     name = os.path.basename(path)
@@ -38,6 +41,8 @@ def atomic_path(path: str | os.PathLike, protect: tuple = ()) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        if os.path.isfile(tmp):  # mkstemp makes 0600 files; give outputs the usual permissions
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
