@@ -185,14 +185,16 @@ class Trainer:
         o = self.cfg.optim
         st = self.stage_cfg
 
-        def for_stage(opt_cfg):
+        def for_stage(opt_cfg, segmentation=False):
             k = st.lr_scale  # the stage's scale of learning rates and weight decays
+            if segmentation and st.segmentation_lr_scale is not None:
+                k = st.segmentation_lr_scale
             return dataclasses.replace(
                 opt_cfg, learning_rate=k * opt_cfg.learning_rate, learning_rate_min=k * opt_cfg.learning_rate_min,
                 weight_decay=k * opt_cfg.weight_decay, weight_decay_min=k * opt_cfg.weight_decay_min,
                 cycle_epochs=opt_cfg.cycle_epochs if st.cycle_epochs is None else st.cycle_epochs)
 
-        o = dataclasses.replace(o, **{name: for_stage(getattr(o, name))
+        o = dataclasses.replace(o, **{name: for_stage(getattr(o, name), segmentation=name != "registration")
                                       for name in ("registration", "segmentation_p1", "segmentation_p2")})
         if self.cfg.loss.optimisation == "joint":
             opts = {"joint": optim.make_optimizer(o.registration, self.steps_per_epoch, name="joint")}
