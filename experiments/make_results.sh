@@ -90,8 +90,8 @@ fi
 # 6. Table 3: with and without the pyramid (proxy: the finest level alone, same weights)
 "$PYTHON" "$HERE/ablation_pyramid.py" "${COMMON[@]}" --out "$OUT/table3"
 
-# 7. Figure 4 I/J: LNCC per pyramid level (from step 2's CSV)
-"$PYTHON" "$HERE/pyramid_levels.py" "${COMMON[@]}" --from-csv "$OUT/evaluate/per_pair.csv" --out "$OUT/figure4"
+# 7. Figure 4 I/J: LNCC per pyramid level, on each level's grid and with each level's transform at the finest grid
+"$PYTHON" "$HERE/pyramid_levels.py" "${COMMON[@]}" --out "$OUT/figure4"
 
 # 8. Figures 6 and 7: qualitative panels (baseline warps from step 5)
 "$PYTHON" "$HERE/examples.py" "${COMMON[@]}" --compare "$OUT/figure5" --out "$OUT/examples"

@@ -254,6 +254,21 @@ def test_pyramid_levels(setup):
     assert len(rows) == 2 * 3 * 3 and {r["grid"] for r in rows} == {"8", "16", "32"}
     assert all(math.isfinite(_f(r["lncc"])) for r in rows)
     assert os.path.getsize(os.path.join(out, "figure4ij.png")) > 0
+    for r in rows:    # at the finest level the two LNCC measures are one
+        if r["level"] == "3":
+            assert _f(r["lncc_finest_grid"]) == pytest.approx(_f(r["lncc"]), abs=1e-5)
+    # shifted run: the level-i affine at the finest grid moves the prior by 4, 6, 7 voxels; the deformable
+    # map (A_final, zero u) by 7 at every level
+    out_s = str(setup["root"] / "levels_shifted")
+    assert module.main(["--run", setup["shifted"], "--manifest", setup["manifest"], "--out", out_s]) == 0
+    _, rows_s = _read(os.path.join(out_s, "levels.csv"))
+    ref = _inputs(setup)
+    for r in rows_s:
+        shift = {"identity": 0, "affine": {"1": 4, "2": 6, "3": 7}[r["level"]], "deformable": 7}[r["transform"]]
+        item = ref[r["pair_id"]]
+        moved = np.zeros_like(item.moving_image)
+        moved[:moved.shape[0] - shift] = item.moving_image[shift:]
+        assert _f(r["lncc_finest_grid"]) == pytest.approx(metrics.lncc(item.fixed_image, moved), abs=1e-5)
     if "eval" in setup["out"]:   # from evaluate.py's CSV: the same numbers
         out2 = str(setup["root"] / "levels_csv")
         assert module.main(["--run", setup["run"], "--manifest", setup["manifest"], "--out", out2,
