@@ -508,15 +508,18 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> None:
     for key in ("registration", "segmentation_p1", "segmentation_p2", "val_registration"):
         if key in history[0]:
             axes[0].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
-    axes[0].set_title("losses"); axes[0].set_xlabel("epoch"); axes[0].legend()
+    axes[0].set_title("losses"); axes[0].set_xlabel("epoch")
     for key in ("val_lncc_identity", "val_lncc_affine", "val_lncc_deformable"):
         if key in history[0]:
             axes[1].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
-    axes[1].set_title("validation LNCC (finest level)"); axes[1].set_xlabel("epoch"); axes[1].legend()
+    axes[1].set_title("validation LNCC (finest level)"); axes[1].set_xlabel("epoch")
     for key in ("val_dice_identity", "val_dice_affine", "val_dice_deformable", "val_dice_p1", "val_dice_p2"):
         if key in history[0]:
             axes[2].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
-    axes[2].set_title("validation Dice"); axes[2].set_xlabel("epoch"); axes[2].legend()
+    axes[2].set_title("validation Dice"); axes[2].set_xlabel("epoch")
+    for ax in axes:
+        if ax.get_lines():
+            ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_path(path) as tmp:
