@@ -5,7 +5,8 @@
   lesion of the new scan. Red: the lesion outline (on the fixed and moving images their own masks; on a
   warped image the warped prior mask); dashed cyan on the warps: the fixed lesion, for reference.
   Rows (``--pairs``, default 2): the pair with the largest lesion and the pair with the smallest lesion
-  (the paper's rows show a large and a small lesion), or the pairs named by ``--pair-ids``.
+  (the paper's rows show a large and a small lesion) among the pairs the baselines ran on (all pairs
+  without ``--compare``), or the pairs named by ``--pair-ids``.
 * ``figure7.png`` -- lesions detected by P2 (with the prior) and missed by P1 (without it): micro
   lesions (< 25 mm³) first, at most one per patient, up to ``--lesions`` (default 3). Each lesion gets
   two crops of the new scan: P1's prediction and P2's, outlined in red, the ground truth dashed green.
@@ -173,11 +174,12 @@ def examples(args, log=print) -> dict:
         keep.update(ev.segmentation_masks(result))
         candidates += [dict(r, patient_id=result.patient_id) for r in found]
         sizes = [r["n_voxels"] for r in p1.values()]
-        if sizes and max(sizes) > extremes["largest"][1]:
+        eligible = not baselines or result.pair_id in baselines     # Figure 6 only where baselines ran
+        if eligible and sizes and max(sizes) > extremes["largest"][1]:
             extremes["largest"] = (result.pair_id, max(sizes))
-        if sizes and min(sizes) < extremes["smallest"][1]:
+        if eligible and sizes and min(sizes) < extremes["smallest"][1]:
             extremes["smallest"] = (result.pair_id, min(sizes))
-        if len(first) < args.pairs:
+        if eligible and len(first) < args.pairs:
             first.append(result.pair_id)                             # fill-ins when extremes coincide
         stash[result.pair_id] = keep
         wanted = {e[0] for e in extremes.values()} | set(first)
