@@ -48,3 +48,25 @@ def make_cohort(root, n_patients=3, n_timepoints=2, shape=(32, 32, 32), spacing=
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def make_fake_run(root, config_name: str = "test", perturb: float = 0.0, seed: int = 0) -> str:
+    """A run folder ``root/stage3`` holding a freshly built (identity-initialised) model of ``config_name``.
+
+    ``perturb`` > 0 adds seeded Gaussian noise of that size to every trainable weight (non-trivial outputs).
+    """
+    from spirs_tf import config, networks
+    from spirs_tf.train import save_checkpoint
+
+    cfg = config.get_config(config_name)
+    model = networks.build_spirs(cfg, cfg.model.num_levels, bn_trainable=False)
+    if perturb:
+        rng = np.random.default_rng(seed)
+        for v in model.trainable_variables:
+            v.assign(v.numpy() + perturb * rng.normal(size=v.shape).astype(np.float32))
+    stage = os.path.join(str(root), "stage3")
+    os.makedirs(os.path.join(stage, "checkpoints"), exist_ok=True)
+    save_checkpoint(os.path.join(stage, "checkpoints", "best.npz"), networks.model_state(model), {},
+                    {"stage": 3, "levels": cfg.model.num_levels, "epoch": 1})
+    config.save_config(cfg, os.path.join(stage, "config.json"))
+    return str(root)

@@ -2,26 +2,20 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
-from spirs_tf import config as config_lib
 from spirs_tf.cli import main
 from spirs_tf.errors import SpirsInputError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from cohort import make_fake_run  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from spirs_tf import networks, train
-
-    run = tmp_path_factory.mktemp("run")
-    cfg = config_lib.get_config("test")
-    model = networks.build_spirs(cfg, 3, bn_trainable=False)
-    os.makedirs(run / "stage3" / "checkpoints")
-    config_lib.save_config(cfg, run / "stage3" / "config.json")
-    train.save_checkpoint(str(run / "stage3" / "checkpoints" / "best.npz"), networks.model_state(model), {},
-                          {"stage": 3, "levels": 3, "epoch": 1})
-    return str(run)
+    return make_fake_run(tmp_path_factory.mktemp("run"))
 
 
 def test_demo_runs_end_to_end(tiny_run, tmp_path, capsys):

@@ -53,17 +53,9 @@ NEW_AFFINE = oblique_affine((0.3, -0.2, 0.25), SPACING, (5.0, -3.0, 8.0), flip=(
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A fake run: randomly initialised test-config model (identity affine, zero DVF) in stage3/."""
-    from spirs_tf import networks
-    from spirs_tf.train import save_checkpoint
+    from cohort import make_fake_run
 
-    root = tmp_path_factory.mktemp("run")
-    cfg = config.get_config("test")
-    model = networks.build_spirs(cfg, 3, bn_trainable=False)
-    os.makedirs(root / "stage3" / "checkpoints")
-    save_checkpoint(str(root / "stage3" / "checkpoints" / "best.npz"), networks.model_state(model), {},
-                    {"stage": 3, "levels": 3, "epoch": 1})
-    config.save_config(cfg, root / "stage3" / "config.json")
-    return str(root)
+    return make_fake_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")

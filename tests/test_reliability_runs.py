@@ -43,7 +43,7 @@ from spirs_tf.io import write_volume
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
-from cohort import make_cohort  # noqa: E402
+from cohort import make_cohort, make_fake_run  # noqa: E402
 
 CASE_FILES = ("affine.tfm", "deformation.nii.gz", "lesions.csv", "p1_mask.nii.gz", "p1_prob.nii.gz",
               "p2_mask.nii.gz", "p2_prob.nii.gz", "prior_labels_warped.nii.gz", "prior_mask_warped.nii.gz",
@@ -53,17 +53,7 @@ CASE_FILES = ("affine.tfm", "deformation.nii.gz", "lesions.csv", "p1_mask.nii.gz
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A run folder with a randomly initialised test-config model (stage 3, all levels)."""
-    from spirs_tf import networks
-    from spirs_tf.train import save_checkpoint
-
-    root = tmp_path_factory.mktemp("run")
-    cfg = config.get_config("test")
-    model = networks.build_spirs(cfg, 3, bn_trainable=False)
-    os.makedirs(root / "stage3" / "checkpoints")
-    save_checkpoint(str(root / "stage3" / "checkpoints" / "best.npz"), networks.model_state(model), {},
-                    {"stage": 3, "levels": 3, "epoch": 1})
-    config.save_config(cfg, root / "stage3" / "config.json")
-    return str(root)
+    return make_fake_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
