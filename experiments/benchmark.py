@@ -32,7 +32,7 @@ Parts (each measurement runs in its own subprocess, so its peak resident memory,
 ``train``    training steps per second on a fixed batch (augmentation excluded, measured apart),
              one warm-up step then ``--repeats`` steps, every stage of ``cpu-small``; paper width
              with ``--train-paper`` (stage 1 at batch ``--paper-stage1-batch``: the paper's 32 was
-             killed for memory here; stage 2 ~65 s per step) and ``--train-paper-stage3``.
+             killed for memory here; stage 2 30–65 s per step) and ``--train-paper-stage3``.
 
 Quality, on the new scan's own grid for every method: Dice of the warped prior lesion mask with the
 new lesion mask (lesions change between time points, so even the true transform gives < 1; its
@@ -186,26 +186,7 @@ def worker_flops(spec: dict) -> dict:
     sys.path.insert(0, HERE)
     import flops as flops_lib  # experiments/flops.py
 
-    from spirs_tf import config as config_lib, networks
-    from spirs_tf._compat import tf
-
-    counts = {}
-    for name in spec["configs"]:
-        cfg = config_lib.get_config(name)
-        model = networks.build_spirs(cfg, cfg.model.num_levels, bn_trainable=False)
-        counts[name] = flops_lib.count_flops(model, cfg.model.num_levels)
-        counts[name]["cross_check"] = flops_lib.cross_check(model, cfg, cfg.model.num_levels)
-        del model
-    n = spec["matmul_n"]
-    rng = np.random.default_rng(0)
-    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
-    _, t_np = _timed(lambda: a @ b, spec["repeats"])
-    ta, tb = tf.constant(a), tf.constant(b)
-    mm = tf.function(lambda x, y: tf.linalg.matmul(x, y))
-    _, t_tf = _timed(lambda: mm(ta, tb).numpy(), spec["repeats"])
-    flop = 2.0 * n ** 3
-    return {"counts": counts, "matmul_n": n, "numpy_gflops": flop / statistics.median(t_np) / 1e9,
-            "tf_gflops": flop / statistics.median(t_tf) / 1e9}
+    return flops_lib.measure(spec["configs"], spec["matmul_n"], spec["repeats"])
 
 
 def worker_ants(spec: dict) -> dict:
@@ -629,7 +610,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ants-paper", action="store_true", help="also ANTs SyN with the paper's settings (~1 h/pair)")
     parser.add_argument("--train-paper", action="store_true",
                         help="also time paper-width training: stage 1 at --paper-stage1-batch, stage 2 (64³, batch 2; "
-                             "~65 s per step here)")
+                             "30–65 s per step here)")
     parser.add_argument("--paper-stage1-batch", type=int, default=4,
                         help="paper stage-1 batch for --train-paper (the paper's 32 needs > 20 GB; default 4)")
     parser.add_argument("--train-paper-stage3", action="store_true", help="with --train-paper: also stage 3 (128³, batch 2)")

@@ -159,6 +159,47 @@ def cross_check(model, cfg, levels: int) -> dict:
     return {"encoder_conv_graph": graph, "encoder_conv_closed_form": closed, "equal": graph == closed}
 
 
+def matmul_gflops(n: int = 3072, repeats: int = 3) -> dict:
+    """Float32 rate of an ``n × n`` matmul (``2n³`` FLOPs), median of ``repeats`` after a warm-up,
+    in NumPy and in TensorFlow, GFLOP/s."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    from spirs_tf._compat import tf
+
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), dtype=np.float32), rng.random((n, n), dtype=np.float32)
+    ta, tb = tf.constant(a), tf.constant(b)
+    mm = tf.function(lambda x, y: tf.linalg.matmul(x, y))
+    rates = {}
+    for name, fn in (("numpy_gflops", lambda: a @ b), ("tf_gflops", lambda: mm(ta, tb).numpy())):
+        fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        rates[name] = 2.0 * n ** 3 / statistics.median(times) / 1e9
+    return {"matmul_n": n, **rates}
+
+
+def measure(configs, matmul_n: int = 3072, repeats: int = 3) -> dict:
+    """FLOP counts (full pyramid, with the encoder cross-check) of each named config and the matmul rates."""
+    from spirs_tf import networks
+    from spirs_tf.config import get_config
+
+    counts = {}
+    for name in configs:
+        cfg = get_config(name)
+        levels = cfg.model.num_levels
+        model = networks.build_spirs(cfg, levels, bn_trainable=False)
+        counts[name] = dict(count_flops(model, levels), cross_check=cross_check(model, cfg, levels))
+        del model
+    return {"counts": counts, **matmul_gflops(matmul_n, repeats)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="paper", help="named config or JSON file (default: paper)")
