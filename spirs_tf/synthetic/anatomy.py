@@ -27,8 +27,20 @@ from scipy import ndimage
 WM_LEVEL = 1.0
 
 
+class _OnWorkingGrid:
+    """``shape`` and ``spacing`` of a dataclass holding ``t1`` and an isotropic ``affine``."""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.t1.shape)
+
+    @property
+    def spacing(self) -> float:
+        return float(self.affine[0, 0])
+
+
 @dataclass(frozen=True, eq=False)
-class Template:
+class Template(_OnWorkingGrid):
     """The MNI152 template on the working grid (all float32 arrays of ``shape``).
 
     Attributes:
@@ -48,17 +60,9 @@ class Template:
     ventricle_weight: np.ndarray
     ventricle_centre: np.ndarray
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.t1.shape)
-
-    @property
-    def spacing(self) -> float:
-        return float(self.affine[0, 0])
-
 
 @dataclass(frozen=True, eq=False)
-class PatientAnatomy:
+class PatientAnatomy(_OnWorkingGrid):
     """One patient's anatomy in patient space (the working grid), float32 arrays.
 
     Attributes:
@@ -76,14 +80,6 @@ class PatientAnatomy:
     vessels: np.ndarray
     parenchyma_depth: np.ndarray
     brain_depth: np.ndarray
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.t1.shape)
-
-    @property
-    def spacing(self) -> float:
-        return float(self.affine[0, 0])
 
 
 @functools.lru_cache(maxsize=1)
