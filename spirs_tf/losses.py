@@ -62,6 +62,19 @@ def _per_sample_sum(x):
     return ops.sum(x, axis=tuple(range(1, len(x.shape))))
 
 
+def _label_pair(target, other, function: str, other_name: str):
+    """float32 ``(target, other)`` of equal shape with a batch axis, for the label losses.
+
+    Raises:
+        ValueError: rank below 2 (names ``function``) or mismatched shapes.
+    """
+    q, x = _float(target), _float(other)
+    if len(q.shape) < 2:
+        raise ValueError(f"{function} needs a batch axis, got shape {tuple(q.shape)}")
+    _check_same(q, x, "target", other_name)
+    return q, ops.cast(x, q.dtype)
+
+
 # ------------------------------------------------------------------------------------------ affine
 def affine_mse(true, pred):
     """Affine MSE of Eq. 1: ``mean over the 12 entries of (T_true − T̂)²``.
@@ -323,11 +336,7 @@ def soft_dice(target, prob, smooth: float = 1.0):
     Raises:
         ValueError: on mismatched shapes or a rank below 2.
     """
-    q, p = _float(target), _float(prob)
-    if len(q.shape) < 2:
-        raise ValueError(f"soft_dice needs a batch axis, got shape {tuple(q.shape)}")
-    _check_same(q, p, "target", "prob")
-    p = ops.cast(p, q.dtype)
+    q, p = _label_pair(target, prob, "soft_dice", "prob")
     intersection = _per_sample_sum(p * q)
     return (2.0 * intersection + smooth) / (_per_sample_sum(p) + _per_sample_sum(q) + smooth)
 
@@ -357,11 +366,7 @@ def weighted_bce(target, prob_or_logits, pos_weight: float = 3.0, from_logits: b
     Raises:
         ValueError: on mismatched shapes or a rank below 2.
     """
-    q, x = _float(target), _float(prob_or_logits)
-    if len(q.shape) < 2:
-        raise ValueError(f"weighted_bce needs a batch axis, got shape {tuple(q.shape)}")
-    _check_same(q, x, "target", "prob_or_logits")
-    x = ops.cast(x, q.dtype)
+    q, x = _label_pair(target, prob_or_logits, "weighted_bce", "prob_or_logits")
     if from_logits:
         bce = ops.relu(x) - x * q + ops.log1p(ops.exp(-ops.abs(x)))
     else:
