@@ -33,6 +33,7 @@ Run directory layout (``RUN`` holds all three stages)::
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -116,12 +117,6 @@ def stage_dir(run_dir: str, stage: int) -> str:
     return os.path.join(run_dir, f"stage{stage}")
 
 
-def _mean(x):
-    from spirs_tf._compat import ops
-
-    return ops.mean(x)
-
-
 class Trainer:
     """Trains one stage. Hyper-parameters come from the config, never from attributes set here."""
 
@@ -153,7 +148,7 @@ class Trainer:
                                   "with two time points")
         self.steps_per_epoch = self.stage_cfg.steps_per_epoch or math.ceil(n_pairs / self.stage_cfg.batch_size)
 
-        scope = strategy.scope() if strategy is not None else _nullcontext()
+        scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with scope:
             self.model = networks.build_spirs(cfg, self.levels, bn_trainable=self.stage_cfg.bn_trainable)
             self.groups = networks.variable_groups(self.model)
@@ -212,9 +207,10 @@ class Trainer:
             opt.build(self._var_lists[name])
         return opts
 
-    def _loss_for(self, name: str, losses: dict):
-        return {"joint": "total", "registration": "registration", "segmentation_p1": "segmentation_p1",
-                "segmentation_p2": "segmentation_p2"}[name]
+    @staticmethod
+    def _loss_for(optimizer_name: str) -> str:
+        """The loss an optimiser minimises: Eq. 10's total in joint mode, else its own group's loss."""
+        return "total" if optimizer_name == "joint" else optimizer_name
 
     # --------------------------------------------------------------------------------- steps
     def _inputs(self, batch):
@@ -252,7 +248,7 @@ class Trainer:
                 scalars = {k: reduce(v) for k, v in per_sample.items()}
             for name, opt in self.optimizers.items():
                 variables = self._var_lists[name]
-                grads = tape.gradient(scalars[self._loss_for(name, scalars)], variables)
+                grads = tape.gradient(scalars[self._loss_for(name)], variables)
                 pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
                 opt.apply([g for g, _ in pairs], [v for _, v in pairs])
             del tape
@@ -467,14 +463,6 @@ class Trainer:
             for k, v in logs.items():
                 tf.summary.scalar(k, v, step=epoch)
         self._tb.flush()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _hard_dice_prob(target, prob):
