@@ -18,6 +18,8 @@
 #   ANTS [default]           ANTs SyN settings: paper (about 5 min per 32^3 pair on 2 cores) | default | none
 #   VXM_STEPS [1000]         VoxelMorph training steps
 #   TRAIN_LIMIT [64]         at most this many training pairs for VoxelMorph (spread evenly)
+#   VXM_WEIGHTS []           load these VoxelMorph weights (.weights.h5, e.g. an earlier OUT/figure5/
+#                            vxm.weights.h5) instead of training
 #
 # Every script writes its per-case CSV first, then a figure/table and a results.md snippet; all snippets
 # are concatenated into OUT_DIR/RESULTS_snippets.md at the end.
@@ -77,7 +79,9 @@ mkdir -p "$OUT/stats"
 
 # 5. Figure 5: SPIRS vs ANTs vs VoxelMorph
 VXM_ARGS=(--vxm-steps 0)
-if [ -n "$TRAIN_MANIFEST" ] && [ "$VXM_STEPS" -gt 0 ]; then
+if [ -n "${VXM_WEIGHTS:-}" ]; then
+  VXM_ARGS=(--vxm-weights "$VXM_WEIGHTS")
+elif [ -n "$TRAIN_MANIFEST" ] && [ "$VXM_STEPS" -gt 0 ]; then
   VXM_ARGS=(--vxm-steps "$VXM_STEPS" --train-manifest "$TRAIN_MANIFEST" --train-split train
             --train-limit "$TRAIN_LIMIT")
 fi

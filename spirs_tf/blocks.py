@@ -274,8 +274,14 @@ def deformable_decoder(model_cfg, bn_trainable: bool = True) -> Decoder:
 
 
 def segmentation_decoder(model_cfg, bn_trainable: bool = True) -> Decoder:
-    """P1 decoder with three 1-channel heads (he_normal kernel, RetinaNet prior bias each)."""
+    """P1 decoder with three 1-channel heads (he_normal kernel, RetinaNet prior bias each).
+
+    With ``model_cfg.seg_prior_split`` each head's bias is a third of the prior bias, so that the summed
+    logits, not each head, start at ``seg_prior_probability``.
+    """
     bias = prior_bias(model_cfg.seg_prior_probability)
+    if model_cfg.seg_prior_split:
+        bias /= 3.0
     return Decoder("seg", model_cfg, bn_trainable, 1, "he_normal", keras.initializers.Constant(bias))
 
 

@@ -1,6 +1,8 @@
 """Tests of the SPIRS network (spirs_tf.blocks, spirs_tf.networks) at the `test` width (base 2, grid 32)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -119,6 +121,27 @@ def test_prior_bias_and_head_initialisation(cfg):
             assert not layer.use_bias, layer.name
         if isinstance(layer, keras.layers.BatchNormalization):
             assert layer.center and not layer.scale and layer.epsilon == 1e-5 and layer.momentum == 0.99
+
+
+def test_split_prior_makes_the_summed_p1_heads_start_at_the_prior(cfg):
+    """seg_prior_split: each P1 head gets b/3, so P1 = head1 + head2 + head3 starts at p (not p³-ish)."""
+    b = prior_bias(cfg.model.seg_prior_probability)
+    split = copy.deepcopy(cfg)
+    split.model.seg_prior_split = True
+    model = networks.build_spirs(split, 1)
+    biases = [float(keras.ops.convert_to_numpy(model.get_layer(f"seg_head{k}_conv").bias)[0]) for k in (1, 2, 3)]
+    assert sum(biases) == pytest.approx(b, rel=1e-6)
+    assert biases[0] == pytest.approx(b / 3, rel=1e-6)
+    # P2 has one head: its bias is the prior either way
+    assert float(keras.ops.convert_to_numpy(model.get_layer("fuse_head_conv").bias)[0]) == pytest.approx(b, rel=1e-6)
+    # with zeroed head kernels the P1 logits are exactly the summed biases
+    for k in (1, 2, 3):
+        layer = model.get_layer(f"seg_head{k}_conv")
+        layer.kernel.assign(np.zeros(layer.kernel.shape, "float32"))
+    s = split.level_grid(1)
+    x = np.random.default_rng(0).random((1, s, s, s, 1)).astype("float32")
+    out = model({"fixed_image": x, "moving_image": x, "moving_mask": np.zeros_like(x)}, training=False)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(out["p1_logits"]), b, rtol=1e-5)
 
 
 def _expected_parameters(b: int, o: int, dense: int, coarsest: int) -> int:
