@@ -75,6 +75,8 @@ class LossConfig:
     lncc_window: int = 9
     background_displacement_weight: float = 0.01
     bce_positive_weight: float = 3.0
+    #: positive-class weight of the P1/P2 BCE; None = ``bce_positive_weight`` (authors: 3 for both)
+    segmentation_bce_positive_weight: float | None = None
     dice_smooth: float = 1.0
 
 

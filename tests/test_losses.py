@@ -370,6 +370,20 @@ def test_spirs_losses_keys_shapes_and_weighting(rng):
         L.segmentation_loss(batch["fixed_mask"], outputs["p2_logits"])), rtol=1e-6)
 
 
+def test_segmentation_positive_weight_is_separate_from_the_registration_bce(rng):
+    outputs, batch = fake_pyramid(rng)
+    base = L.spirs_losses(outputs, batch, get_config("test"), levels=2)
+    heavy = L.spirs_losses(outputs, batch, get_config("test", ["loss.segmentation_bce_positive_weight=50"]),
+                           levels=2)
+    for key in ("segmentation_p1", "segmentation_p2"):
+        logits = outputs[key.replace("segmentation_", "") + "_logits"]
+        np.testing.assert_allclose(np_(heavy[key]), np_(L.segmentation_loss(batch["fixed_mask"], logits,
+                                                                             pos_weight=50.0)), rtol=1e-6)
+        assert np.all(np_(heavy[key]) > np_(base[key]))
+    # the registration Dice/BCE keeps bce_positive_weight
+    np.testing.assert_allclose(np_(heavy["registration"]), np_(base["registration"]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("levels, factor", [(1, 1.0), (2, 1.5), (3, 1.75)])
 def test_spirs_losses_gamma_weighting_with_equal_terms(rng, levels, factor):
     """With only the MSE weighted and the same affine at every level, registration = Σγ^(L−i)·mse."""
