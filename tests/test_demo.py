@@ -44,3 +44,16 @@ def test_demo_refuses_to_overwrite(tiny_run, tmp_path):
     with pytest.raises(SpirsInputError, match="demo output exists"):
         run_demo(str(tmp_path), model=tiny_run, grid=48, spacing=4.0)
     assert (tmp_path / "prediction" / "old.txt").read_text() == "keep me"
+
+
+def test_shipped_weights_carry_the_prior_mask_onto_the_new_scan(tmp_path):
+    """The README's main job with the shipped cpu-small weights: on the default demo patient (head
+    repositioned between the scans) the warped prior mask overlaps the new mask better than the
+    unregistered prior mask does. Guards a re-shipped model that no longer registers."""
+    import io as _io
+
+    from spirs_tf.commands.demo import run_demo
+
+    summary = run_demo(str(tmp_path / "demo"), stream=_io.StringIO())
+    assert summary["lesions_truth"] > 0
+    assert summary["dice_prior_mask_after"] > summary["dice_prior_mask_before"] + 0.02, summary
