@@ -167,6 +167,7 @@ def _vxm(run, args, index, arrays_dir, window, out_dir, log) -> tuple[list[dict]
     size = (run.size,) * 3
     info = {"steps": args.vxm_steps, "lr": args.vxm_lr}
     if args.vxm_weights:
+        info = {}
         model = build_vxm_dense(size)
         model.load_weights(args.vxm_weights)
         info["weights"] = os.path.abspath(args.vxm_weights)
@@ -318,7 +319,10 @@ def markdown(rows, info, tests) -> str:
         lines.append(f"- ANTs: affine + {info['ants']['syn_mode']} (iterations "
                      f"{info['ants']['syn_iterations'] or 'as the mode sets'}), from the SPIRS affine; "
                      f"{info['ants']['mean_seconds_per_pair']:.1f} s per pair.")
-    if "steps" in info["vxm"] and "skipped" not in info["vxm"]:
+    if "weights" in info["vxm"]:
+        lines.append(f"- VXM: weights loaded from `{info['vxm']['weights']}` (`--vxm-weights`; trained "
+                     "earlier, see there); applied after the SPIRS affine.")
+    elif "steps" in info["vxm"] and "skipped" not in info["vxm"]:
         lines.append(f"- VXM: {info['vxm']['steps']} Adam steps (lr {info['vxm']['lr']:g}) on "
                      f"{info['vxm'].get('train_pairs', '?')} SPIRS-affine-aligned training pairs.")
     return "\n".join(lines) + "\n"

@@ -7,7 +7,9 @@ Named experiments (:data:`NAMED_CONFIGS`):
     λ1 = 0.5, λ2 = 0.1, SGD with decoupled weight decay, lr 1e-2 → 4e-5 and wd 4e-5 → 2e-7 over
     250 epochs (Appendix B), stage batch sizes 32 / 2 / 2.
 ``cpu-small``
-    A width and grid that train to a useful model on a 2-core CPU in about an hour.
+    8 base filters, 64³ at 3 mm, stages of 150 / 24 / 6 epochs: trains on a 2-core CPU in about 40
+    minutes. Its registration learns; its P1/P2 segmentation does not within that budget
+    (``experiments/RESULTS.md``).
 ``test``
     Tiny: for unit tests only.
 
@@ -210,7 +212,8 @@ def _cpu_small() -> SpirsConfig:
     cfg.model.opening_filters = 8
     cfg.model.affine_dense_units = 32
     # Three summed P1 heads at −4.595 each start P1 at p ≈ 1e-6, where neither Dice nor BCE moves them
-    # within a CPU budget: split the prior so that P1, like P2, starts at p = 0.01.
+    # within a CPU budget: split the prior so that P1, like P2, starts at p = 0.01. (This alone does
+    # not make segmentation learn here: at 16³ the lesions vanish and the heads collapse to "none".)
     cfg.model.seg_prior_split = True
     # Each stage runs one cosine cycle over its own epochs (the paper's T = 250 epochs does not fit a CPU).
     # Stage 1 (16³, about 4 s per epoch) is cheap: it gets most of the epochs.
