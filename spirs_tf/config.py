@@ -231,8 +231,8 @@ def _cpu_small() -> SpirsConfig:
     for opt in (cfg.optim.segmentation_p1, cfg.optim.segmentation_p2):
         opt.learning_rate, opt.learning_rate_min = 1e-1, 4e-4
         opt.weight_decay, opt.weight_decay_min = 2e-5, 1e-7
-    # Lesions only survive on the 32³ and 64³ grids, so segmentation learns in stages 2 and 3: there the
-    # segmentation optimisers run at 1e-2 (1/10 of their stage-1 rate).
+    # Lesions only survive on the 32³ and 64³ grids, so segmentation can only learn in stages 2 and 3:
+    # there the segmentation optimisers run at 1e-2 (1/10 of their stage-1 rate).
     for stage in cfg.train.stages[1:]:
         stage.segmentation_lr_scale = 0.1
     return cfg

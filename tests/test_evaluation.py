@@ -205,6 +205,20 @@ def test_compare_registration(setup, capsys):
         if r["method"] == "VXM":
             assert r["dice_affine"] == "" and r["lncc_affine"] == ""
 
+    # --vxm-weights re-uses the trained VoxelMorph: the same VXM metrics, and results.md says so
+    out3 = str(setup["root"] / "compare_vxm_reuse")
+    weights = os.path.join(out, "vxm.weights.h5")
+    assert module.main(["--run", setup["run"], "--manifest", setup["manifest"], "--out", out3, "--ants", "none",
+                        "--vxm-weights", weights]) == 0
+    _, rows3 = _read(os.path.join(out3, "registration.csv"))
+    first = {r["pair_id"]: r for r in rows if r["method"] == "VXM"}
+    again = {r["pair_id"]: r for r in rows3 if r["method"] == "VXM"}
+    assert again.keys() == first.keys() and again
+    for pair, r in again.items():
+        assert _f(r["lncc_deformable"]) == pytest.approx(_f(first[pair]["lncc_deformable"]), abs=1e-5)
+    md = open(os.path.join(out3, "results.md")).read()
+    assert "weights loaded from" in md and os.path.abspath(weights) in md and "Adam steps" not in md
+
     # antspyx absent (this interpreter has none): ANTs skipped with a message, no crash
     out2 = str(setup["root"] / "compare_no_ants")
     capsys.readouterr()
