@@ -124,7 +124,7 @@ def test_prior_bias_and_head_initialisation(cfg):
 
 
 def test_split_prior_makes_the_summed_p1_heads_start_at_the_prior(cfg):
-    """seg_prior_split: each P1 head gets b/3, so P1 = head1 + head2 + head3 starts at p (not p³-ish)."""
+    """seg_prior_split: each P1 head gets b/3, so P1 = head1 + head2 + head3 starts at p, not at σ(3b) ≈ 1e-6."""
     b = prior_bias(cfg.model.seg_prior_probability)
     split = copy.deepcopy(cfg)
     split.model.seg_prior_split = True
