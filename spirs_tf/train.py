@@ -482,6 +482,15 @@ def _current_lr(opt) -> float:
     return float(np.asarray(lr))
 
 
+#: (title, history keys) of the learning-curve panels
+CURVE_PANELS = (
+    ("losses", ("registration", "segmentation_p1", "segmentation_p2", "val_registration")),
+    ("validation LNCC (finest level)", ("val_lncc_identity", "val_lncc_affine", "val_lncc_deformable")),
+    ("validation Dice", ("val_dice_identity", "val_dice_affine", "val_dice_deformable", "val_dice_p1",
+                         "val_dice_p2")),
+)
+
+
 def plot_curves(history: list[dict], path: str, title: str = "") -> None:
     """Learning curves: training losses and validation metrics per epoch (PNG, written atomically)."""
     if not history:
@@ -492,20 +501,13 @@ def plot_curves(history: list[dict], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for key in ("registration", "segmentation_p1", "segmentation_p2", "val_registration"):
-        if key in history[0]:
-            axes[0].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
-    axes[0].set_title("losses"); axes[0].set_xlabel("epoch")
-    for key in ("val_lncc_identity", "val_lncc_affine", "val_lncc_deformable"):
-        if key in history[0]:
-            axes[1].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
-    axes[1].set_title("validation LNCC (finest level)"); axes[1].set_xlabel("epoch")
-    for key in ("val_dice_identity", "val_dice_affine", "val_dice_deformable", "val_dice_p1", "val_dice_p2"):
-        if key in history[0]:
-            axes[2].plot(epochs, [r.get(key, np.nan) for r in history], label=key)
-    axes[2].set_title("validation Dice"); axes[2].set_xlabel("epoch")
-    for ax in axes:
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(15, 4))
+    for ax, (panel_title, keys) in zip(axes, CURVE_PANELS):
+        for key in keys:
+            if key in history[0]:
+                ax.plot(epochs, [r.get(key, np.nan) for r in history], label=key)
+        ax.set_title(panel_title)
+        ax.set_xlabel("epoch")
         if ax.get_lines():
             ax.legend()
     fig.suptitle(title)
