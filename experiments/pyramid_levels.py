@@ -51,13 +51,15 @@ def finest_grid_lncc(result, window: int) -> dict[tuple[int, str], float]:
 
     fixed, moving = result.inputs["fixed_image"], result.inputs["moving_image"][None, ..., None]
     out, n = result.outputs, result.levels[-1]
+    identity = lncc(fixed, moving[0, ..., 0], window)  # the same unwarped prior at every level
     values = {}
     for level in result.levels:
         u = out[f"dvf_{level}"][None]
         for _ in range(n - level):
             u = transforms.upsample_dvf(u)
-        warped = {"identity": moving, "affine": transforms.warp(moving, matrix=out[f"affine_{level}"][None]),
+        warped = {"affine": transforms.warp(moving, matrix=out[f"affine_{level}"][None]),
                   "deformable": transforms.warp(moving, matrix=out[f"affine_{n}"][None], dvf=u)}
+        values[(level, "identity")] = identity
         for kind, w in warped.items():
             values[(level, kind)] = lncc(fixed, ops.convert_to_numpy(w)[0, ..., 0], window)
     return values
@@ -65,7 +67,7 @@ def finest_grid_lncc(result, window: int) -> dict[tuple[int, str], float]:
 
 def long_rows(per_pair: list[dict], levels, grid_of, finest: dict | None = None) -> list[dict]:
     """Per-pair registration rows (identity + SPIRS, per-level columns) → one row per pair, level, transform;
-    ``finest``: ``{(pair_id, level, transform): lncc_finest_grid}``."""
+    ``finest``: ``{(pair_id, level, transform): lncc_finest_grid}`` (NaN where missing)."""
     out = []
     for row in per_pair:
         for level in levels:
@@ -76,7 +78,7 @@ def long_rows(per_pair: list[dict], levels, grid_of, finest: dict | None = None)
                             "grid": grid_of(level), "transform": kind,
                             "lncc": row[f"lncc_{col}_l{level}"], "lncc_masked": row[f"lncc_masked_{col}_l{level}"],
                             "dice": row[f"dice_{col}_l{level}"],
-                            "lncc_finest_grid": (finest or {}).get((row["pair_id"], level, kind))})
+                            "lncc_finest_grid": (finest or {}).get((row["pair_id"], level, kind), np.nan)})
     return out
 
 
@@ -89,7 +91,7 @@ def figure(rows: list[dict], levels, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     measures = [("lncc", "LNCC on the level's own grid")]
-    if any(_finite(r["lncc_finest_grid"]) for r in rows):
+    if any(np.isfinite(r["lncc_finest_grid"]) for r in rows):
         measures.append(("lncc_finest_grid", "level's transform applied at the finest grid"))
     fig, axes = plt.subplots(len(measures), 2, figsize=(10, 4 * len(measures)), squeeze=False)
     pairs = sorted({r["pair_id"] for r in rows})
@@ -98,9 +100,10 @@ def figure(rows: list[dict], levels, path: str, title: str) -> None:
         for ax, kind, letter in zip(axrow, ("affine", "deformable"), "IJ"):
             for p in pairs:
                 ax.plot(levels, [value.get((p, lv, kind), np.nan) for lv in levels], color="0.7", lw=0.7, zorder=1)
-            data = [[value[(p, lv, kind)] for p in pairs if _finite(value.get((p, lv, kind)))] for lv in levels]
+            data = [[value[(p, lv, kind)] for p in pairs if np.isfinite(value.get((p, lv, kind), np.nan))]
+                    for lv in levels]
             ax.boxplot(data, positions=list(levels), widths=0.3, showfliers=False, zorder=2)
-            ident = [np.nanmedian([_num(value.get((p, lv, "identity"))) for p in pairs]) for lv in levels]
+            ident = [np.nanmedian([value.get((p, lv, "identity"), np.nan) for p in pairs]) for lv in levels]
             ax.plot(levels, ident, "k--", lw=1, label="before registration (median)")
             ax.set_xticks(list(levels), [f"level {lv}" for lv in levels])
             ax.set_title(f"({letter}) {kind}: {label}", fontsize=9)
@@ -111,14 +114,6 @@ def figure(rows: list[dict], levels, path: str, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-
-
-def _num(x) -> float:
-    return np.nan if x is None or x == "" else float(x)
-
-
-def _finite(x) -> bool:
-    return bool(np.isfinite(_num(x)))
 
 
 def pyramid_levels(args, log=print) -> dict:
@@ -152,12 +147,12 @@ def pyramid_levels(args, log=print) -> dict:
         for kind in TRANSFORMS:
             for lv in levels:
                 summary[f"{measure}:{kind}_l{lv}"] = ev.median_iqr_text(
-                    [_num(r[measure]) for r in rows if r["transform"] == kind and r["level"] == lv], 3)
+                    [r[measure] for r in rows if r["transform"] == kind and r["level"] == lv], 3)
     # does LNCC rise from one level to the next? (paired over pairs, Wilcoxon)
     trend = {}
     for measure in ("lncc", "lncc_finest_grid"):
         for kind in ("affine", "deformable"):
-            v = {(r["pair_id"], r["level"]): _num(r[measure]) for r in rows if r["transform"] == kind}
+            v = {(r["pair_id"], r["level"]): r[measure] for r in rows if r["transform"] == kind}
             pairs = sorted({p for p, _ in v})
             for a, b in zip(levels[:-1], levels[1:]):
                 res = wilcoxon_paired([v[(p, b)] for p in pairs], [v[(p, a)] for p in pairs])
