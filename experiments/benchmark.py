@@ -27,8 +27,9 @@ Parts (each measurement runs in its own subprocess, so its peak resident memory,
              model load, native scans in → case folder out), both widths.
 ``ants``     ANTs affine, then ANTs SyN with ANTsPy's defaults started from that affine (and with
              the paper's settings with ``--ants-paper``: ~3000 s per pair here), through
-             :func:`spirs_tf.baselines.ants.register_ants`; in ``/work/venv-ants`` when antspyx is
-             not importable here (skipped with a message if neither has it).
+             :func:`spirs_tf.baselines.ants.register_ants`, in the Python that
+             ``compare_registration.find_ants_python`` finds (``$SPIRS_ANTS_PYTHON``, this
+             interpreter, or ``../venv-ants`` beside the repository; skipped with a message if none).
 ``train``    training steps per second on a fixed batch (augmentation excluded, measured apart),
              one warm-up step then ``--repeats`` steps, every stage of ``cpu-small``; paper width
              with ``--train-paper`` (stage 1 at batch ``--paper-stage1-batch``: the paper's 32 was
@@ -60,7 +61,6 @@ VARIANTS = ("fp32", "xla", "xla-warp", "bf16")
 #: forward variants run by default: whole-model XLA is ~20× slower than fp32 on this CPU at cpu-small
 #: width (3-D convolutions), and the warp-only compilation gains < 5 % at paper width.
 DEFAULT_VARIANTS = {"cpu-small": VARIANTS, "paper": ("fp32", "bf16")}
-ANTS_VENV_PYTHON = "/work/venv-ants/bin/python"
 SHARED_NOTE = ("the machine may be shared with other jobs (see the load average): times are upper "
                "bounds of an idle machine")
 
@@ -404,22 +404,16 @@ def part_predict(args, res, pairs):
         out[config] = {"trained": trained, "pairs": rows}
 
 
-def _ants_python() -> str | None:
-    try:
-        import ants  # noqa: F401
-
-        return sys.executable
-    except ImportError:
-        return ANTS_VENV_PYTHON if os.path.isfile(ANTS_VENV_PYTHON) else None
-
-
 def part_ants(args, res, pairs):
     from spirs_tf.preprocess import normalize_intensity
 
-    python = _ants_python()
+    sys.path.insert(0, HERE)
+    from compare_registration import find_ants_python  # experiments/compare_registration.py
+
+    python = find_ants_python()
     if python is None:
-        res["ants"] = {"skipped": "antspyx is not importable here and /work/venv-ants does not exist "
-                                  "(pip install 'spirs-tf[baselines]')"}
+        res["ants"] = {"skipped": "no Python with antspyx ($SPIRS_ANTS_PYTHON, this interpreter, ../venv-ants "
+                                  "beside the repository; pip install 'spirs-tf[baselines]')"}
         return
     modes = ["affine", "syn-default"] + (["syn-paper"] if args.ants_paper else [])
     out = res.setdefault("ants", {"python": python, "threads": "ANTs/ITK default (all cores)"})
