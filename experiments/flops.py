@@ -185,18 +185,22 @@ def matmul_gflops(n: int = 3072, repeats: int = 3) -> dict:
     return {"matmul_n": n, **rates}
 
 
+def count_config(cfg, levels: int) -> dict:
+    """:func:`count_flops` of a freshly built ``levels``-level model of ``cfg``, with its ``cross_check``."""
+    from spirs_tf import networks
+
+    model = networks.build_spirs(cfg, levels, bn_trainable=False)
+    return dict(count_flops(model, levels), cross_check=cross_check(model, cfg, levels))
+
+
 def measure(configs, matmul_n: int = 3072, repeats: int = 3) -> dict:
     """FLOP counts (full pyramid, with the encoder cross-check) of each named config and the matmul rates."""
-    from spirs_tf import networks
     from spirs_tf.config import get_config
 
     counts = {}
     for name in configs:
         cfg = get_config(name)
-        levels = cfg.model.num_levels
-        model = networks.build_spirs(cfg, levels, bn_trainable=False)
-        counts[name] = dict(count_flops(model, levels), cross_check=cross_check(model, cfg, levels))
-        del model
+        counts[name] = count_config(cfg, cfg.model.num_levels)
     return {"counts": counts, **matmul_gflops(matmul_n, repeats)}
 
 
@@ -207,14 +211,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="also write the counts to this JSON file")
     args = parser.parse_args(argv)
 
-    from spirs_tf import networks
     from spirs_tf.config import get_config
 
     cfg = get_config(args.config)
     levels = args.levels or cfg.model.num_levels
-    model = networks.build_spirs(cfg, levels, bn_trainable=False)
-    result = count_flops(model, levels)
-    result["cross_check"] = cross_check(model, cfg, levels)
+    result = count_config(cfg, levels)
     result.update(config=cfg.name, levels=levels, input_size=cfg.level_grid(levels))
     print(f"config {cfg.name!r}, {levels} level(s), input {cfg.level_grid(levels)}³: "
           f"{result['total'] / 1e9:,.1f} GFLOP per pair ({result['conv'] / 1e9:,.1f} in Conv3D/Dense)")
