@@ -292,6 +292,30 @@ def test_cli_synth(tmp_path, capsys):
     assert err.count("\n") == 1 and "cannot write the output folder" in err and str(blocker) in err
     assert main(["synth", "--patients", "1", "--out", str(out), "--timepoints", "3-x"]) == 2
     assert "--timepoints must be" in capsys.readouterr().err
+    assert main(["synth", "--patients", "1", "--out", str(out), "--lesion-sizes", "1,1,-1,1"]) == 2
+    assert "--lesion-sizes must be" in capsys.readouterr().err
+
+
+def test_cli_lesion_sizes_leave_out_a_bin(tmp_path):
+    import csv
+
+    from spirs_tf.cli import main
+    from spirs_tf.commands.synth import parse_size_weights
+    from spirs_tf.synthetic.lesions import PAPER_TEST_COUNTS
+
+    assert parse_size_weights("paper") == tuple(PAPER_TEST_COUNTS)
+    assert parse_size_weights("0,1,2,1") == (0.0, 1.0, 2.0, 1.0)
+    out = tmp_path / "sizes"
+    assert main(["synth", "--patients", "2", "--out", str(out), "--seed", "5", "--grid", "32", "--spacing", "6",
+                 "--timepoints", "2", "--lesions", "6", "--lesion-sizes", "0,0,1,1", "--no-qc", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "lesions.csv")))
+    peak = {}
+    for r in rows:
+        key = (r["patient_id"], r["lesion_id"])
+        peak[key] = max(peak.get(key, 0.0), float(r["target_volume_mm3"]))
+    assert len(peak) == 12
+    # every trajectory reaches its drawn volume at some time point, and that was medium or large (>= 125 mm³)
+    assert min(peak.values()) >= 125.0
 
 
 def test_api_rejects_bad_input(tmp_path):

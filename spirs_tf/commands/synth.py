@@ -28,6 +28,26 @@ def parse_range(text: str, name: str) -> tuple[int, int]:
     return (values[0], values[-1])
 
 
+def parse_size_weights(text: str) -> tuple[float, float, float, float]:
+    """``"paper"`` → the paper's test-set counts; ``"0,1,1,1"`` → (0.0, 1.0, 1.0, 1.0).
+
+    Raises:
+        SpirsInputError: not four non-negative numbers with a positive sum.
+    """
+    from spirs_tf.synthetic.lesions import PAPER_TEST_COUNTS
+
+    if str(text).strip().lower() == "paper":
+        return tuple(PAPER_TEST_COUNTS)
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4 or any(not v >= 0 for v in values) or sum(values) <= 0:
+        raise SpirsInputError("--lesion-sizes must be 'paper' or four non-negative numbers with a positive sum "
+                              f"(micro,small,medium,large), got {text!r}")
+    return values
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("synth", help="generate a synthetic longitudinal metastasis cohort",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -36,6 +56,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="cohort seed (patient k is the same for any N)")
     parser.add_argument("--timepoints", default="3-6", help="time points per patient, N or MIN-MAX (default 3-6)")
     parser.add_argument("--lesions", default="1-20", help="metastases per patient, N or MIN-MAX (default 1-20)")
+    parser.add_argument("--lesion-sizes", default="paper", metavar="W,W,W,W",
+                        help="relative frequency of micro, small, medium and large lesions (<25, <125, <1000, "
+                             ">=1000 mm³), or 'paper' for the paper's test set, 637,465,156,72 (default). "
+                             "On coarse grids, e.g. 0,1,1,1 leaves out micro lesions smaller than a 3 mm voxel")
     parser.add_argument("--grid", type=int, default=128, help="voxels per axis of the working grid (default 128)")
     parser.add_argument("--spacing", type=float, default=1.5, help="isotropic voxel size in mm (default 1.5)")
     parser.add_argument("--pose", choices=("raw", "aligned"), default="raw",
@@ -53,7 +77,8 @@ def run(args) -> int:
         raise SpirsInputError(f"--patients must be positive, got {args.patients}")
     cfg = SynthConfig(grid_size=args.grid, spacing_mm=args.spacing,
                       timepoints=parse_range(args.timepoints, "timepoints"), pose=args.pose,
-                      lesions_per_patient=parse_range(args.lesions, "lesions"))
+                      lesions_per_patient=parse_range(args.lesions, "lesions"),
+                      size_weights=parse_size_weights(args.lesion_sizes))
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     summary = synthesize_cohort(args.out, args.patients, seed=args.seed, cfg=cfg, qc=args.qc, log=log)
     print(f"wrote {summary.n_patients} patients, {summary.n_scans} scans to {args.out} "
