@@ -224,10 +224,10 @@ def _module_of(variable) -> str:
     return layer.split("_", 1)[0]
 
 
-def variable_groups(model) -> dict[str, list]:
+def variable_groups(model, p1_trains_encoder: bool = True) -> dict[str, list]:
     """Trainable variables per optimiser: ``registration`` (enc + aff + def), ``segmentation_p1``
-    (enc + seg), ``segmentation_p2`` (fuse). Each variable appears once per group; the encoder is in
-    the first two.
+    (enc + seg; seg alone when not ``p1_trains_encoder``), ``segmentation_p2`` (fuse). Each variable
+    appears once per group; by default the encoder is in the first two.
 
     Raises:
         ValueError: if a trainable variable's layer has no known module prefix.
@@ -239,6 +239,8 @@ def variable_groups(model) -> dict[str, list]:
             raise ValueError(f"trainable variable {v.path!r} has no module prefix "
                              f"({', '.join(p + '_' for p in MODULE_PREFIXES)})")
         for g in MODULE_PREFIXES[module]:
+            if g == "segmentation_p1" and module == "enc" and not p1_trains_encoder:
+                continue
             groups[g].append(v)
     return groups
 

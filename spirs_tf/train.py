@@ -151,7 +151,7 @@ class Trainer:
         scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
         with scope:
             self.model = networks.build_spirs(cfg, self.levels, bn_trainable=self.stage_cfg.bn_trainable)
-            self.groups = networks.variable_groups(self.model)
+            self.groups = networks.variable_groups(self.model, cfg.loss.p1_trains_encoder)
             self.optimizers = self._make_optimizers()
         # Dropout draws: seed-generator states as built from the run's seed, re-derived per epoch in
         # on_epoch_start (they are not weights, so checkpoints do not hold them).

@@ -211,6 +211,11 @@ def test_variable_groups_partition(cfg):
     assert grouped == {id(v) for v in model.trainable_variables}
     enc = [v for v in model.trainable_variables if v.path.startswith("enc_")]
     assert {id(v) for v in enc} == {id(v) for v in groups["registration"]} & {id(v) for v in groups["segmentation_p1"]}
+    # loss.p1_trains_encoder = False: the encoder stays with the registration optimiser only
+    kept = networks.variable_groups(model, p1_trains_encoder=False)
+    assert {id(v) for v in kept["segmentation_p1"]} == {id(v) for v in groups["segmentation_p1"]} - {id(v) for v in enc}
+    assert {id(v) for v in kept["registration"]} == {id(v) for v in groups["registration"]}
+    assert {id(v) for v in kept["segmentation_p2"]} == {id(v) for v in groups["segmentation_p2"]}
 
 
 def test_p2_wiring_gradients(cfg, rng):

@@ -109,6 +109,28 @@ def test_three_stages_hand_off_weights(cohort, tmp_path):
         assert np.isfinite(row["total"]) and np.isfinite(row["val_total"])
 
 
+@pytest.mark.parametrize("p1_trains_encoder", [True, False])
+def test_p1_optimiser_updates_the_encoder_only_when_asked(cohort, tmp_path, p1_trains_encoder):
+    """Registration optimiser at rate and decay 0: the encoder can only move through P1's optimiser."""
+    from spirs_tf import data, networks, train
+    from spirs_tf.manifest import load_manifest
+
+    cfg = config_lib.get_config("test", [
+        "train.stages.0.epochs=1", "train.stages.0.steps_per_epoch=2", "train.stages.0.bn_trainable=false",
+        "optim.registration.learning_rate=0", "optim.registration.learning_rate_min=0",
+        "optim.registration.weight_decay=0", "optim.registration.weight_decay_min=0",
+        f"loss.p1_trains_encoder={p1_trains_encoder}"])
+    source = data.PairSource(load_manifest(cohort), "train", cfg.data)
+    trainer = train.Trainer(cfg, 1, source, None, str(tmp_path / "run"), verbose=0)
+    before = networks.model_state(trainer.model)
+    trainer.fit()
+    after = networks.model_state(trainer.model)
+    moved = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert any(k.startswith("seg_") for k in moved)  # P1 trained in both cases
+    assert not any(k.startswith(("aff_", "def_")) for k in moved)
+    assert any(k.startswith("enc_") for k in moved) == p1_trains_encoder
+
+
 def test_stage_two_without_stage_one_is_a_clear_error(cohort, tmp_path):
     from spirs_tf import train
 
