@@ -238,6 +238,8 @@ def _cpu_small() -> SpirsConfig:
     # optimisers stay off in stage 1 and run at their full rate from stage 2 on (lesions of 125 mm³ and
     # more survive on 32³). P1 starts at p = 0.01 there; at that rate its updates of the shared encoder
     # disturb registration, so P1 trains its own decoder only (the encoder is registration's).
+    # P1's fresh decoder (frozen BatchNorm) diverges within 20 steps at 1e-1: it gets 2e-2.
+    cfg.optim.segmentation_p1.learning_rate, cfg.optim.segmentation_p1.learning_rate_min = 2e-2, 8e-5
     cfg.train.stages[0].segmentation_lr_scale = 0.0
     cfg.train.stages[1].segmentation_lr_scale = 1.0
     cfg.train.stages[2].segmentation_lr_scale = 1.0
