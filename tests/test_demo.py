@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from spirs_tf.cli import main
@@ -47,13 +48,16 @@ def test_demo_refuses_to_overwrite(tiny_run, tmp_path):
 
 
 def test_shipped_weights_carry_the_prior_mask_onto_the_new_scan(tmp_path):
-    """The README's main job with the shipped cpu-small weights: on the default demo patient (head
-    repositioned between the scans) the warped prior mask overlaps the new mask better than the
-    unregistered prior mask does. Guards a re-shipped model that no longer registers."""
+    """The README's main job with the shipped cpu-small weights, on the demo patients of seeds 1-4 (head
+    repositioned between the scans): on average the warped prior mask overlaps the new mask better than
+    the unregistered prior mask does. Guards a re-shipped model that no longer registers. (One patient
+    is too few: each set of weights so far has misplaced the prior lesion on some seed.)"""
     import io as _io
 
     from spirs_tf.commands.demo import run_demo
 
-    summary = run_demo(str(tmp_path / "demo"), stream=_io.StringIO())
-    assert summary["lesions_truth"] > 0
-    assert summary["dice_prior_mask_after"] > summary["dice_prior_mask_before"] + 0.02, summary
+    summaries = [run_demo(str(tmp_path / f"demo{seed}"), seed=seed, stream=_io.StringIO()) for seed in (1, 2, 3, 4)]
+    assert all(s["lesions_truth"] > 0 for s in summaries)
+    before = np.mean([s["dice_prior_mask_before"] for s in summaries])
+    after = np.mean([s["dice_prior_mask_after"] for s in summaries])
+    assert after > before + 0.05, summaries
