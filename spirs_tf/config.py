@@ -158,7 +158,9 @@ class TrainConfig:
     seed: int = 1234
     validation_pairs: int | None = None  #: None = every validation pair
     checkpoint_every_epochs: int = 1
-    keep_best_metric: str = "val_registration_loss"  #: authors monitor the registration loss
+    #: history column that selects best.npz (lower is better); authors: the validation registration loss.
+    #: Without a validation split the training ``registration`` loss is used instead.
+    keep_best_metric: str = "val_registration"
     mixed_precision: bool = False
     xla_warp: bool = True  #: compile only the warp (fast on CPU); the network stays un-compiled
     distribute: str = "none"  #: "none", "mirrored" or "multi_worker"

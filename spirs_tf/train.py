@@ -343,11 +343,25 @@ class Trainer:
                     metric.update_state(v, sample_weight=count)
         return {k: float(m.result()) for k, m in self._metrics.items() if k.startswith("val_")}
 
+    def _monitor(self, logs: dict) -> float:
+        """The value of ``train.keep_best_metric`` (the training ``registration`` loss without validation).
+
+        Raises:
+            SpirsInputError: the metric is not among this epoch's logs (a typo in the config).
+        """
+        name = self.cfg.train.keep_best_metric
+        if name.startswith("val_") and self.val_source is None:
+            name = "registration"
+        if name not in logs:
+            raise SpirsInputError(f"train.keep_best_metric {self.cfg.train.keep_best_metric!r} is not logged; "
+                                  f"choose one of {sorted(logs)}", self.paths.root)
+        return logs[name]
+
     def on_epoch_end(self, epoch: int, logs: dict) -> None:
         row = {"epoch": epoch, **logs}
         self.history.append(row)
         self._write_history()
-        monitor = logs.get(self.cfg.train.keep_best_metric, logs.get("registration"))
+        monitor = self._monitor(logs)
         improved = monitor is not None and monitor < self.best
         if improved:
             self.best = float(monitor)

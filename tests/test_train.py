@@ -131,6 +131,24 @@ def test_p1_optimiser_updates_the_encoder_only_when_asked(cohort, tmp_path, p1_t
     assert any(k.startswith("enc_") for k in moved) == p1_trains_encoder
 
 
+def test_best_checkpoint_follows_the_validation_registration_loss(cohort, tmp_path):
+    from spirs_tf import train
+
+    cfg = config_lib.get_config("test", ["train.stages.0.epochs=3", "train.stages.0.steps_per_epoch=1"])
+    run = str(tmp_path / "run")
+    trainer = train.run_stage(cfg, 1, cohort, run, verbose=0)
+    history = trainer.history
+    assert len(history) == 3 and all("val_registration" in r for r in history)
+    _, _, meta = train.load_checkpoint(os.path.join(run, "stage1", "checkpoints", "best.npz"))
+    best = min(history, key=lambda r: r["val_registration"])
+    assert meta["epoch"] == best["epoch"] and meta["best"] == pytest.approx(best["val_registration"])
+
+    bad = config_lib.get_config("test", ["train.stages.0.epochs=1", "train.stages.0.steps_per_epoch=1",
+                                         "train.keep_best_metric=val_registration_loss"])
+    with pytest.raises(SpirsInputError, match="keep_best_metric 'val_registration_loss' is not logged"):
+        train.run_stage(bad, 1, cohort, str(tmp_path / "bad"), verbose=0)
+
+
 def test_stage_two_without_stage_one_is_a_clear_error(cohort, tmp_path):
     from spirs_tf import train
 
