@@ -245,6 +245,19 @@ def variable_groups(model, p1_trains_encoder: bool = True) -> dict[str, list]:
     return groups
 
 
+def batchnorm_layers(model, modules) -> list:
+    """The BatchNormalization layers of ``model`` whose names start with one of the module prefixes
+    ``modules`` (e.g. ``("seg",)``), in build order, each once (the pyramid levels share them)."""
+    from spirs_tf._compat import keras
+
+    prefixes = tuple(f"{m}_" for m in modules)
+    found = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):  # Keras walks nested layers
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.name.startswith(prefixes):
+            found.setdefault(id(layer), layer)
+    return list(found.values())
+
+
 def count_parameters(model) -> int:
     """Number of unique trainable scalars (shared layers counted once)."""
     return int(sum(int(np.prod(v.shape)) for v in _unique(model.trainable_variables)))

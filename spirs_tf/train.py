@@ -343,6 +343,50 @@ class Trainer:
                     metric.update_state(v, sample_weight=count)
         return {k: float(m.result()) for k, m in self._metrics.items() if k.startswith("val_")}
 
+    def recalibrate_batchnorm(self, batches: int) -> list[str]:
+        """Re-estimate the moving statistics of the BatchNorm layers of ``train.bn_recalibration_modules``.
+
+        Statistics frozen at an earlier stage describe other inputs (a coarser grid; for a module that did
+        not train there, other weights). This runs ``batches`` augmented training batches through the model
+        in training mode with only those layers switched to batch statistics; their moving mean and
+        variance become the plain average of the batch statistics over all their calls (momentum
+        ``n/(n+1)`` at a layer's call ``n``).
+        No trainable weight changes. Returns the names of the layers re-estimated.
+
+        Raises:
+            SpirsInputError: under a distribution strategy (not supported).
+        """
+        from spirs_tf import data as data_lib, networks
+
+        if self.strategy is not None:
+            raise SpirsInputError("bn_recalibration_batches is not supported with a distribution strategy; "
+                                  f"set train.stages.{self.stage - 1}.bn_recalibration_batches=0", self.paths.root)
+        modules = [m.strip() for m in self.cfg.train.bn_recalibration_modules.split(",")]
+        layers = networks.batchnorm_layers(self.model, modules)
+        saved = [(layer, layer.trainable, layer.momentum, layer.call) for layer in layers]
+        ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
+                                   training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)
+        calls = {id(layer): 0 for layer in layers}
+
+        def averaging(layer, call):
+            def wrapped(*args, **kwargs):
+                n = calls[id(layer)]
+                layer.momentum = n / (n + 1.0)  # moving = plain average over its calls so far
+                calls[id(layer)] = n + 1
+                return call(*args, **kwargs)
+            return wrapped
+
+        try:
+            for layer in layers:
+                layer.trainable = True  # Keras 3 runs a non-trainable BatchNorm in inference mode
+                layer.call = averaging(layer, layer.call)  # a layer shared by pyramid levels runs once per level
+            for batch in ds:
+                self.model(self._inputs(batch), training=True)
+        finally:
+            for layer, trainable, momentum, call in saved:
+                layer.trainable, layer.momentum, layer.call = trainable, momentum, call
+        return [layer.name for layer in layers]
+
     def _monitor(self, logs: dict) -> float:
         """The value of ``train.keep_best_metric`` (the training ``registration`` loss without validation).
 
@@ -381,6 +425,11 @@ class Trainer:
 
         epochs = self.stage_cfg.epochs if epochs is None else epochs
         if self._train_step is None:
+            if self.epoch == 0 and self.stage_cfg.bn_recalibration_batches > 0:
+                names = self.recalibrate_batchnorm(self.stage_cfg.bn_recalibration_batches)
+                if self.verbose:
+                    print(f"stage {self.stage}: re-estimated the statistics of {len(names)} BatchNorm layers "
+                          f"over {self.stage_cfg.bn_recalibration_batches} batches")
             self._build_steps()
         while self.epoch < epochs:
             epoch = self.epoch + 1

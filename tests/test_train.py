@@ -149,6 +149,51 @@ def test_best_checkpoint_follows_the_validation_registration_loss(cohort, tmp_pa
         train.run_stage(bad, 1, cohort, str(tmp_path / "bad"), verbose=0)
 
 
+def test_batchnorm_recalibration_averages_batch_statistics(cohort, tmp_path):
+    """Frozen-BatchNorm stage: the re-estimated moving mean/variance of every ``seg`` BatchNorm layer is
+    the average of the statistics of its inputs over the batches; nothing else changes."""
+    from spirs_tf import data, networks, train
+    from spirs_tf.manifest import load_manifest
+
+    cfg = config_lib.get_config("test", ["train.stages.1.bn_recalibration_batches=2",
+                                         "train.stages.1.epochs=1", "train.stages.1.steps_per_epoch=1"])
+    source = data.PairSource(load_manifest(cohort), "train", cfg.data)
+    trainer = train.Trainer(cfg, 2, source, None, str(tmp_path / "a"), verbose=0)
+    layers = networks.batchnorm_layers(trainer.model, ["seg"])
+    assert layers and all(layer.name.startswith("seg_") and not layer.trainable for layer in layers)
+    seen = {id(layer): [] for layer in layers}
+    for layer in layers:
+        def spy(x, *args, _call=layer.call, _key=id(layer), **kwargs):
+            seen[_key].append(np.asarray(x, dtype=np.float64))
+            return _call(x, *args, **kwargs)
+        layer.call = spy
+    before = networks.model_state(trainer.model)
+    names = trainer.recalibrate_batchnorm(2)
+    after = networks.model_state(trainer.model)
+    assert sorted(names) == sorted(layer.name for layer in layers)
+    for layer in layers:
+        xs = seen[id(layer)]
+        assert len(xs) == 2  # the segmentation decoder runs once per forward pass
+        mean = np.mean([x.mean(axis=(0, 1, 2, 3)) for x in xs], axis=0)
+        var = np.mean([x.var(axis=(0, 1, 2, 3)) for x in xs], axis=0)
+        np.testing.assert_allclose(np.asarray(layer.moving_mean), mean, rtol=1e-4, atol=1e-6, err_msg=layer.name)
+        np.testing.assert_allclose(np.asarray(layer.moving_variance), var, rtol=1e-3, atol=1e-6, err_msg=layer.name)
+        assert not layer.trainable
+    changed = {k for k in before if not np.array_equal(before[k], after[k])}
+    assert changed and all(k.startswith("seg_") and "/moving_" in k for k in changed)
+
+    # fit() re-estimates before the first epoch: stage 2 freezes BatchNorm, so only that moves the statistics
+    fitted = train.Trainer(cfg, 2, source, None, str(tmp_path / "b"), verbose=0)
+    fresh = networks.model_state(fitted.model)
+    fitted.fit()
+    state = networks.model_state(fitted.model)
+    moved = {k for k in fresh if "/moving_" in k and not np.array_equal(fresh[k], state[k])}
+    assert moved and all(k.startswith("seg_") for k in moved)
+
+    with pytest.raises(SpirsInputError, match="bn_recalibration_modules: unknown module"):
+        config_lib.get_config("test", ["train.bn_recalibration_modules=seg,decoder"])
+
+
 def test_stage_two_without_stage_one_is_a_clear_error(cohort, tmp_path):
     from spirs_tf import train
 
