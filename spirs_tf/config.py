@@ -27,6 +27,9 @@ from typing import Any
 
 from spirs_tf.errors import SpirsInputError
 
+#: the network's module prefixes (the keys of ``spirs_tf.networks.MODULE_PREFIXES``, which needs Keras)
+MODULE_NAMES = ("enc", "aff", "def", "seg", "fuse")
+
 CONFIG_VERSION = 1
 
 
@@ -172,6 +175,10 @@ class TrainConfig:
     distribute: str = "none"  #: "none", "mirrored" or "multi_worker"
     loader_workers: int = 2
 
+    def recalibration_modules(self) -> tuple[str, ...]:
+        """``bn_recalibration_modules`` as a tuple of stripped names (validated against :data:`MODULE_NAMES`)."""
+        return tuple(m.strip() for m in self.bn_recalibration_modules.split(","))
+
 
 @dataclass
 class SpirsConfig:
@@ -209,11 +216,10 @@ class SpirsConfig:
                 raise SpirsInputError(f"config {self.name!r}: stage levels must be in 1..{m.num_levels}")
             if s.bn_recalibration_batches < 0:
                 raise SpirsInputError(f"config {self.name!r}: bn_recalibration_batches must be >= 0")
-        known = ("enc", "aff", "def", "seg", "fuse")
-        unknown = [p for p in self.train.bn_recalibration_modules.split(",") if p.strip() not in known]
+        unknown = [m for m in self.train.recalibration_modules() if m not in MODULE_NAMES]
         if unknown:
             raise SpirsInputError(f"config {self.name!r}: train.bn_recalibration_modules: unknown module(s) "
-                                  f"{unknown}; known: {', '.join(known)}")
+                                  f"{unknown}; known: {', '.join(MODULE_NAMES)}")
         return self
 
 

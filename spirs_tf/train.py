@@ -361,8 +361,7 @@ class Trainer:
         if self.strategy is not None:
             raise SpirsInputError("bn_recalibration_batches is not supported with a distribution strategy; "
                                   f"set train.stages.{self.stage - 1}.bn_recalibration_batches=0", self.paths.root)
-        modules = [m.strip() for m in self.cfg.train.bn_recalibration_modules.split(",")]
-        layers = networks.batchnorm_layers(self.model, modules)
+        layers = networks.batchnorm_layers(self.model, self.cfg.train.recalibration_modules())
         saved = [(layer, layer.trainable, layer.momentum, layer.call) for layer in layers]
         ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
                                    training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)

@@ -9,7 +9,7 @@ import pytest
 from spirs_tf import networks
 from spirs_tf._compat import keras, tf
 from spirs_tf.blocks import SharedEncoder, deformable_decoder, opening_conv, prior_bias
-from spirs_tf.config import get_config
+from spirs_tf.config import MODULE_NAMES, get_config
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.geometry import IDENTITY_PARAMS, sample_locations, scale_translation
 from spirs_tf.transforms import upsample2x
@@ -211,6 +211,8 @@ def test_variable_groups_partition(cfg):
     assert grouped == {id(v) for v in model.trainable_variables}
     enc = [v for v in model.trainable_variables if v.path.startswith("enc_")]
     assert {id(v) for v in enc} == {id(v) for v in groups["registration"]} & {id(v) for v in groups["segmentation_p1"]}
+    # the config validates module names against its own Keras-free copy of the prefixes
+    assert set(networks.MODULE_PREFIXES) == set(MODULE_NAMES)
     # loss.p1_trains_encoder = False: the encoder stays with the registration optimiser only
     kept = networks.variable_groups(model, p1_trains_encoder=False)
     assert {id(v) for v in kept["segmentation_p1"]} == {id(v) for v in groups["segmentation_p1"]} - {id(v) for v in enc}
