@@ -365,13 +365,14 @@ class Trainer:
         saved = [(layer, layer.trainable, layer.momentum, layer.call) for layer in layers]
         ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
                                    training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)
-        calls = {id(layer): 0 for layer in layers}
 
         def averaging(layer, call):
+            n = 0  # calls of this layer so far
+
             def wrapped(*args, **kwargs):
-                n = calls[id(layer)]
+                nonlocal n
                 layer.momentum = n / (n + 1.0)  # moving = plain average over its calls so far
-                calls[id(layer)] = n + 1
+                n += 1
                 return call(*args, **kwargs)
             return wrapped
 
@@ -405,7 +406,7 @@ class Trainer:
         self.history.append(row)
         self._write_history()
         monitor = self._monitor(logs)
-        improved = monitor is not None and monitor < self.best
+        improved = monitor < self.best
         if improved:
             self.best = float(monitor)
         meta = {"stage": self.stage, "levels": self.levels, "epoch": epoch, "best": self.best,
