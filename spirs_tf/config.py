@@ -29,6 +29,8 @@ from spirs_tf.errors import SpirsInputError
 
 #: the network's module prefixes (the keys of ``spirs_tf.networks.MODULE_PREFIXES``, which needs Keras)
 MODULE_NAMES = ("enc", "aff", "def", "seg", "fuse")
+#: values of ``loss.affine_supervision`` (``spirs_tf.losses.AFFINE_SUPERVISION``, which needs Keras)
+AFFINE_SUPERVISION = ("matrix", "displacement")
 
 CONFIG_VERSION = 1
 
@@ -76,7 +78,14 @@ class LossConfig:
     gamma: float = 0.5  #: pyramid weight γ^(L−i)
     lambda_smooth: float = 0.5  #: λ1
     lambda_dice: float = 0.1  #: λ2 (registration Dice and its BCE)
-    weight_mse: float = 1.0
+    #: affine supervision of every level: "matrix" = Eq. 1 as written, the MSE over the 12 entries of
+    #: [M | t] (translation in voxels dominates: at 64³ a 5° rotation error costs as much as a 0.12-voxel
+    #: shift); "displacement" = the mean squared displacement error ‖(T̂ − T)[x − c; 1]‖² over the fixed
+    #: image's brain, in voxels of the level grid, so rotation, scale, shear and translation weigh by
+    #: how far they move the brain (``spirs_tf.losses.affine_displacement_mse``; for a pure translation
+    #: error 12× the matrix MSE). The shipped cpu-small weights were trained with "matrix".
+    affine_supervision: str = "matrix"
+    weight_mse: float = 1.0  #: weight of the affine term (either supervision)
     weight_lncc_affine: float = 1.0
     weight_lncc_deformable: float = 1.0
     weight_segmentation: float = 1.0
@@ -208,6 +217,9 @@ class SpirsConfig:
             raise SpirsInputError(f"config {self.name!r}: data.pairing must be 'consecutive' or 'all'")
         if self.loss.optimisation not in ("isolated", "joint"):
             raise SpirsInputError(f"config {self.name!r}: loss.optimisation must be 'isolated' or 'joint'")
+        if self.loss.affine_supervision not in AFFINE_SUPERVISION:
+            raise SpirsInputError(f"config {self.name!r}: loss.affine_supervision must be one of "
+                                  f"{', '.join(AFFINE_SUPERVISION)}, got {self.loss.affine_supervision!r}")
         if self.train.distribute not in ("none", "mirrored", "multi_worker"):
             raise SpirsInputError(
                 f"config {self.name!r}: train.distribute must be 'none', 'mirrored' or 'multi_worker'")

@@ -7,7 +7,9 @@ outputs to float32.
 
 Contents, grouped by what they compare:
 
-* affine: :func:`affine_mse` (Eq. 1);
+* affine: :func:`affine_mse` (Eq. 1 as written: the 12 matrix entries) and
+  :func:`affine_displacement_mse` (the mean squared displacement error, ``loss.affine_supervision =
+  "displacement"``) with its moments :func:`grid_moments` and :func:`mask_moments`;
 * image: :func:`lncc`, :func:`lncc_loss`, :func:`lncc_mask` (Eq. 2–4, the authors' masked unsigned
   LNCC);
 * deformation: :func:`bending_energy`, :func:`background_displacement`, :func:`smoothness_loss` (Eq. 5
@@ -21,14 +23,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from spirs_tf._compat import ops
+from spirs_tf.config import AFFINE_SUPERVISION  # ("matrix", "displacement"): cfg.loss.affine_supervision
 
 #: Keras' probability clip for cross-entropy.
 BCE_EPSILON = 1e-7
 
 __all__ = [
-    "affine_mse", "lncc", "lncc_loss", "lncc_mask", "bending_energy", "background_displacement",
-    "smoothness_loss", "soft_dice", "dice_loss", "weighted_bce", "segmentation_loss",
-    "registration_dice_loss", "hard_dice", "spirs_losses",
+    "affine_mse", "affine_displacement_mse", "grid_moments", "mask_moments", "lncc", "lncc_exact",
+    "lncc_loss", "lncc_mask", "bending_energy", "background_displacement", "smoothness_loss", "soft_dice",
+    "dice_loss", "weighted_bce", "segmentation_loss", "registration_dice_loss", "hard_dice", "spirs_losses",
 ]
 
 
@@ -97,6 +100,126 @@ def affine_mse(true, pred):
         raise ValueError(f"affine matrices must have shape (B, 3, 4), got {tuple(true.shape)}")
     pred = ops.cast(pred, true.dtype)
     return ops.mean(ops.square(true - pred), axis=(1, 2))
+
+
+def grid_moments(shape, dtype="float32"):
+    """Second moments ``H = mean_x h·hᵀ`` of ``h = [x − c; 1]`` over a whole voxel grid, ``c = N/2``.
+
+    Per axis the coordinates ``y = x − N/2`` run over ``−N/2 … N/2 − 1`` (x = 0 … N − 1), so
+    ``E[y] = −1/2``, ``E[y²] = (N² − 1)/12 + 1/4`` and, the axes being independent,
+    ``E[y_j·y_k] = 1/4`` for ``j ≠ k``.
+
+    Args:
+        shape: the three grid sizes ``(D, H, W)``.
+        dtype: dtype of the result.
+
+    Returns:
+        (4, 4) symmetric matrix ``[[E[y yᵀ], E[y]], [E[y]ᵀ, 1]]``.
+    """
+    sizes = [float(n) for n in shape]
+    if len(sizes) != 3 or any(n < 1 for n in sizes):
+        raise ValueError(f"grid shape must be three positive sizes, got {tuple(shape)}")
+    rows = []
+    for j in range(4):
+        row = []
+        for k in range(4):
+            if j == 3 and k == 3:
+                row.append(1.0)
+            elif j == 3 or k == 3:
+                row.append(-0.5)
+            elif j == k:
+                row.append((sizes[j] ** 2 - 1.0) / 12.0 + 0.25)
+            else:
+                row.append(0.25)
+        rows.append(row)
+    return ops.convert_to_tensor(rows, dtype=dtype)
+
+
+def mask_moments(mask):
+    """Second moments ``H = Σ_x m(x)·h·hᵀ / Σ_x m(x)`` of ``h = [x − c; 1]`` over a voxel mask, per sample.
+
+    ``c = N/2`` per axis (the project's centre). Samples whose mask is empty get the whole-grid
+    moments of :func:`grid_moments`. The result carries no gradient.
+
+    Args:
+        mask: (B, D, H, W, 1) weights (e.g. ``fixed_image ≠ 0``).
+
+    Returns:
+        (B, 4, 4) symmetric moment matrices, dtype of ``mask`` (float32 unless float64).
+
+    Raises:
+        ValueError: if ``mask`` is not rank 5 or its spatial shape is unknown.
+    """
+    m = _float(mask)
+    _check_rank(m, 5, "mask", "(B, D, H, W, 1)")
+    shape = tuple(m.shape[1:4])
+    if any(s is None for s in shape):
+        raise ValueError(f"mask_moments needs a static spatial shape, got {tuple(m.shape)}")
+    m = ops.stop_gradient(m[..., 0])
+    count = _per_sample_sum(m)
+    safe = ops.maximum(count, 1e-12)
+    coords = []
+    for axis, n in enumerate(shape):
+        view = [1, 1, 1, 1]
+        view[axis + 1] = n
+        y = ops.arange(n, dtype=m.dtype) - float(n) / 2.0
+        coords.append(ops.reshape(y, tuple(view)))
+    ones = ops.ones((1, 1, 1, 1), dtype=m.dtype)
+    h = coords + [ones]
+    entries = [[None] * 4 for _ in range(4)]
+    for j in range(4):
+        for k in range(j, 4):
+            value = _per_sample_sum(m * (h[j] * h[k])) / safe
+            entries[j][k] = entries[k][j] = value
+    moments = ops.stack([ops.stack(row, axis=-1) for row in entries], axis=-2)     # (B, 4, 4)
+    full = grid_moments(shape, m.dtype)[None]
+    return ops.stop_gradient(ops.where((count > 0)[:, None, None], moments, full))
+
+
+def affine_displacement_mse(true, pred, moments):
+    """Mean squared displacement error of an affine: ``mean_x ‖(T̂ − T)·[x − c; 1]‖²``.
+
+    With ``E = T̂ − T`` (3 × 4) and ``H = mean_x h·hᵀ`` the second moments of ``h = [x − c; 1]``
+    over the voxels x (the whole grid, :func:`grid_moments`, or a mask, :func:`mask_moments`), the
+    mean of the quadratic form is exact in closed form::
+
+        mean_x ‖E·h(x)‖² = trace(E·H·Eᵀ) = Σ_rows e_r·H·e_rᵀ
+
+    (no voxel loop). It is the squared length of the displacement error, summed over the 3 axes and
+    averaged over voxels, in the units of the matrices (voxels of the grid that ``H`` describes), so
+    rotation, scale, shear and translation weigh by how far they move the voxels. For a pure
+    translation error ``t`` it equals ``‖t‖²``, 12× the 12-entry MSE of :func:`affine_mse`.
+
+    Args:
+        true: (B, 3, 4) ground-truth matrices ``[M | t]`` in centred voxels of the grid.
+        pred: (B, 3, 4) predicted matrices, same units.
+        moments: (4, 4) or (B, 4, 4) moments ``H`` of that grid (no gradient flows into them).
+
+    Returns:
+        (B,) mean squared displacement error per sample (voxels²).
+
+    Raises:
+        ValueError: if the matrices are not (B, 3, 4) or differ, or ``moments`` is not (…, 4, 4).
+    """
+    true, pred = _float(true), _float(pred)
+    _check_rank(true, 3, "true", "(B, 3, 4)")
+    _check_same(true, pred, "true", "pred")
+    if tuple(true.shape[1:]) != (3, 4):
+        raise ValueError(f"affine matrices must have shape (B, 3, 4), got {tuple(true.shape)}")
+    h = ops.stop_gradient(ops.cast(ops.convert_to_tensor(moments), true.dtype))
+    if len(h.shape) not in (2, 3) or tuple(h.shape[-2:]) != (4, 4):
+        raise ValueError(f"moments must have shape (4, 4) or (B, 4, 4), got {tuple(h.shape)}")
+    if len(h.shape) == 2:
+        h = h[None]
+    err = ops.cast(pred, true.dtype) - true
+    return ops.sum(err * ops.matmul(err, h), axis=(1, 2))
+
+
+def _level_affine(matrix, factor: int):
+    """``[M | t] → [M | t / factor]``: a centred S-grid affine in voxels of the grid ``factor``× coarser."""
+    if factor == 1:
+        return matrix
+    return ops.concatenate([matrix[:, :, :3], matrix[:, :, 3:] / float(factor)], axis=-1)
 
 
 # ------------------------------------------------------------------------------------------- image
@@ -209,6 +332,26 @@ def lncc(fixed, moving, window: int = 9, mask=None, eps: float = 1e-7, box_sum: 
 def lncc_loss(fixed, moving, window: int = 9, mask=None, eps: float = 1e-7, box_sum: str = "cumsum"):
     """``−lncc(fixed, moving, ...)`` (Eq. 3 and 4); (B,). Arguments and Raises as :func:`lncc`."""
     return -lncc(fixed, moving, window=window, mask=mask, eps=eps, box_sum=box_sum)
+
+
+def lncc_exact(fixed, moving, window: int = 9, mask=None, eps: float = 1e-7):
+    """:func:`lncc` computed in float64 and returned as float32: the LNCC to log or report.
+
+    The float32 cumulative sums of :func:`lncc` carry a rounding error proportional to the running
+    sum along each axis, not to the window's own values. Masked to the brain, as in training, that
+    error is harmless (|Δ| ≈ 2e-7 on a realistic 128³ pair); but windows centred in the zero
+    background next to the brain get cross/variance terms made of rounding residue, their cc is
+    arbitrary (far above 1), and the *unmasked* mean is inflated (+1.9e-4 at 64³, +1.8e-2 at 128³
+    for a 3 % zoom; ``experiments/lncc_precision.py``). In float64 the same sums agree with a
+    per-voxel window loop to ~1e-13 and cost about as much on a CPU; every logged LNCC uses this.
+
+    Args and Raises as :func:`lncc`; returns (B,) float32 (no gradient is intended, but one flows).
+    """
+    fixed = ops.cast(ops.convert_to_tensor(fixed), "float64")
+    moving = ops.cast(ops.convert_to_tensor(moving), "float64")
+    if mask is not None:
+        mask = ops.cast(ops.convert_to_tensor(mask), "float64")
+    return ops.cast(lncc(fixed, moving, window=window, mask=mask, eps=eps, box_sum="cumsum"), "float32")
 
 
 def lncc_mask(fixed, moving, fixed_mask, moving_mask):
@@ -454,13 +597,16 @@ def _check_grid(x, grid: int, name: str) -> None:
                          f"got shape {tuple(x.shape)}")
 
 
-def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int) -> dict:
+def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int, exact_lncc: bool = False) -> dict:
     """All SPIRS loss terms of a model with ``levels`` pyramid levels, per sample.
 
     Level i (1 = coarsest) lives on the grid S / 2**(levels − i), S = the model's input size; its
     targets are strided subsamples of the batch tensors. Per level (cfg.loss = ``w``)::
 
-        mse_i             = affine_mse(true_affine, affine_i)           (finest-grid voxels)
+        mse_i             = affine_mse(true_affine, affine_i)           (affine_supervision "matrix",
+                                                                         Eq. 1, S-grid voxels)
+                          = affine_displacement_mse(true_affine_i, affine_i_i, H_i)
+                                                                        ("displacement", level voxels)
         lncc_affine_i     = lncc(I_f,i, warped_affine_image_i,
                                  mask = lncc_mask(I_f,i, I_wA,i, fixed_mask_i, warped_affine_mask_i))
         lncc_deformable_i = lncc(I_f,i, warped_image_i,
@@ -469,6 +615,15 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int) -> dict:
         dice_i            = registration_dice_loss(dice_target_i, warped_mask_i)   (Dice + BCE)
         registration_i    = γ^(levels−i) · (w_mse·mse_i − w_lncc_a·lncc_affine_i
                                             − w_lncc_d·lncc_deformable_i + λ1·smooth_i + λ2·dice_i)
+
+    Every level's ``affine_i`` and ``true_affine`` are centred affines with translations in voxels of
+    the S grid. With ``affine_supervision = "displacement"`` both are first expressed in voxels of
+    level i's grid (translation divided by f = 2**(levels − i), ``M`` unchanged since c = N/2 scales
+    with the grid), and ``H_i`` holds the moments of ``[x − c; 1]`` over the **brain of the fixed
+    image at that level** (voxels with I_f,i ≠ 0; the whole level grid for an empty image), so
+    ``mse_i`` is the mean squared displacement error over the brain in level voxels: the voxels that
+    the LNCC sees, including the coupling of translation and linear part for an off-centre brain
+    (whole-grid moments would weigh the linear part by the empty corners of the grid too).
 
     The ``lncc_*`` entries are similarities (higher is better); they enter the loss with a minus sign.
     Then ``registration = Σ_i registration_i``, ``segmentation_p1 = w_seg·segmentation_loss(fixed_mask,
@@ -485,6 +640,8 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int) -> dict:
             (B, S, S, S, 1) and ``true_affine`` (B, 3, 4)); other keys are ignored.
         cfg: a :class:`spirs_tf.config.SpirsConfig` (only ``cfg.loss`` is read).
         levels: number of pyramid levels of the model (1..cfg.model.num_levels).
+        exact_lncc: compute the LNCC terms with :func:`lncc_exact` (float64), for validation numbers
+            that are logged; training keeps the float32 :func:`lncc` (its masked error is ~1e-7).
 
     Returns:
         dict of (B,) tensors: ``mse_i``, ``lncc_affine_i``, ``lncc_deformable_i``, ``smooth_i``,
@@ -492,10 +649,14 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int) -> dict:
         ``segmentation_p2`` and ``total``.
 
     Raises:
-        ValueError: if ``levels`` < 1, a key is missing, or an output is not on its level's grid.
+        ValueError: if ``levels`` < 1, a key is missing, an output is not on its level's grid, or
+            ``cfg.loss.affine_supervision`` is unknown.
     """
     if levels < 1:
         raise ValueError(f"levels must be >= 1, got {levels}")
+    supervision = getattr(cfg.loss, "affine_supervision", "matrix")
+    if supervision not in AFFINE_SUPERVISION:
+        raise ValueError(f"loss.affine_supervision must be one of {AFFINE_SUPERVISION}, got {supervision!r}")
     missing = [k for k in BATCH_KEYS if k not in batch]
     missing += [f"{name}_{i}" for i in range(1, levels + 1) for name in LEVEL_OUTPUTS
                 if f"{name}_{i}" not in outputs]
@@ -526,10 +687,18 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int) -> dict:
                            out["warped_affine_mask"])
         ncc_i = _subsample(ncc_mask, factor)
         mask_d = lncc_mask(f_i, out["warped_image"], ncc_i, ncc_i)
+        if supervision == "displacement":
+            moments = mask_moments(ops.cast(ops.not_equal(f_i, 0), f_i.dtype))
+            mse = affine_displacement_mse(_level_affine(true_affine, factor),
+                                          _level_affine(ops.cast(out["affine"], true_affine.dtype), factor),
+                                          moments)
+        else:
+            mse = affine_mse(true_affine, out["affine"])
+        similarity = lncc_exact if exact_lncc else lncc
         terms = {
-            "mse": affine_mse(true_affine, out["affine"]),
-            "lncc_affine": lncc(f_i, out["warped_affine_image"], window=lw.lncc_window, mask=mask_a),
-            "lncc_deformable": lncc(f_i, out["warped_image"], window=lw.lncc_window, mask=mask_d),
+            "mse": mse,
+            "lncc_affine": similarity(f_i, out["warped_affine_image"], window=lw.lncc_window, mask=mask_a),
+            "lncc_deformable": similarity(f_i, out["warped_image"], window=lw.lncc_window, mask=mask_d),
             "smooth": smoothness_loss(out["dvf"], f_i, out["warped_affine_image"],
                                       background_weight=lw.background_displacement_weight),
             "dice": registration_dice_loss(_subsample(dice_target, factor), out["warped_mask"],

@@ -22,6 +22,10 @@ The loop reads like the method::
   every weight). Optimiser state is not carried across stages: each stage has its own step count and
   schedule (the authors restarted schedules per stage too; they carried momentum, which is
   negligible after the first hundred steps).
+* Validation (``validate``) logs the loss terms with ``val_`` prefixes plus the finest level's
+  unmasked ``val_lncc_{identity,affine,deformable}`` and hard Dice scores. Every validation LNCC,
+  masked or not, is computed with float64 box sums (:func:`spirs_tf.losses.lncc_exact`); training
+  keeps float32, whose error next to the zero background inflated the unmasked columns before.
 
 Run directory layout (``RUN`` holds all three stages)::
 
@@ -220,7 +224,9 @@ class Trainer:
         from spirs_tf import losses as losses_lib
 
         outputs = self.model(self._inputs(batch), training=training)
-        per_sample = losses_lib.spirs_losses(outputs, batch, self.cfg, self.levels)
+        # validation numbers are logged (history, provenance, best.npz): their LNCC terms use exact
+        # float64 box sums; training keeps the float32 ones (masked, their error is ~1e-7)
+        per_sample = losses_lib.spirs_losses(outputs, batch, self.cfg, self.levels, exact_lncc=not training)
         return outputs, per_sample
 
     def _build_steps(self):
@@ -266,12 +272,14 @@ class Trainer:
             scalars = {k: reduce(v) for k, v in per_sample.items()}
             L = self.levels
             fixed = batch["fixed_image"]
-            scalars["lncc_identity"] = reduce(losses_lib.lncc(fixed, batch["moving_image"],
-                                                              window=self.cfg.loss.lncc_window))
-            scalars["lncc_affine"] = reduce(losses_lib.lncc(fixed, outputs[f"warped_affine_image_{L}"],
-                                                            window=self.cfg.loss.lncc_window))
-            scalars["lncc_deformable"] = reduce(losses_lib.lncc(fixed, outputs[f"warped_image_{L}"],
-                                                                window=self.cfg.loss.lncc_window))
+            # unmasked, so windows centred in the zero background count: float64 box sums (lncc_exact),
+            # the float32 cumulative sums inflate these means next to the background
+            window = self.cfg.loss.lncc_window
+            scalars["lncc_identity"] = reduce(losses_lib.lncc_exact(fixed, batch["moving_image"], window))
+            scalars["lncc_affine"] = reduce(losses_lib.lncc_exact(fixed, outputs[f"warped_affine_image_{L}"],
+                                                                  window))
+            scalars["lncc_deformable"] = reduce(losses_lib.lncc_exact(fixed, outputs[f"warped_image_{L}"],
+                                                                      window))
             target = batch["fixed_mask"]
             scalars["dice_identity"] = reduce(_hard_dice_prob(target, batch["moving_mask"]))
             scalars["dice_affine"] = reduce(_hard_dice_prob(target, outputs[f"warped_affine_mask_{L}"]))

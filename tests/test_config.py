@@ -50,3 +50,20 @@ def test_unknown_config_and_bad_json(tmp_path):
     newer.write_text(json.dumps({"version": 99}))
     with pytest.raises(SpirsInputError, match="newer"):
         C.get_config(str(newer))
+
+
+def test_affine_supervision_field(tmp_path):
+    # Eq. 1 as written stays the default of every named config (the shipped cpu-small weights used it)
+    assert {C.get_config(name).loss.affine_supervision for name in C.NAMED_CONFIGS} == {"matrix"}
+    cfg = C.get_config("cpu-small", ["loss.affine_supervision=displacement"])
+    path = tmp_path / "cfg.json"
+    C.save_config(cfg, path)
+    assert C.get_config(str(path)).loss.affine_supervision == "displacement"
+    # a config saved before the field existed loads with the matrix MSE
+    old = C.to_dict(C.get_config("cpu-small"))
+    del old["loss"]["affine_supervision"]
+    path.write_text(json.dumps(old))
+    assert C.get_config(str(path)).loss.affine_supervision == "matrix"
+    with pytest.raises(SpirsInputError, match=r"config 'test': loss.affine_supervision must be one of "
+                                              r"matrix, displacement, got 'rotation'"):
+        C.get_config("test", ["loss.affine_supervision=rotation"])

@@ -1,6 +1,7 @@
 """Tests for spirs_tf.metrics: analytic values, brute-force and SimpleITK references."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -13,6 +14,9 @@ from scipy.spatial.distance import cdist
 from scipy.spatial.distance import dice as scipy_dice_dissimilarity
 
 from spirs_tf import metrics
+
+sys.path.insert(0, os.path.dirname(__file__))
+from lncc_reference import offset_loop_cc_map  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------------
@@ -107,6 +111,40 @@ def test_lncc_masked_mean_and_empty_mask(rng):
     assert metrics.lncc(x, y, mask=mask) == pytest.approx(cc[mask].mean())
     assert metrics.lncc(x, y) == pytest.approx(cc.mean())
     assert np.isnan(metrics.lncc(x, y, mask=np.zeros_like(mask)))
+
+
+@pytest.mark.parametrize("zoom", [1.0, 1.03])
+def test_lncc_matches_a_per_voxel_loop_next_to_a_zero_background(zoom):
+    """The reported LNCC (inference's report.json, evaluation) equals the window-by-window definition on a
+    bright brain in an exact-zero background, against itself and against a 3 % zoom; masked and not."""
+    from lncc_reference import brute_force_cc_map, phantom
+
+    fixed, moving = phantom(16, zoom=zoom)
+    cc = brute_force_cc_map(fixed, moving)
+    mask = metrics.lncc_mask(fixed, moving)
+    assert metrics.lncc(fixed, moving) == pytest.approx(cc.mean(), abs=1e-10)
+    assert metrics.lncc(fixed, moving, mask=mask) == pytest.approx(cc[mask].mean(), abs=1e-10)
+    np.testing.assert_allclose(metrics.lncc_map(fixed, moving), cc, atol=1e-9)
+    # on 32³, where float32 running sums drift by > 1e-4, and at raw-scanner intensity scales
+    fixed, moving = phantom(32, zoom=zoom)
+    for scale in (1.0, 1e4):
+        cc = offset_loop_cc_map(fixed * scale, moving * scale)
+        assert metrics.lncc(fixed * scale, moving * scale) == pytest.approx(cc.mean(), abs=1e-10)
+
+
+@pytest.mark.parametrize("window", [1, 2, 4, 5, 9])
+def test_box_sum_matches_a_loop_over_offsets(rng, window):
+    """Any window (even ones keep TF 'same' alignment: i − (w−1)//2 … i + w//2) and any dimension."""
+    for shape in ((7,), (6, 9), (5, 6, 7)):
+        x = rng.random(shape)
+        before = (window - 1) // 2
+        padded = np.pad(x, [(before, window // 2)] * x.ndim)
+        expected = sum(padded[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+                       for offset in np.ndindex(*(window,) * x.ndim))
+        np.testing.assert_allclose(metrics._box_sum(x, window), expected, rtol=1e-12, atol=1e-12)
+    zero = np.zeros((12, 12, 12))
+    zero[:3] = rng.random((3, 12, 12)) * 1e6
+    assert np.all(metrics._box_sum(zero, 9)[8:] == 0.0)   # windows of zeros are exactly 0
 
 
 def test_lncc_mask_excludes_background_and_lesions():

@@ -149,6 +149,30 @@ def test_best_checkpoint_follows_the_validation_registration_loss(cohort, tmp_pa
         train.run_stage(bad, 1, cohort, str(tmp_path / "bad"), verbose=0)
 
 
+def test_logged_validation_lncc_is_exact_and_displacement_supervision_trains(cohort, tmp_path):
+    """val_lncc_* (unmasked, next to a zero background) equal the float64 NumPy metric on the same pairs;
+    a stage runs with loss.affine_supervision = displacement and logs a finite affine term."""
+    from spirs_tf import data, metrics, train
+    from spirs_tf._compat import ops
+
+    cfg = config_lib.get_config("test", ["train.stages.0.epochs=1", "train.stages.0.steps_per_epoch=1",
+                                         "loss.affine_supervision=displacement"])
+    trainer = train.run_stage(cfg, 1, cohort, str(tmp_path / "run"), verbose=0)
+    row = trainer.history[-1]
+    assert np.isfinite(row["mse_1"]) and np.isfinite(row["val_mse_1"])
+    window = cfg.loss.lncc_window
+    values = {"identity": [], "affine": [], "deformable": []}
+    for batch in data.make_dataset(trainer.val_source, cfg, 1, batch_size=1, training=False, seed=cfg.train.seed):
+        out = trainer.model(trainer._inputs(batch), training=False)
+        fixed = ops.convert_to_numpy(batch["fixed_image"])[0, ..., 0]
+        for key, moving in (("identity", batch["moving_image"]), ("affine", out["warped_affine_image_1"]),
+                            ("deformable", out["warped_image_1"])):
+            values[key].append(metrics.lncc(fixed, ops.convert_to_numpy(moving)[0, ..., 0], window))
+    assert len(values["identity"]) > 0
+    for key, v in values.items():
+        assert row[f"val_lncc_{key}"] == pytest.approx(np.mean(v), abs=1e-5), key
+
+
 def test_batchnorm_recalibration_averages_batch_statistics(cohort, tmp_path):
     """Frozen-BatchNorm stage: the re-estimated moving mean/variance of every ``seg`` BatchNorm layer is
     the average of the statistics of its inputs over the batches; nothing else changes."""
