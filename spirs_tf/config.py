@@ -13,6 +13,10 @@ Named experiments (:data:`NAMED_CONFIGS`):
 ``test``
     Tiny: for unit tests only.
 
+Every named config keeps ``loss.affine_supervision = "matrix"`` (Eq. 1 as written; the shipped cpu-small
+weights were trained with it); ``"displacement"`` supervises the affine by its mean squared displacement
+error over the brain instead (:mod:`spirs_tf.affine_losses`).
+
 A config is built with :func:`get_config` (a name or a JSON file, plus ``key.sub=value`` overrides)
 and written with :func:`save_config`. Keys are checked: a typo is an error, not a silent default.
 """
@@ -79,11 +83,11 @@ class LossConfig:
     lambda_smooth: float = 0.5  #: λ1
     lambda_dice: float = 0.1  #: λ2 (registration Dice and its BCE)
     #: affine supervision of every level: "matrix" = Eq. 1 as written, the MSE over the 12 entries of
-    #: [M | t] (translation in voxels dominates: at 64³ a 5° rotation error costs as much as a 0.12-voxel
-    #: shift); "displacement" = the mean squared displacement error ‖(T̂ − T)[x − c; 1]‖² over the fixed
-    #: image's brain, in voxels of the level grid, so rotation, scale, shear and translation weigh by
-    #: how far they move the brain (``spirs_tf.losses.affine_displacement_mse``; for a pure translation
-    #: error 12× the matrix MSE). The shipped cpu-small weights were trained with "matrix".
+    #: [M | t] (translation in voxels dominates: on 64³ a 5° rotation error costs as much as a
+    #: 0.12-voxel shift); "displacement" = the mean squared displacement error ‖(T̂ − T)[x − c; 1]‖²
+    #: over the fixed image's brain, in voxels of the level grid, so rotation, scale, shear and
+    #: translation weigh by how far they move the brain (spirs_tf.affine_losses; for a pure translation
+    #: error it is 12× the matrix MSE). The shipped cpu-small weights were trained with "matrix".
     affine_supervision: str = "matrix"
     weight_mse: float = 1.0  #: weight of the affine term (either supervision)
     weight_lncc_affine: float = 1.0

@@ -7,11 +7,12 @@ outputs to float32.
 
 Contents, grouped by what they compare:
 
-* affine: :func:`affine_mse` (Eq. 1 as written: the 12 matrix entries) and
-  :func:`affine_displacement_mse` (the mean squared displacement error, ``loss.affine_supervision =
-  "displacement"``) with its moments :func:`grid_moments` and :func:`mask_moments`;
+* affine (defined in :mod:`spirs_tf.affine_losses`, re-exported here): :func:`affine_mse` (Eq. 1 as
+  written: the 12 matrix entries) and :func:`affine_displacement_mse` (the mean squared displacement
+  error, ``loss.affine_supervision = "displacement"``) with its moments :func:`grid_moments` and
+  :func:`mask_moments`;
 * image: :func:`lncc`, :func:`lncc_loss`, :func:`lncc_mask` (Eq. 2–4, the authors' masked unsigned
-  LNCC);
+  LNCC) and :func:`lncc_exact` (float64 box sums, for every LNCC that is logged);
 * deformation: :func:`bending_energy`, :func:`background_displacement`, :func:`smoothness_loss` (Eq. 5
   plus the authors' background penalty);
 * label: :func:`soft_dice`, :func:`dice_loss`, :func:`weighted_bce`, :func:`segmentation_loss`,
@@ -23,7 +24,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from spirs_tf._compat import ops
-from spirs_tf.config import AFFINE_SUPERVISION  # ("matrix", "displacement"): cfg.loss.affine_supervision
+from spirs_tf._loss_util import check_rank as _check_rank
+from spirs_tf._loss_util import check_same as _check_same
+from spirs_tf._loss_util import float_tensor as _float
+from spirs_tf._loss_util import per_sample_mean as _per_sample_mean
+from spirs_tf._loss_util import per_sample_sum as _per_sample_sum
+from spirs_tf.affine_losses import (AFFINE_SUPERVISION, affine_displacement_mse, affine_mse, grid_moments,
+                                    level_affine, mask_moments)
 
 #: Keras' probability clip for cross-entropy.
 BCE_EPSILON = 1e-7
@@ -36,35 +43,6 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------- helpers
-def _float(x):
-    """``x`` as a float tensor: float64 stays float64, everything else becomes float32."""
-    x = ops.convert_to_tensor(x)
-    if x.dtype == "float64":
-        return x
-    return ops.cast(x, "float32")
-
-
-def _check_rank(x, rank: int, name: str, what: str) -> None:
-    if len(x.shape) != rank:
-        raise ValueError(f"{name} must have shape {what} (rank {rank}), got shape {tuple(x.shape)}")
-
-
-def _check_same(a, b, name_a: str, name_b: str) -> None:
-    if len(a.shape) != len(b.shape) or any(
-            da is not None and db is not None and da != db for da, db in zip(a.shape, b.shape)):
-        raise ValueError(f"{name_a} and {name_b} must have the same shape, got "
-                         f"{tuple(a.shape)} and {tuple(b.shape)}")
-
-
-def _per_sample_mean(x):
-    """Mean over every axis except the batch axis: (B, ...) -> (B,)."""
-    return ops.mean(x, axis=tuple(range(1, len(x.shape))))
-
-
-def _per_sample_sum(x):
-    return ops.sum(x, axis=tuple(range(1, len(x.shape))))
-
-
 def _label_pair(target, other, function: str, other_name: str):
     """float32 ``(target, other)`` of equal shape with a batch axis, for the label losses.
 
@@ -76,150 +54,6 @@ def _label_pair(target, other, function: str, other_name: str):
         raise ValueError(f"{function} needs a batch axis, got shape {tuple(q.shape)}")
     _check_same(q, x, "target", other_name)
     return q, ops.cast(x, q.dtype)
-
-
-# ------------------------------------------------------------------------------------------ affine
-def affine_mse(true, pred):
-    """Affine MSE of Eq. 1: ``mean over the 12 entries of (T_true − T̂)²``.
-
-    Args:
-        true: (B, 3, 4) ground-truth matrices ``[M | t]`` (voxels of the model's finest grid).
-        pred: (B, 3, 4) predicted matrices, same units.
-
-    Returns:
-        (B,) mean squared difference per sample (the authors average over the 12 entries, not the 15
-        parameters; translations in voxels dominate the term).
-
-    Raises:
-        ValueError: if the shapes are not (B, 3, 4) or differ.
-    """
-    true, pred = _float(true), _float(pred)
-    _check_rank(true, 3, "true", "(B, 3, 4)")
-    _check_same(true, pred, "true", "pred")
-    if tuple(true.shape[1:]) != (3, 4):
-        raise ValueError(f"affine matrices must have shape (B, 3, 4), got {tuple(true.shape)}")
-    pred = ops.cast(pred, true.dtype)
-    return ops.mean(ops.square(true - pred), axis=(1, 2))
-
-
-def grid_moments(shape, dtype="float32"):
-    """Second moments ``H = mean_x h·hᵀ`` of ``h = [x − c; 1]`` over a whole voxel grid, ``c = N/2``.
-
-    Per axis the coordinates ``y = x − N/2`` run over ``−N/2 … N/2 − 1`` (x = 0 … N − 1), so
-    ``E[y] = −1/2``, ``E[y²] = (N² − 1)/12 + 1/4`` and, the axes being independent,
-    ``E[y_j·y_k] = 1/4`` for ``j ≠ k``.
-
-    Args:
-        shape: the three grid sizes ``(D, H, W)``.
-        dtype: dtype of the result.
-
-    Returns:
-        (4, 4) symmetric matrix ``[[E[y yᵀ], E[y]], [E[y]ᵀ, 1]]``.
-    """
-    sizes = [float(n) for n in shape]
-    if len(sizes) != 3 or any(n < 1 for n in sizes):
-        raise ValueError(f"grid shape must be three positive sizes, got {tuple(shape)}")
-    rows = []
-    for j in range(4):
-        row = []
-        for k in range(4):
-            if j == 3 and k == 3:
-                row.append(1.0)
-            elif j == 3 or k == 3:
-                row.append(-0.5)
-            elif j == k:
-                row.append((sizes[j] ** 2 - 1.0) / 12.0 + 0.25)
-            else:
-                row.append(0.25)
-        rows.append(row)
-    return ops.convert_to_tensor(rows, dtype=dtype)
-
-
-def mask_moments(mask):
-    """Second moments ``H = Σ_x m(x)·h·hᵀ / Σ_x m(x)`` of ``h = [x − c; 1]`` over a voxel mask, per sample.
-
-    ``c = N/2`` per axis (the project's centre). Samples whose mask is empty get the whole-grid
-    moments of :func:`grid_moments`. The result carries no gradient.
-
-    Args:
-        mask: (B, D, H, W, 1) weights (e.g. ``fixed_image ≠ 0``).
-
-    Returns:
-        (B, 4, 4) symmetric moment matrices, dtype of ``mask`` (float32 unless float64).
-
-    Raises:
-        ValueError: if ``mask`` is not rank 5 or its spatial shape is unknown.
-    """
-    m = _float(mask)
-    _check_rank(m, 5, "mask", "(B, D, H, W, 1)")
-    shape = tuple(m.shape[1:4])
-    if any(s is None for s in shape):
-        raise ValueError(f"mask_moments needs a static spatial shape, got {tuple(m.shape)}")
-    m = ops.stop_gradient(m[..., 0])
-    count = _per_sample_sum(m)
-    safe = ops.maximum(count, 1e-12)
-    coords = []
-    for axis, n in enumerate(shape):
-        view = [1, 1, 1, 1]
-        view[axis + 1] = n
-        y = ops.arange(n, dtype=m.dtype) - float(n) / 2.0
-        coords.append(ops.reshape(y, tuple(view)))
-    ones = ops.ones((1, 1, 1, 1), dtype=m.dtype)
-    h = coords + [ones]
-    entries = [[None] * 4 for _ in range(4)]
-    for j in range(4):
-        for k in range(j, 4):
-            value = _per_sample_sum(m * (h[j] * h[k])) / safe
-            entries[j][k] = entries[k][j] = value
-    moments = ops.stack([ops.stack(row, axis=-1) for row in entries], axis=-2)     # (B, 4, 4)
-    full = grid_moments(shape, m.dtype)[None]
-    return ops.stop_gradient(ops.where((count > 0)[:, None, None], moments, full))
-
-
-def affine_displacement_mse(true, pred, moments):
-    """Mean squared displacement error of an affine: ``mean_x ‖(T̂ − T)·[x − c; 1]‖²``.
-
-    With ``E = T̂ − T`` (3 × 4) and ``H = mean_x h·hᵀ`` the second moments of ``h = [x − c; 1]``
-    over the voxels x (the whole grid, :func:`grid_moments`, or a mask, :func:`mask_moments`), the
-    mean of the quadratic form is exact in closed form::
-
-        mean_x ‖E·h(x)‖² = trace(E·H·Eᵀ) = Σ_rows e_r·H·e_rᵀ
-
-    (no voxel loop). It is the squared length of the displacement error, summed over the 3 axes and
-    averaged over voxels, in the units of the matrices (voxels of the grid that ``H`` describes), so
-    rotation, scale, shear and translation weigh by how far they move the voxels. For a pure
-    translation error ``t`` it equals ``‖t‖²``, 12× the 12-entry MSE of :func:`affine_mse`.
-
-    Args:
-        true: (B, 3, 4) ground-truth matrices ``[M | t]`` in centred voxels of the grid.
-        pred: (B, 3, 4) predicted matrices, same units.
-        moments: (4, 4) or (B, 4, 4) moments ``H`` of that grid (no gradient flows into them).
-
-    Returns:
-        (B,) mean squared displacement error per sample (voxels²).
-
-    Raises:
-        ValueError: if the matrices are not (B, 3, 4) or differ, or ``moments`` is not (…, 4, 4).
-    """
-    true, pred = _float(true), _float(pred)
-    _check_rank(true, 3, "true", "(B, 3, 4)")
-    _check_same(true, pred, "true", "pred")
-    if tuple(true.shape[1:]) != (3, 4):
-        raise ValueError(f"affine matrices must have shape (B, 3, 4), got {tuple(true.shape)}")
-    h = ops.stop_gradient(ops.cast(ops.convert_to_tensor(moments), true.dtype))
-    if len(h.shape) not in (2, 3) or tuple(h.shape[-2:]) != (4, 4):
-        raise ValueError(f"moments must have shape (4, 4) or (B, 4, 4), got {tuple(h.shape)}")
-    if len(h.shape) == 2:
-        h = h[None]
-    err = ops.cast(pred, true.dtype) - true
-    return ops.sum(err * ops.matmul(err, h), axis=(1, 2))
-
-
-def _level_affine(matrix, factor: int):
-    """``[M | t] → [M | t / factor]``: a centred S-grid affine in voxels of the grid ``factor``× coarser."""
-    if factor == 1:
-        return matrix
-    return ops.concatenate([matrix[:, :, :3], matrix[:, :, 3:] / float(factor)], axis=-1)
 
 
 # ------------------------------------------------------------------------------------------- image
@@ -236,6 +70,12 @@ def _box_sum(x, window: int, method: str = "cumsum"):
       ``w`` apart. Plain float32 additions, so the result does not depend on the device; on Ampere
       or newer GPUs TensorFlow runs float32 convolutions in TF32 (10-bit mantissa) by default, which
       shifts the mean LNCC of a realistic 96³ pair by about 1e-3 (emulated), against < 1e-7 here.
+      **But** a running sum's rounding error is relative to the running total along the axis, not to
+      the window: in float32, windows centred in the zero background next to the brain get cross and
+      variance terms made of rounding residue and an arbitrary cc (far above 1). Masked to the brain
+      (the training loss) that is harmless (|Δ mean| ≤ 3e-7 on 64³ and 128³ pairs, gradient 1e-5
+      relative); unmasked means drift (+1.9e-4 on 64³, +1.8e-2 on 128³ for a 3 % zoom). In float64
+      (:func:`lncc_exact`) both agree with a per-voxel window loop to ~1e-13.
     * ``"conv"``: three 1-D all-ones convolutions (3·w multiply-adds per voxel); about 3× faster on
       CPU, subject to TF32 on GPUs.
 
@@ -281,7 +121,9 @@ def lncc(fixed, moving, window: int = 9, mask=None, eps: float = 1e-7, box_sum: 
     ``eps`` before squaring, so an image and its negation score ≈ 0 although cross²/(varI·varJ) on its
     own would be 1. All-zero windows (background) score exactly 1 (every term clamps to eps), which
     is one reason the authors mask the mean; in near-constant non-zero windows the float32
-    cancellation in varI/varJ dominates cc.
+    cancellation in varI/varJ dominates cc. Numbers that are logged or reported use :func:`lncc_exact`
+    (float64 box sums): the float32 running sums are exact enough for the masked training loss but
+    inflate an unmasked mean next to the zero background (see :func:`_box_sum`).
 
     Args:
         fixed: (B, D, H, W, 1) image I.
@@ -689,8 +531,8 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int, exact_lncc:
         mask_d = lncc_mask(f_i, out["warped_image"], ncc_i, ncc_i)
         if supervision == "displacement":
             moments = mask_moments(ops.cast(ops.not_equal(f_i, 0), f_i.dtype))
-            mse = affine_displacement_mse(_level_affine(true_affine, factor),
-                                          _level_affine(ops.cast(out["affine"], true_affine.dtype), factor),
+            mse = affine_displacement_mse(level_affine(true_affine, factor),
+                                          level_affine(ops.cast(out["affine"], true_affine.dtype), factor),
                                           moments)
         else:
             mse = affine_mse(true_affine, out["affine"])
