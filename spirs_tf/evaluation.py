@@ -18,7 +18,9 @@ network), for three transforms:
 * ``SPIRS`` deformable -- ``warped_image_i`` / ``warped_mask_i`` (``A_final`` and ``u_i``).
 
 Metrics (:func:`registration_metrics`): unmasked LNCC (window ``cfg.loss.lncc_window``), masked LNCC
-(the authors' training mask :func:`spirs_tf.metrics.lncc_mask`: brain voxels outside lesions), Dice of
+(the authors' training mask :func:`spirs_tf.metrics.lncc_mask`: brain voxels outside lesions), both from
+:func:`spirs_tf.metrics.lncc` (float64 box sums of each window's own voxels: exact to ~1e-13, also next
+to the zero background, unlike the float32 running sums of the training loss), Dice of
 the warped prior mask (soft, ``≥ 0.5``) with the new mask, and for the deformable map the % of voxels
 with Jacobian determinant ≤ 0 and the std of log-Jacobian. The Jacobian is that of the WHOLE map
 ``p(x) = M(x − c) + t + u(x) + c`` (:func:`total_displacement`), over all voxels of the grid, so SPIRS

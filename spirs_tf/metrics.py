@@ -2,7 +2,9 @@
 
 Registration (FACTS decision 10, paper section 5.1):
 
-* :func:`lncc` -- the authors' "unsigned" local normalised cross-correlation (window 9), masked or not;
+* :func:`lncc` -- the authors' "unsigned" local normalised cross-correlation (window 9), masked or not,
+  from float64 box sums of each window's own voxels (equal to a per-voxel window loop to ~1e-13, also next
+  to a zero background); this is the LNCC of ``report.json`` and of every evaluation;
 * :func:`dice` -- Dice overlap of two binary masks (warped prior mask vs new mask);
 * :func:`jacobian_determinant`, :func:`folding_percent`, :func:`log_jacobian_std` -- regularity of a
   displacement field in voxels.
