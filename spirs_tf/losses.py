@@ -447,7 +447,8 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int, exact_lncc:
 
         mse_i             = affine_mse(true_affine, affine_i)           (affine_supervision "matrix",
                                                                          Eq. 1, S-grid voxels)
-                          = affine_displacement_mse(true_affine_i, affine_i_i, H_i)
+                          = affine_displacement_mse(level_affine(true_affine, f),
+                                                    level_affine(affine_i, f), H_i)
                                                                         ("displacement", level voxels)
         lncc_affine_i     = lncc(I_f,i, warped_affine_image_i,
                                  mask = lncc_mask(I_f,i, I_wA,i, fixed_mask_i, warped_affine_mask_i))
