@@ -23,6 +23,27 @@ original grid. Every output file:
 
 The geometry of the one-step resampling and of the transform files is in :mod:`spirs_tf.itk_export`.
 
+**Which transform files** (``transforms=``, ``spirs predict --transforms``):
+
+* ``itk`` (default): ``affine.tfm`` + ``deformation.nii.gz`` — what ITK, ANTs and SimpleITK need to
+  apply the registration to any other image of the prior session. The field is stored on its own
+  compact grid (the model's working grid of the new scan, extended to cover the new scan; about
+  3 mm, a few MB) on which ITK's linear interpolation reproduces the mapping exactly
+  (:func:`spirs_tf.itk_export.compact_deformation`).
+* ``all``: ``affine.tfm``, ``deformation.nii.gz`` and ``transform_total.nii.gz``, both fields on
+  the new scan's own voxel grid (~70 MB each for a 6-megavoxel scan), as before version 0.2.
+* ``none``: no transform file (the warped prior, masks and probabilities are still written).
+
+**Registration QC.** ``report.json`` holds a ``warnings`` list (also printed, one line each, as
+``spirs: warning: <case>: …`` on stderr): brains that overlap little, LNCC after registration below
+LNCC before, folding above :data:`FOLDING_WARN_PERCENT`, an affine whose scales leave
+:data:`SCALE_RANGE` or whose rotation exceeds :data:`MAX_ROTATION_DEG`, and input intensities
+whose dynamic range collapsed (:func:`intensity_problems`; a constant image is refused).
+
+**Test-time refinement hook.** ``refine`` (see :data:`Refine`) may replace the working-grid affine
+and displacement field between the network and the resampling; the prior is then re-warped on the
+working grid and P2 recomputed from it (:func:`apply_refinement`).
+
 **Brain overlap rule.** Before anything runs, the axis-aligned world (RAS mm) bounding boxes of the
 non-zero voxels of the new and the prior image are intersected. If they do not intersect at all the
 pair is refused (``SpirsInputError`` naming the prior): the scans do not share a patient coordinate
@@ -37,6 +58,7 @@ folder that contains an input is refused. Cohort mode: :func:`predict_cohort`.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import json
 import math
@@ -60,6 +82,14 @@ from spirs_tf.preprocess import GridMapping, from_working, preprocess_scan, subs
 OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
 LOGIT_CLIP = 50.0
 LOW_OVERLAP = 0.3
+#: ``--transforms`` choices (module docstring); the first is the default.
+TRANSFORMS = ("itk", "all", "none")
+#: Registration QC thresholds (module docstring).
+FOLDING_WARN_PERCENT = 0.5
+SCALE_RANGE = (0.7, 1.4)
+MAX_ROTATION_DEG = 45.0
+#: Intensity QC: a relative range (max − min) / max |value| below this is a collapsed dynamic range.
+MIN_RELATIVE_RANGE = 1e-3
 TMP_PREFIX = ".tmp-spirs-"
 NOT_FOR_CLINICAL_USE = ("Research software, not for clinical use: outputs have not been validated for "
                         "diagnosis or treatment decisions.")
@@ -97,12 +127,16 @@ class Predictor:
         run_fn: ``(new, prior, prior_mask) → {name: array}`` on batches ``(B, S, S, S, 1)``, returning
             :data:`OUTPUT_NAMES`.
         info: description for reports (``kind``, ``path``, ``checkpoint``, ``stage``, ``config``).
+        p2_fn: ``(new, warped_prior, warped_prior_mask) → p2_prob`` on batches ``(B, S, S, S, 1)``:
+            P2 recomputed from a replaced warped prior (test-time refinement); ``None`` when the
+            model cannot provide it (a SavedModel).
     """
 
     cfg: config_lib.SpirsConfig
     levels: int
     run_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], dict]
     info: dict = field(default_factory=dict)
+    p2_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
 
     @property
     def size(self) -> int:
@@ -125,23 +159,72 @@ class Predictor:
 
 
 def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict | None = None) -> Predictor:
-    """Wrap a SPIRS Keras model in a compiled (``tf.function``, ``training=False``) predictor whose
-    signature has a free batch axis (one trace for every cohort batch size)."""
+    """Wrap a SPIRS Keras model (``training=False``) in a predictor.
+
+    The first call runs eagerly: for one case that is faster than tracing a graph (measured with
+    cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls (a cohort)
+    go through one ``tf.function`` whose signature has a free batch axis, traced once for every
+    batch size. Both compute the same model.
+    """
     from spirs_tf._compat import tf
 
     s = cfg.level_grid(levels)
     spec = tf.TensorSpec((None, s, s, s, 1), tf.float32)
 
-    @tf.function(input_signature=[spec, spec, spec])
-    def infer(new, prior, mask):
+    def forward(new, prior, mask):
         raw = model({"fixed_image": new, "moving_image": prior, "moving_mask": mask}, training=False)
         return serving_outputs(raw, levels)
 
+    infer = tf.function(forward, input_signature=[spec, spec, spec])
+    calls = []
+
     def run(new, prior, mask):
-        return {k: v.numpy() for k, v in infer(new, prior, mask).items()}
+        fn = infer if calls else forward
+        calls.append(1)
+        args = [tf.convert_to_tensor(a) for a in (new, prior, mask)]
+        return {k: np.asarray(v) for k, v in fn(*args).items()}
 
     run.model = model  # keep the model reachable for export and tests
-    return Predictor(cfg, levels, run, dict(info or {}))
+    p2_model = []
+
+    def p2(new, warped, warped_mask):
+        """P2 from the fixed image and a (replaced) warped prior: the model's own layers, from its
+        ``fixed_image`` input and ``warped_image_{levels}``/``warped_mask_{levels}`` outputs."""
+        from spirs_tf._compat import keras
+
+        if not p2_model:
+            p2_model.append(keras.Model(
+                [model.get_layer("fixed_image").output, model.get_layer(f"warped_image_{levels}").output,
+                 model.get_layer(f"warped_mask_{levels}").output], model.get_layer("p2_logits").output))
+        logits = p2_model[0]([tf.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)],
+                             training=False)
+        x = tf.clip_by_value(tf.cast(logits, tf.float32), -LOGIT_CLIP, LOGIT_CLIP)
+        return np.asarray(tf.sigmoid(x))
+
+    return Predictor(cfg, levels, run, dict(info or {}), p2)
+
+
+_PRELOAD: list = []
+
+
+def preload_runtime() -> None:
+    """Start importing TensorFlow/Keras and the network code in a background thread (once), so that
+    their ~5 s of start-up overlap reading and preprocessing the inputs. An import in the main thread
+    waits for it (Python's per-module import lock); an import error surfaces there as usual."""
+    if _PRELOAD or "spirs_tf.networks" in sys.modules:
+        return
+    import threading
+
+    def work():
+        try:
+            import spirs_tf.networks  # noqa: F401
+            import spirs_tf.train  # noqa: F401
+        except BaseException:  # noqa: BLE001 - the main thread's own import reports it
+            pass
+
+    thread = threading.Thread(target=work, name="spirs-preload", daemon=True)
+    _PRELOAD.append(thread)
+    thread.start()
 
 
 def _checkpoint_predictor(checkpoint: str, config_path: str, stage: int | None = None) -> Predictor:
@@ -235,13 +318,16 @@ class CaseInputs:
     prior_mask: Volume
     overlap: dict
     read_s: float = 0.0
+    warnings: list = field(default_factory=list)
 
 
 def brain_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned RAS box (lo, hi) in mm around the non-zero voxels (voxel corners included)."""
-    nz = np.nonzero(volume.data)
-    lo = np.array([i.min() for i in nz], float) - 0.5
-    hi = np.array([i.max() for i in nz], float) + 0.5
+    nonzero = np.asarray(volume.data) != 0
+    lo, hi = np.zeros(3), np.zeros(3)
+    for axis in range(3):  # projections instead of np.nonzero: no index arrays for millions of voxels
+        hit = np.flatnonzero(np.any(nonzero, axis=tuple(a for a in range(3) if a != axis)))
+        lo[axis], hi[axis] = hit[0] - 0.5, hit[-1] + 0.5
     corners = np.array([[(hi if b else lo)[a] for a, b in enumerate(bits)] + [1.0]
                         for bits in np.ndindex(2, 2, 2)]).T
     world = (np.asarray(volume.affine, float) @ corners)[:3]
@@ -267,20 +353,82 @@ def brain_overlap(new: Volume, prior: Volume) -> dict:
             "prior_box_mm": [lo_p.tolist(), hi_p.tolist()], "low_overlap_warning": fraction < LOW_OVERLAP}
 
 
+def _stored_scaling(path: str | None) -> str:
+    """``" (stored scl_slope S, scl_inter I)"`` for a NIfTI file with intensity scaling, else ``""``."""
+    if not path or not str(path).endswith((".nii", ".nii.gz")):
+        return ""
+    try:
+        import nibabel as nib
+
+        slope, inter = nib.load(path).header.get_slope_inter()
+    except Exception:  # the file was read before; a header problem here only loses the detail
+        return ""
+    if slope is None and inter is None:
+        return ""
+    return f" (stored scl_slope {slope if slope is not None else 1:g}, scl_inter {inter or 0:g})"
+
+
+def intensity_problems(volume: Volume) -> list[str]:
+    """Warnings about an image whose intensities cannot carry anatomy; refuse a constant one.
+
+    With ``lo, hi`` the extreme voxel values, the *relative range* is ``(hi − lo) / max(|lo|, |hi|)``
+    (1 for any scan with a zero background). Below :data:`MIN_RELATIVE_RANGE` the values sit on a
+    huge offset — typically a stored intensity scaling such as ``scl_inter = 1e7`` on float32 data,
+    which leaves only the float32 steps of the offset — and the scan is registered and segmented as
+    noise. Fewer than 16 distinct values (a mask or a label image given as a scan) is warned too.
+
+    Returns:
+        warning texts (empty for a normal scan).
+
+    Raises:
+        SpirsInputError: every voxel has the same value, or the range collapsed to at most two
+            distinct values (effectively constant).
+    """
+    data = np.asarray(volume.data)
+    where = volume.path or "<image>"
+    lo, hi = float(data.min()), float(data.max())
+    scaling = _stored_scaling(volume.path)
+    if lo == hi:
+        raise SpirsInputError(f"image is constant (every voxel is {lo:g}){scaling}", where)
+    relative = (hi - lo) / max(abs(lo), abs(hi))
+    sample = data.ravel()[:: max(1, data.size // 200_000)]
+    distinct = np.unique(sample).size
+    if distinct < 16:
+        distinct = np.unique(data).size
+    if relative < MIN_RELATIVE_RANGE and distinct <= 2:
+        raise SpirsInputError(
+            f"image is effectively constant: {distinct} distinct values from {lo:.7g} to {hi:.7g}{scaling}; "
+            "its stored intensity scaling has wrecked the dynamic range", where)
+    problems = []
+    if relative < MIN_RELATIVE_RANGE:
+        problems.append(f"{where}: intensities span only {relative:.1e} of their magnitude ({lo:.7g} to {hi:.7g})"
+                        f"{scaling}: the stored intensity scaling has wrecked the dynamic range; "
+                        "registration and segmentation of this scan are meaningless")
+    elif distinct < 16:
+        problems.append(f"{where}: only {distinct} distinct intensity values; is this a mask or label image "
+                        "rather than a scan?")
+    return problems
+
+
 def read_case_inputs(new, prior, prior_mask) -> CaseInputs:
     """Read (paths) or accept (Volumes) the three inputs and validate them.
 
     Raises:
         SpirsInputError: unreadable/missing file, not 3-D, several volumes, NaN/inf, mask not
-            binary, mask not on the prior's grid, brains that do not overlap (:func:`brain_overlap`).
+            binary, mask not on the prior's grid, brains that do not overlap (:func:`brain_overlap`),
+            an image that is (effectively) constant (:func:`intensity_problems`).
     """
     t0 = time.perf_counter()
     new = new if isinstance(new, Volume) else read_volume(new, "image")
     prior = prior if isinstance(prior, Volume) else read_volume(prior, "image")
     prior_mask = prior_mask if isinstance(prior_mask, Volume) else read_volume(prior_mask, "mask")
     check_same_grid(prior_mask, prior)
+    problems = intensity_problems(new) + intensity_problems(prior)
     overlap = brain_overlap(new, prior)
-    return CaseInputs(new, prior, prior_mask, overlap, time.perf_counter() - t0)
+    if overlap["low_overlap_warning"]:
+        problems.append(f"brains of {new.path} and {prior.path} overlap little "
+                        f"({100 * overlap['box_overlap_fraction']:.0f} % of the smaller box)")
+    return CaseInputs(new, prior, prior_mask, overlap, time.perf_counter() - t0, problems)
 
 
 @dataclass(eq=False)
@@ -384,14 +532,114 @@ def _json_safe(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
+def affine_scales_rotation(linear: np.ndarray) -> tuple[np.ndarray, float]:
+    """Polar decomposition of a 3×3 linear map ``L = R·S`` (SVD ``L = UΣVᵀ``, ``R = UVᵀ``,
+    ``S = VΣVᵀ``): the principal scales ``Σ`` (ascending) and the rotation angle of ``R`` in degrees,
+    ``arccos((tr R − 1)/2)``. A reflection (``det L < 0``) gives angle 180."""
+    u, sigma, vt = np.linalg.svd(np.asarray(linear, float))
+    r = u @ vt
+    if np.linalg.det(r) < 0:
+        return np.sort(sigma), 180.0
+    angle = math.degrees(math.acos(float(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
+    return np.sort(sigma), angle
+
+
+def registration_warnings(registration: dict, world_affine: np.ndarray) -> list[str]:
+    """Warnings for a suspect registration (thresholds :data:`FOLDING_WARN_PERCENT`,
+    :data:`SCALE_RANGE`, :data:`MAX_ROTATION_DEG`); ``registration`` is the report's block."""
+    out = []
+    before, after = registration.get("lncc_identity"), registration.get("lncc")
+    if before is not None and after is not None and math.isfinite(before) and math.isfinite(after) \
+            and after < before:
+        out.append(f"registration lowered the similarity to the new scan (LNCC {after:.3f} after, "
+                   f"{before:.3f} before)")
+    folding = registration.get("folding_percent")
+    if folding is not None and folding > FOLDING_WARN_PERCENT:
+        out.append(f"the deformation folds {folding:.2f} % of the voxels (> {FOLDING_WARN_PERCENT} %)")
+    scales, angle = affine_scales_rotation(np.asarray(world_affine, float)[:3, :3])
+    if scales[0] < SCALE_RANGE[0] or scales[-1] > SCALE_RANGE[1]:
+        out.append(f"the affine scales by {scales[0]:.2f}..{scales[-1]:.2f} (outside "
+                   f"{SCALE_RANGE[0]}..{SCALE_RANGE[1]}): not a plausible change of the same head")
+    if angle > MAX_ROTATION_DEG:
+        out.append(f"the affine rotates by {angle:.0f}° (> {MAX_ROTATION_DEG:.0f}°)")
+    return out
+
+
+#: A test-time refinement: ``refine(predictor, case, outputs) -> dict | None``. ``outputs`` is the
+#: case's network outputs (:data:`OUTPUT_NAMES`, one case, working grid ``S``). The callable returns
+#: ``None`` (keep the network's registration) or a dict with ``"affine"`` (3×4 ``[M | t]``, working
+#: voxels, centre ``S/2``) and/or ``"dvf"`` ``(S, S, S, 3)`` (working voxels), plus optional
+#: ``"info"`` (JSON-safe, stored in ``report.json``).
+Refine = Callable[["Predictor", "PreparedCase", dict], "dict | None"]
+
+
+def warp_working(volume: np.ndarray, matrix: np.ndarray, dvf: np.ndarray | None) -> np.ndarray:
+    """The network's spatial transformer in NumPy: trilinear, zero padding, at
+    ``p(x) = M(x − c) + t + u(x) + c`` (:func:`spirs_tf.geometry.sample_locations`) → float32."""
+    from scipy import ndimage
+
+    from spirs_tf.geometry import sample_locations
+
+    coords = sample_locations(matrix, volume.shape, dvf)
+    return ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="constant", cval=0.0,
+                                   prefilter=False).astype(np.float32)
+
+
+def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, refine: Refine | None
+                     ) -> tuple[dict, dict | None]:
+    """Run ``refine`` and, if it replaced the registration, re-warp the prior on the working grid and
+    recompute P2 from it (the model's fusion block on ``[new, σ(P1), warped prior, blur(warped mask)]``).
+
+    Returns:
+        ``(outputs, info)``: the (possibly updated) outputs and a report block (``None`` when
+        ``refine`` is ``None``).
+
+    Raises:
+        ValueError: ``refine`` returned arrays of the wrong shape, or the predictor cannot
+            recompute P2 (a SavedModel: it exposes only the whole model).
+    """
+    if refine is None:
+        return outputs, None
+    t0 = time.perf_counter()
+    result = refine(predictor, case, outputs)
+    if not result:
+        return outputs, {"applied": False, "seconds": time.perf_counter() - t0}
+    s = case.new_image.shape
+    matrix = np.asarray(result.get("affine", outputs["affine"]), np.float32).reshape(3, 4)
+    dvf = np.asarray(result.get("dvf", outputs["dvf"]), np.float32)
+    if dvf.shape != s + (3,):
+        raise ValueError(f"refined dvf must have shape {s + (3,)}, got {dvf.shape}")
+    if predictor.p2_fn is None:
+        raise ValueError("this model cannot recompute P2 from a refined registration (a SavedModel); "
+                         "use a run directory or checkpoint")
+    warped = warp_working(case.prior_image, matrix, dvf)[..., None]
+    warped_mask = warp_working(case.prior_mask, matrix, dvf)[..., None]
+    p2 = predictor.p2_fn(case.new_image[None, ..., None], warped[None], warped_mask[None])[0]
+    out = dict(outputs, affine=matrix, dvf=dvf, prior_warped=warped, prior_mask_warped=warped_mask, p2_prob=p2)
+    info = {"applied": True, "seconds": time.perf_counter() - t0, "info": result.get("info"),
+            "network_affine_voxel": np.asarray(outputs["affine"], float).reshape(3, 4).tolist()}
+    return out, info
+
+
 def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir: str, *,
-               overwrite: bool = False, case_id: str | None = None, network_s: float = 0.0) -> CaseResult:
-    """Write every output of one case (``outputs``: this case's slice of :meth:`Predictor.predict`)."""
+               overwrite: bool = False, case_id: str | None = None, network_s: float = 0.0,
+               transforms: str = TRANSFORMS[0], refinement: dict | None = None,
+               verbose: bool = True) -> CaseResult:
+    """Write every output of one case (``outputs``: this case's slice of :meth:`Predictor.predict`,
+    possibly refined by :func:`apply_refinement`, whose report block is ``refinement``).
+
+    Args:
+        transforms: which transform files (:data:`TRANSFORMS`, module docstring).
+        verbose: print the case's warnings on stderr (they are in ``report.json`` either way).
+    """
     from spirs_tf import metrics
-    from spirs_tf.itk_export import CaseTransform, resample_to_new, write_displacement, write_itk_affine
+    from spirs_tf.itk_export import (CaseTransform, compact_deformation, resample_to_new, write_displacement,
+                                     write_itk_affine)
     from spirs_tf.lesions import change_counts, lesion_changes, write_lesions_csv
     from spirs_tf.qc import write_qc_png
 
+    if transforms not in TRANSFORMS:
+        raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
     inputs = case.inputs
     protect = _input_paths(inputs)
     out = check_out_dir(out_dir, protect, overwrite)
@@ -401,62 +649,91 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
     transform = CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
                               np.asarray(outputs["affine"], np.float64).reshape(3, 4),
                               np.asarray(outputs["dvf"], np.float32).reshape(case.new_image.shape + (3,)))
-    prior_labels, n_prior = metrics.label_lesions(inputs.prior_mask.data)
-    res = resample_to_new(transform, new, inputs.prior, inputs.prior_mask, prior_labels)
-    probs = {k: np.clip(from_working(np.asarray(outputs[f"{k}_prob"]), case.new_mapping, order=1), 0, 1)
-             for k in ("p1", "p2")}
-    masks = {k: (v >= 0.5).astype(np.uint8) for k, v in probs.items()}
-    rows = lesion_changes(masks["p2"], res.prior_labels_warped, new.spacing, new.affine)
-
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(out)}-", dir=os.path.dirname(out))
+    # One writer thread: gzip (zlib releases the GIL) runs while the next outputs are computed.
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spirs-write")
+    pending = []
     try:
         def vol(name, data, **kw):
-            write_volume(os.path.join(tmp, name), data, new.affine, protect=protect, **kw)
+            pending.append(writer.submit(write_volume, os.path.join(tmp, name), data, new.affine,
+                                         protect=protect, **kw))
 
-        vol("prior_warped.nii.gz", res.prior_warped)
-        vol("prior_mask_warped.nii.gz", res.prior_mask_warped)
-        vol("prior_labels_warped.nii.gz", res.prior_labels_warped, intent="label")
+        probs = {k: np.clip(from_working(np.asarray(outputs[f"{k}_prob"]), case.new_mapping, order=1), 0, 1)
+                 for k in ("p1", "p2")}
+        masks = {k: (v >= 0.5).astype(np.uint8) for k, v in probs.items()}
         for k in ("p1", "p2"):
             vol(f"{k}_prob.nii.gz", probs[k].astype(np.float32))
             vol(f"{k}_mask.nii.gz", masks[k])
-        write_itk_affine(os.path.join(tmp, "affine.tfm"), transform.world_affine_lps())
-        write_displacement(os.path.join(tmp, "deformation.nii.gz"), res.deformation, new.affine)
-        write_displacement(os.path.join(tmp, "transform_total.nii.gz"), res.total, new.affine)
+        prior_labels, n_prior = metrics.label_lesions(inputs.prior_mask.data)
+        res = resample_to_new(transform, new, inputs.prior, inputs.prior_mask, prior_labels,
+                              native_fields=transforms == "all")
+        vol("prior_warped.nii.gz", res.prior_warped)
+        vol("prior_mask_warped.nii.gz", res.prior_mask_warped)
+        vol("prior_labels_warped.nii.gz", res.prior_labels_warped, intent="label")
+        field, field_affine = compact_deformation(transform, new)
+        if transforms != "none":
+            write_itk_affine(os.path.join(tmp, "affine.tfm"), transform.world_affine_lps())
+        if transforms == "itk":
+            pending.append(writer.submit(write_displacement, os.path.join(tmp, "deformation.nii.gz"), field,
+                                         field_affine))
+        elif transforms == "all":
+            for name, data in (("deformation.nii.gz", res.deformation), ("transform_total.nii.gz", res.total)):
+                pending.append(writer.submit(write_displacement, os.path.join(tmp, name), data, new.affine))
+        rows = lesion_changes(masks["p2"], res.prior_labels_warped, new.spacing, new.affine)
         write_lesions_csv(os.path.join(tmp, "lesions.csv"), rows)
         qc_slices = write_qc_png(os.path.join(tmp, "qc.png"), case_id, new.data, res.prior_warped,
                                  res.prior_mask_warped, masks["p1"], masks["p2"], new.affine)
+        for future in pending:
+            future.result()  # re-raises a writer's error here
         new_w, warped_w = case.new_image, np.asarray(outputs["prior_warped"])[..., 0]
         window = predictor.cfg.loss.lncc_window
         lncc_mask = metrics.lncc_mask(new_w, warped_w, np.asarray(outputs["p2_prob"])[..., 0] >= 0.5,
                                       np.asarray(outputs["prior_mask_warped"])[..., 0] >= 0.5)
         files = sorted(os.listdir(tmp)) + ["report.json"]
+        registration = {
+            "grid": "model working grid of the new scan",
+            "lncc_window": window,
+            "lncc_identity": metrics.lncc(new_w, case.prior_image, window),
+            "lncc": metrics.lncc(new_w, warped_w, window),
+            "lncc_masked": metrics.lncc(new_w, warped_w, window, mask=lncc_mask),
+            "folding_percent": metrics.folding_percent(transform.dvf),
+            "affine_voxel": transform.matrix.tolist(),
+            "affine_world_ras": transform.world_affine().tolist(),
+            "affine_scales": None, "affine_rotation_deg": None,
+            "max_displacement_mm": float(np.sqrt((field ** 2).sum(axis=-1).max())),
+        }
+        scales, angle = affine_scales_rotation(transform.world_affine()[:3, :3])
+        registration["affine_scales"], registration["affine_rotation_deg"] = scales.tolist(), angle
+        if refinement is not None:
+            registration["refinement"] = refinement
+        warnings = list(inputs.warnings) + registration_warnings(registration, transform.world_affine())
+        if verbose:
+            for text in warnings:
+                print(f"spirs: warning: {case_id}: {text}", file=sys.stderr)
+        timings = {"read": inputs.read_s, "preprocess": case.preprocess_s, "network": network_s}
+        if refinement is not None:
+            timings["refine"] = refinement["seconds"]
         report = {
             "case_id": case_id, "note": NOT_FOR_CLINICAL_USE,
             "inputs": {"new": new.path, "prior": inputs.prior.path, "prior_mask": inputs.prior_mask.path},
             "model": predictor.info | {"levels": predictor.levels, "input_grid": predictor.size},
-            "registration": {
-                "grid": "model working grid of the new scan",
-                "lncc_window": window,
-                "lncc_identity": metrics.lncc(new_w, case.prior_image, window),
-                "lncc": metrics.lncc(new_w, warped_w, window),
-                "lncc_masked": metrics.lncc(new_w, warped_w, window, mask=lncc_mask),
-                "folding_percent": metrics.folding_percent(transform.dvf),
-                "affine_voxel": transform.matrix.tolist(),
-                "affine_world_ras": transform.world_affine().tolist(),
-                "max_displacement_mm": float(np.linalg.norm(res.deformation, axis=-1).max()),
-            },
+            "registration": registration,
+            "warnings": warnings,
             "brain_overlap": inputs.overlap,
             "lesions": {"p2_lesions": sum(r["source"] == "p2" for r in rows), "prior_lesions": n_prior,
                         "changes": change_counts(rows), "growth_ratio": ">1.25", "shrink_ratio": "<0.8"},
             "qc_slices": qc_slices,
             "transforms": {
+                "written": transforms,
                 "ants": "antsApplyTransforms -d 3 -i PRIOR -r NEW -o OUT -t deformation.nii.gz -t affine.tfm",
                 "ants_total": "antsApplyTransforms -d 3 -i PRIOR -r NEW -o OUT -t transform_total.nii.gz",
+                "deformation_grid": {"itk": "compact field grid (model working grid of the new scan, extended "
+                                            "to cover it); ITK's linear interpolation reproduces the mapping",
+                                     "all": "the new scan's voxel grid", "none": None}[transforms],
                 "convention": "new-scan physical point x -> prior point affine(x + d(x)), ITK LPS mm; "
                               "vectors LPS, NIfTI intent vector (1007); see spirs_tf/itk_export.py"},
-            "timings_s": {"read": inputs.read_s, "preprocess": case.preprocess_s, "network": network_s,
-                          "resample_write": time.perf_counter() - t0},
+            "timings_s": timings | {"resample_write": time.perf_counter() - t0},
             "versions": _versions(),
             "outputs": files,
         }
@@ -464,6 +741,7 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
                           json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
         _commit_folder(tmp, out)
     finally:
+        writer.shutdown(wait=True, cancel_futures=True)
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return CaseResult(out, case_id, files, report, rows)
@@ -482,7 +760,8 @@ def run_network(predictor: Predictor, cases: list[PreparedCase]) -> tuple[list[d
 
 
 def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, overwrite: bool = False,
-                 case_id: str | None = None) -> CaseResult:
+                 case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | None = None,
+                 verbose: bool = True) -> CaseResult:
     """Predict one (prior, new) pair and write its case folder (see the module docstring).
 
     Args:
@@ -491,31 +770,34 @@ def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, 
         out_dir: the case folder (created; must not exist unless empty or ``overwrite``).
         overwrite: replace an existing case folder.
         case_id: name in the report and the QC title (default: the folder name).
+        transforms: which transform files to write (:data:`TRANSFORMS`; module docstring).
+        refine: optional test-time refinement (:data:`Refine`, :func:`apply_refinement`).
+        verbose: print warnings (``spirs: warning: <case>: …``) on stderr.
 
     Raises:
         SpirsInputError: every input problem of :func:`read_case_inputs`, an output folder that
             exists (without ``overwrite``) or contains an input. Nothing is written then.
     """
     return run_case(predictor, read_case_inputs(new, prior, prior_mask), out_dir, overwrite=overwrite,
-                    case_id=case_id)
+                    case_id=case_id, transforms=transforms, refine=refine, verbose=verbose)
 
 
 def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrite: bool = False,
-             case_id: str | None = None) -> CaseResult:
+             case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | None = None,
+             verbose: bool = True) -> CaseResult:
     """:func:`predict_case` for inputs already read and validated by :func:`read_case_inputs`."""
     check_out_dir(out_dir, _input_paths(inputs), overwrite)
-    if inputs.overlap["low_overlap_warning"]:
-        print(f"spirs: warning: brains of {inputs.new.path} and {inputs.prior.path} overlap little "
-              f"({100 * inputs.overlap['box_overlap_fraction']:.0f} % of the smaller box)", file=sys.stderr)
     case = prepare_case(inputs, predictor)
     (outputs,), network_s = run_network(predictor, [case])
+    outputs, refinement = apply_refinement(predictor, case, outputs, refine)
     return write_case(predictor, case, outputs, out_dir, overwrite=overwrite, case_id=case_id,
-                      network_s=network_s)
+                      network_s=network_s, transforms=transforms, refinement=refinement, verbose=verbose)
 
 
 # -------------------------------------------------------------------------------------------- cohort
 SUMMARY_COLUMNS = ("case_id", "patient_id", "prior_timepoint", "new_timepoint", "status", "lncc",
-                   "lncc_identity", "folding_percent", "p2_lesions", "new_lesions", "seconds", "message")
+                   "lncc_identity", "folding_percent", "p2_lesions", "new_lesions", "seconds", "message",
+                   "warnings")
 
 
 def case_name(pair) -> str:
@@ -542,7 +824,7 @@ def _summary_row(pair, cid, status, report=None, seconds=None, message="") -> di
             "new_timepoint": str(pair.new.timepoint), "status": status, "lncc": reg.get("lncc"),
             "lncc_identity": reg.get("lncc_identity"), "folding_percent": reg.get("folding_percent"),
             "p2_lesions": les.get("p2_lesions"), "new_lesions": les.get("changes", {}).get("new"),
-            "seconds": seconds, "message": message}
+            "seconds": seconds, "message": message, "warnings": len((report or {}).get("warnings", []))}
 
 
 class _Progress:
@@ -563,7 +845,8 @@ class _Progress:
 
 
 def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: str, *,
-                   pairing: str = "consecutive", batch_size: int = 1, verbose: bool = True) -> list[dict]:
+                   pairing: str = "consecutive", batch_size: int = 1, verbose: bool = True,
+                   transforms: str = TRANSFORMS[0], refine: Refine | None = None) -> list[dict]:
     """Predict every (prior, new) pair of a manifest split into ``out_dir/<case_name>/``.
 
     Resumable: a pair whose ``report.json`` exists is skipped; ``.tmp-spirs-*`` folders left by a
@@ -578,7 +861,9 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
         out_dir: cohort folder; also receives ``cohort_summary.csv`` (one row per pair).
         pairing: ``consecutive`` or ``all`` (:func:`spirs_tf.manifest.make_pairs`).
         batch_size: cases per forward pass.
-        verbose: progress bar and the final cases-per-minute line.
+        verbose: progress bar, warnings and the final cases-per-minute line.
+        transforms: which transform files to write per case (:data:`TRANSFORMS`).
+        refine: optional test-time refinement per case (:data:`Refine`).
 
     Returns:
         the summary rows (:data:`SUMMARY_COLUMNS`).
@@ -640,8 +925,10 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
                     rows[cid] = _summary_row(pair, cid, "error", message=str(case))
                 else:
                     try:
-                        res = write_case(predictor, case, results[cid], os.path.join(out_dir, cid),
-                                         overwrite=True, case_id=cid, network_s=network_s / len(ready))
+                        outputs, refinement = apply_refinement(predictor, case, results[cid], refine)
+                        res = write_case(predictor, case, outputs, os.path.join(out_dir, cid),
+                                         overwrite=True, case_id=cid, network_s=network_s / len(ready),
+                                         transforms=transforms, refinement=refinement, verbose=verbose)
                         n_done += 1
                         rows[cid] = _summary_row(pair, cid, "done", res.report, time.perf_counter() - t0
                                                  + case.preprocess_s + case.inputs.read_s + network_s / len(ready))

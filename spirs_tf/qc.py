@@ -34,11 +34,18 @@ def pick_slices(axis: int, masks: list[np.ndarray], image: np.ndarray, n: int = 
     (in order of size, distinct slices), up to ``n``; the centre of the image's non-zero region if none."""
     candidates = []
     for m in masks:
-        labels, count = ndimage.label(np.asarray(m) > 0, structure=np.ones((3, 3, 3)))
+        binary = np.asarray(m) > 0
+        hit = np.flatnonzero(np.any(binary, axis=tuple(a for a in range(binary.ndim) if a != axis)))
+        if not hit.size:
+            continue
+        # label inside the slab of slices that hold the mask (same components, fewer voxels)
+        binary = np.take(binary, np.arange(hit[0], hit[-1] + 1), axis=axis)
+        labels, count = ndimage.label(binary, structure=np.ones((3, 3, 3)))
         if count:
             sizes = np.bincount(labels.ravel())[1:]
-            coms = ndimage.center_of_mass(np.ones(labels.shape), labels, list(range(1, count + 1)))
-            candidates += [(int(sizes[i]), int(round(coms[i][axis]))) for i in range(count)]
+            idx = np.nonzero(labels)
+            com_axis = np.bincount(labels[idx], weights=idx[axis], minlength=count + 1)[1:] / sizes
+            candidates += [(int(sizes[i]), int(round(com_axis[i] + hit[0]))) for i in range(count)]
     slices = []
     for _, s in sorted(candidates, key=lambda c: -c[0]):
         if s not in slices:
