@@ -90,6 +90,8 @@ SCALE_RANGE = (0.7, 1.4)
 MAX_ROTATION_DEG = 45.0
 #: Intensity QC: a relative range (max − min) / max |value| below this is a collapsed dynamic range.
 MIN_RELATIVE_RANGE = 1e-3
+#: Intensity QC: fewer distinct voxel values than this cannot carry anatomy.
+MIN_DISTINCT = 16
 TMP_PREFIX = ".tmp-spirs-"
 NOT_FOR_CLINICAL_USE = ("Research software, not for clinical use: outputs have not been validated for "
                         "diagnosis or treatment decisions.")
@@ -360,12 +362,13 @@ def _stored_scaling(path: str | None) -> str:
     try:
         import nibabel as nib
 
-        slope, inter = nib.load(path).header.get_slope_inter()
+        proxy = nib.load(path).dataobj  # nibabel moves the stored scaling from the header to the proxy
+        slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
     except Exception:  # the file was read before; a header problem here only loses the detail
         return ""
-    if slope is None and inter is None:
+    if slope == 1.0 and inter == 0.0:
         return ""
-    return f" (stored scl_slope {slope if slope is not None else 1:g}, scl_inter {inter or 0:g})"
+    return f" (stored scl_slope {slope:g}, scl_inter {inter:g})"
 
 
 def intensity_problems(volume: Volume) -> list[str]:
@@ -375,14 +378,15 @@ def intensity_problems(volume: Volume) -> list[str]:
     (1 for any scan with a zero background). Below :data:`MIN_RELATIVE_RANGE` the values sit on a
     huge offset — typically a stored intensity scaling such as ``scl_inter = 1e7`` on float32 data,
     which leaves only the float32 steps of the offset — and the scan is registered and segmented as
-    noise. Fewer than 16 distinct values (a mask or a label image given as a scan) is warned too.
+    noise. Fewer than :data:`MIN_DISTINCT` distinct values on a collapsed range is *effectively
+    constant* and refused; on a full range (a mask or a label image given as a scan) it is warned.
 
     Returns:
         warning texts (empty for a normal scan).
 
     Raises:
-        SpirsInputError: every voxel has the same value, or the range collapsed to at most two
-            distinct values (effectively constant).
+        SpirsInputError: every voxel has the same value, or the range collapsed and holds fewer
+            than :data:`MIN_DISTINCT` distinct values (effectively constant).
     """
     data = np.asarray(volume.data)
     where = volume.path or "<image>"
@@ -393,9 +397,9 @@ def intensity_problems(volume: Volume) -> list[str]:
     relative = (hi - lo) / max(abs(lo), abs(hi))
     sample = data.ravel()[:: max(1, data.size // 200_000)]
     distinct = np.unique(sample).size
-    if distinct < 16:
+    if distinct < MIN_DISTINCT:
         distinct = np.unique(data).size
-    if relative < MIN_RELATIVE_RANGE and distinct <= 2:
+    if relative < MIN_RELATIVE_RANGE and distinct < MIN_DISTINCT:
         raise SpirsInputError(
             f"image is effectively constant: {distinct} distinct values from {lo:.7g} to {hi:.7g}{scaling}; "
             "its stored intensity scaling has wrecked the dynamic range", where)
@@ -404,7 +408,7 @@ def intensity_problems(volume: Volume) -> list[str]:
         problems.append(f"{where}: intensities span only {relative:.1e} of their magnitude ({lo:.7g} to {hi:.7g})"
                         f"{scaling}: the stored intensity scaling has wrecked the dynamic range; "
                         "registration and segmentation of this scan are meaningless")
-    elif distinct < 16:
+    elif distinct < MIN_DISTINCT:
         problems.append(f"{where}: only {distinct} distinct intensity values; is this a mask or label image "
                         "rather than a scan?")
     return problems
