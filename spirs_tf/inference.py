@@ -14,8 +14,10 @@ original grid. Every output file:
 ``p1_mask.nii.gz``             P1 ≥ 0.5 (uint8); ``p2_mask.nii.gz`` likewise
 ``affine.tfm``                 ITK affine, NEW → PRIOR physical points (LPS mm)
 ``deformation.nii.gz``         ITK/ANTs displacement field (LPS mm), full map = affine(x + d(x))
-                               (``antsApplyTransforms -t deformation.nii.gz -t affine.tfm``)
-``transform_total.nii.gz``     one displacement field holding everything: x → prior point − x
+                               (``antsApplyTransforms -t deformation.nii.gz -t affine.tfm``);
+                               on a compact grid by default, on the new grid with ``all`` (below)
+``transform_total.nii.gz``     only with ``transforms="all"``: one displacement field holding
+                               everything: x → prior point − x
 ``lesions.csv``                one row per P2 lesion + unmatched prior lesions (:mod:`spirs_tf.lesions`)
 ``qc.png``                     QC figure (:mod:`spirs_tf.qc`)
 ``report.json``                registration quality, model, versions, timings, inputs, outputs
@@ -164,9 +166,10 @@ def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict 
     """Wrap a SPIRS Keras model (``training=False``) in a predictor.
 
     The first call runs eagerly: for one case that is faster than tracing a graph (measured with
-    cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls (a cohort)
-    go through one ``tf.function`` whose signature has a free batch axis, traced once for every
-    batch size. Both compute the same model.
+    cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls go through
+    one ``tf.function`` whose signature has a free batch axis, traced once for every batch size;
+    ``run_fn.use_graph()`` (called by :func:`predict_cohort` for more than one case) skips the eager
+    call. Both compute the same model.
     """
     from spirs_tf._compat import tf
 
@@ -187,6 +190,7 @@ def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict 
         return {k: np.asarray(v) for k, v in fn(*args).items()}
 
     run.model = model  # keep the model reachable for export and tests
+    run.use_graph = lambda: calls.append(0)  # a cohort: trace from the first batch on
     p2_model = []
 
     def p2(new, warped, warped_mask):
@@ -211,18 +215,27 @@ _PRELOAD: list = []
 
 def preload_runtime() -> None:
     """Start importing TensorFlow/Keras and the network code in a background thread (once), so that
-    their ~5 s of start-up overlap reading and preprocessing the inputs. An import in the main thread
-    waits for it (Python's per-module import lock); an import error surfaces there as usual."""
+    their ~5 s of start-up overlap reading and preprocessing the inputs (``spirs predict``/``demo``).
+    An import in the main thread waits for it (Python's per-module import lock); an import error
+    surfaces there as usual."""
     if _PRELOAD or "spirs_tf.networks" in sys.modules:
         return
     import threading
 
     def work():
+        # Keras imports scikit-learn (~1 s) only for its optional sklearn wrappers, unused here; a
+        # None entry in sys.modules makes that import fail fast, and Keras carries on without them.
+        block = "sklearn" not in sys.modules
+        if block:
+            sys.modules["sklearn"] = None
         try:
             import spirs_tf.networks  # noqa: F401
             import spirs_tf.train  # noqa: F401
         except BaseException:  # noqa: BLE001 - the main thread's own import reports it
             pass
+        finally:
+            if block and "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+                del sys.modules["sklearn"]  # a later `import sklearn` works as usual
 
     thread = threading.Thread(target=work, name="spirs-preload", daemon=True)
     _PRELOAD.append(thread)
@@ -912,6 +925,8 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
                 loaded.append((pair, cid, exc))
         return loaded
 
+    if len(todo) > 1 and hasattr(predictor.run_fn, "use_graph"):
+        predictor.run_fn.use_graph()  # trace once and reuse, instead of one eager case first
     progress = _Progress(len(todo), verbose)
     t_start, n_done = time.perf_counter(), 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
