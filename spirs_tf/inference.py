@@ -38,9 +38,9 @@ The geometry of the one-step resampling and of the transform files is in :mod:`s
 
 **Registration QC.** ``report.json`` holds a ``warnings`` list (also printed, one line each, as
 ``spirs: warning: <case>: …`` on stderr): brains that overlap little, LNCC after registration below
-LNCC before, folding above :data:`FOLDING_WARN_PERCENT`, an affine whose scales leave
-:data:`SCALE_RANGE` or whose rotation exceeds :data:`MAX_ROTATION_DEG`, and input intensities
-whose dynamic range collapsed (:func:`intensity_problems`; a constant image is refused).
+LNCC before, folding above 0.5 %, an affine whose scales leave 0.7–1.4 or whose rotation exceeds
+45°, and input intensities whose dynamic range collapsed (a constant image is refused); the checks
+and thresholds are in :mod:`spirs_tf.qc`.
 
 **Test-time refinement hook.** ``refine`` (see :data:`Refine`) may replace the working-grid affine
 and displacement field between the network and the resampling; the prior is then re-warped on the
@@ -80,20 +80,14 @@ from spirs_tf.atomic import atomic_write_text
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.io import Volume, check_same_grid, read_volume, write_volume
 from spirs_tf.preprocess import GridMapping, from_working, preprocess_scan, subsample
+from spirs_tf.qc import (FOLDING_WARN_PERCENT, MAX_ROTATION_DEG, MIN_DISTINCT, MIN_RELATIVE_RANGE,  # noqa: F401
+                         SCALE_RANGE, affine_scales_rotation, intensity_problems, registration_warnings)
 
 OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
 LOGIT_CLIP = 50.0
 LOW_OVERLAP = 0.3
 #: ``--transforms`` choices (module docstring); the first is the default.
 TRANSFORMS = ("itk", "all", "none")
-#: Registration QC thresholds (module docstring).
-FOLDING_WARN_PERCENT = 0.5
-SCALE_RANGE = (0.7, 1.4)
-MAX_ROTATION_DEG = 45.0
-#: Intensity QC: a relative range (max − min) / max |value| below this is a collapsed dynamic range.
-MIN_RELATIVE_RANGE = 1e-3
-#: Intensity QC: fewer distinct voxel values than this cannot carry anatomy.
-MIN_DISTINCT = 16
 TMP_PREFIX = ".tmp-spirs-"
 NOT_FOR_CLINICAL_USE = ("Research software, not for clinical use: outputs have not been validated for "
                         "diagnosis or treatment decisions.")
@@ -210,39 +204,28 @@ def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict 
     return Predictor(cfg, levels, run, dict(info or {}), p2)
 
 
-_PRELOAD: list = []
+def import_runtime() -> None:
+    """Import Keras/TensorFlow and the network code, without Keras' optional scikit-learn wrappers.
 
-
-def preload_runtime() -> None:
-    """Start importing TensorFlow/Keras and the network code in a background thread (once), so that
-    their ~5 s of start-up overlap reading and preprocessing the inputs (``spirs predict``/``demo``).
-    An import in the main thread waits for it (Python's per-module import lock); an import error
-    surfaces there as usual."""
-    if _PRELOAD or "spirs_tf.networks" in sys.modules:
+    Keras imports scikit-learn (~1 s of the ~5 s start-up on this CPU) only for its sklearn
+    wrappers, which spirs never uses: a ``None`` entry in ``sys.modules`` makes that import fail
+    fast and Keras carries on without them; the entry is removed afterwards, so a later
+    ``import sklearn`` works as usual. Nothing happens when Keras is already imported.
+    """
+    if "keras" in sys.modules:
         return
-    import threading
-
-    def work():
-        # Keras imports scikit-learn (~1 s) only for its optional sklearn wrappers, unused here; a
-        # None entry in sys.modules makes that import fail fast, and Keras carries on without them.
-        block = "sklearn" not in sys.modules
-        if block:
-            sys.modules["sklearn"] = None
-        try:
-            import spirs_tf.networks  # noqa: F401
-            import spirs_tf.train  # noqa: F401
-        except BaseException:  # noqa: BLE001 - the main thread's own import reports it
-            pass
-        finally:
-            if block and "sklearn" in sys.modules and sys.modules["sklearn"] is None:
-                del sys.modules["sklearn"]  # a later `import sklearn` works as usual
-
-    thread = threading.Thread(target=work, name="spirs-preload", daemon=True)
-    _PRELOAD.append(thread)
-    thread.start()
+    block = "sklearn" not in sys.modules
+    if block:
+        sys.modules["sklearn"] = None
+    try:
+        import spirs_tf.networks  # noqa: F401
+    finally:
+        if block and "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+            del sys.modules["sklearn"]
 
 
 def _checkpoint_predictor(checkpoint: str, config_path: str, stage: int | None = None) -> Predictor:
+    import_runtime()
     from spirs_tf import networks
     from spirs_tf.train import load_checkpoint
 
@@ -312,6 +295,7 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
         if os.path.isfile(os.path.join(path, "saved_model.pb")):
             from spirs_tf.export import load_saved_model_predictor
 
+            import_runtime()
             return load_saved_model_predictor(path)
         return _checkpoint_predictor(*find_run_checkpoint(path))
     if not path.endswith(".npz"):
@@ -366,65 +350,6 @@ def brain_overlap(new: Volume, prior: Volume) -> dict:
     fraction = float(np.prod(inter) / min(np.prod(hi_n - lo_n), np.prod(hi_p - lo_p)))
     return {"box_overlap_fraction": fraction, "new_box_mm": [lo_n.tolist(), hi_n.tolist()],
             "prior_box_mm": [lo_p.tolist(), hi_p.tolist()], "low_overlap_warning": fraction < LOW_OVERLAP}
-
-
-def _stored_scaling(path: str | None) -> str:
-    """``" (stored scl_slope S, scl_inter I)"`` for a NIfTI file with intensity scaling, else ``""``."""
-    if not path or not str(path).endswith((".nii", ".nii.gz")):
-        return ""
-    try:
-        import nibabel as nib
-
-        proxy = nib.load(path).dataobj  # nibabel moves the stored scaling from the header to the proxy
-        slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
-    except Exception:  # the file was read before; a header problem here only loses the detail
-        return ""
-    if slope == 1.0 and inter == 0.0:
-        return ""
-    return f" (stored scl_slope {slope:g}, scl_inter {inter:g})"
-
-
-def intensity_problems(volume: Volume) -> list[str]:
-    """Warnings about an image whose intensities cannot carry anatomy; refuse a constant one.
-
-    With ``lo, hi`` the extreme voxel values, the *relative range* is ``(hi − lo) / max(|lo|, |hi|)``
-    (1 for any scan with a zero background). Below :data:`MIN_RELATIVE_RANGE` the values sit on a
-    huge offset — typically a stored intensity scaling such as ``scl_inter = 1e7`` on float32 data,
-    which leaves only the float32 steps of the offset — and the scan is registered and segmented as
-    noise. Fewer than :data:`MIN_DISTINCT` distinct values on a collapsed range is *effectively
-    constant* and refused; on a full range (a mask or a label image given as a scan) it is warned.
-
-    Returns:
-        warning texts (empty for a normal scan).
-
-    Raises:
-        SpirsInputError: every voxel has the same value, or the range collapsed and holds fewer
-            than :data:`MIN_DISTINCT` distinct values (effectively constant).
-    """
-    data = np.asarray(volume.data)
-    where = volume.path or "<image>"
-    lo, hi = float(data.min()), float(data.max())
-    scaling = _stored_scaling(volume.path)
-    if lo == hi:
-        raise SpirsInputError(f"image is constant (every voxel is {lo:g}){scaling}", where)
-    relative = (hi - lo) / max(abs(lo), abs(hi))
-    sample = data.ravel()[:: max(1, data.size // 200_000)]
-    distinct = np.unique(sample).size
-    if distinct < MIN_DISTINCT:
-        distinct = np.unique(data).size
-    if relative < MIN_RELATIVE_RANGE and distinct < MIN_DISTINCT:
-        raise SpirsInputError(
-            f"image is effectively constant: {distinct} distinct values from {lo:.7g} to {hi:.7g}{scaling}; "
-            "its stored intensity scaling has wrecked the dynamic range", where)
-    problems = []
-    if relative < MIN_RELATIVE_RANGE:
-        problems.append(f"{where}: intensities span only {relative:.1e} of their magnitude ({lo:.7g} to {hi:.7g})"
-                        f"{scaling}: the stored intensity scaling has wrecked the dynamic range; "
-                        "registration and segmentation of this scan are meaningless")
-    elif distinct < MIN_DISTINCT:
-        problems.append(f"{where}: only {distinct} distinct intensity values; is this a mask or label image "
-                        "rather than a scan?")
-    return problems
 
 
 def read_case_inputs(new, prior, prior_mask) -> CaseInputs:
@@ -547,39 +472,6 @@ def _json_safe(x):
     if isinstance(x, (np.floating, float)):
         return float(x) if math.isfinite(float(x)) else None
     return x.item() if isinstance(x, np.generic) else x
-
-
-def affine_scales_rotation(linear: np.ndarray) -> tuple[np.ndarray, float]:
-    """Polar decomposition of a 3×3 linear map ``L = R·S`` (SVD ``L = UΣVᵀ``, ``R = UVᵀ``,
-    ``S = VΣVᵀ``): the principal scales ``Σ`` (ascending) and the rotation angle of ``R`` in degrees,
-    ``arccos((tr R − 1)/2)``. A reflection (``det L < 0``) gives angle 180."""
-    u, sigma, vt = np.linalg.svd(np.asarray(linear, float))
-    r = u @ vt
-    if np.linalg.det(r) < 0:
-        return np.sort(sigma), 180.0
-    angle = math.degrees(math.acos(float(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
-    return np.sort(sigma), angle
-
-
-def registration_warnings(registration: dict, world_affine: np.ndarray) -> list[str]:
-    """Warnings for a suspect registration (thresholds :data:`FOLDING_WARN_PERCENT`,
-    :data:`SCALE_RANGE`, :data:`MAX_ROTATION_DEG`); ``registration`` is the report's block."""
-    out = []
-    before, after = registration.get("lncc_identity"), registration.get("lncc")
-    if before is not None and after is not None and math.isfinite(before) and math.isfinite(after) \
-            and after < before:
-        out.append(f"registration lowered the similarity to the new scan (LNCC {after:.3f} after, "
-                   f"{before:.3f} before)")
-    folding = registration.get("folding_percent")
-    if folding is not None and folding > FOLDING_WARN_PERCENT:
-        out.append(f"the deformation folds {folding:.2f} % of the voxels (> {FOLDING_WARN_PERCENT} %)")
-    scales, angle = affine_scales_rotation(np.asarray(world_affine, float)[:3, :3])
-    if scales[0] < SCALE_RANGE[0] or scales[-1] > SCALE_RANGE[1]:
-        out.append(f"the affine scales by {scales[0]:.2f}..{scales[-1]:.2f} (outside "
-                   f"{SCALE_RANGE[0]}..{SCALE_RANGE[1]}): not a plausible change of the same head")
-    if angle > MAX_ROTATION_DEG:
-        out.append(f"the affine rotates by {angle:.0f}° (> {MAX_ROTATION_DEG:.0f}°)")
-    return out
 
 
 #: A test-time refinement: ``refine(predictor, case, outputs) -> dict | None``. ``outputs`` is the

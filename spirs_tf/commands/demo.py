@@ -42,7 +42,6 @@ def run_demo(out: str, seed: int = 7, model: str | None = None, grid: int = 128,
     prediction_dir = os.path.join(out, "prediction")
     if os.path.exists(prediction_dir) and os.listdir(prediction_dir) and not overwrite:
         raise SpirsInputError("demo output exists; pass --overwrite or choose another --out", prediction_dir)
-    inference.preload_runtime()
     predictor = inference.load_predictor(model)
     say(f"spirs demo: model = {predictor.info.get('kind', 'model')} "
         f"({predictor.info.get('config_name', predictor.info.get('config', '?'))})")

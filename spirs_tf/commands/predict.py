@@ -53,8 +53,6 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from spirs_tf import inference
 
-    inference.preload_runtime()  # import TensorFlow in the background while the inputs are read
-
     single = [args.new, args.prior, args.prior_mask]
     if args.manifest:
         if any(single):
