@@ -477,8 +477,10 @@ def _json_safe(x):
 #: A test-time refinement: ``refine(predictor, case, outputs) -> dict | None``. ``outputs`` is the
 #: case's network outputs (:data:`OUTPUT_NAMES`, one case, working grid ``S``). The callable returns
 #: ``None`` (keep the network's registration) or a dict with ``"affine"`` (3×4 ``[M | t]``, working
-#: voxels, centre ``S/2``) and/or ``"dvf"`` ``(S, S, S, 3)`` (working voxels), plus optional
-#: ``"info"`` (JSON-safe, stored in ``report.json``).
+#: voxels, centre ``S/2``) and/or ``"dvf"``: ``(S, S, S, 3)`` in working voxels, or ``(kS, kS, kS, 3)``
+#: on the k-times finer grid in ITS voxels (fine voxel ``k·i`` = working voxel ``i``; world affine
+#: ``W_n·diag(1/k)``), used as such for the outputs on the native grid; plus optional ``"info"``
+#: (JSON-safe, stored in ``report.json``).
 Refine = Callable[["Predictor", "PreparedCase", dict], "dict | None"]
 
 
@@ -513,18 +515,22 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
     result = refine(predictor, case, outputs)
     if not result:
         return outputs, {"applied": False, "seconds": time.perf_counter() - t0}
-    s = case.new_image.shape
+    s = case.new_image.shape[0]
     matrix = np.asarray(result.get("affine", outputs["affine"]), np.float32).reshape(3, 4)
     dvf = np.asarray(result.get("dvf", outputs["dvf"]), np.float32)
-    if dvf.shape != s + (3,):
-        raise ValueError(f"refined dvf must have shape {s + (3,)}, got {dvf.shape}")
+    k = dvf.shape[0] // s if dvf.ndim == 4 else 0
+    if k < 1 or dvf.shape != (k * s,) * 3 + (3,):
+        raise ValueError(f"refined dvf must have shape (kS, kS, kS, 3) with S = {s} and an integer k >= 1, "
+                         f"got {dvf.shape}")
     if predictor.p2_fn is None:
         raise ValueError("this model cannot recompute P2 from a refined registration (a SavedModel); "
                          "use a run directory or checkpoint")
-    warped = warp_working(case.prior_image, matrix, dvf)[..., None]
-    warped_mask = warp_working(case.prior_mask, matrix, dvf)[..., None]
+    on_working = dvf[::k, ::k, ::k] / k if k > 1 else dvf  # exact: fine voxel k·i = working voxel i
+    warped = warp_working(case.prior_image, matrix, on_working)[..., None]
+    warped_mask = warp_working(case.prior_mask, matrix, on_working)[..., None]
     p2 = predictor.p2_fn(case.new_image[None, ..., None], warped[None], warped_mask[None])[0]
-    out = dict(outputs, affine=matrix, dvf=dvf, prior_warped=warped, prior_mask_warped=warped_mask, p2_prob=p2)
+    out = dict(outputs, affine=matrix, dvf=dvf, dvf_factor=k, prior_warped=warped, prior_mask_warped=warped_mask,
+               p2_prob=p2)
     info = {"applied": True, "seconds": time.perf_counter() - t0, "info": result.get("info"),
             "network_affine_voxel": np.asarray(outputs["affine"], float).reshape(3, 4).tolist()}
     return out, info
@@ -555,9 +561,11 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
     case_id = case_id or os.path.basename(out)
     t0 = time.perf_counter()
     new = inputs.new
+    k = int(outputs.get("dvf_factor", 1))  # > 1: a refined field on a k-times finer grid
+    dvf_shape = tuple(k * n for n in case.new_image.shape) + (3,)
     transform = CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
                               np.asarray(outputs["affine"], np.float64).reshape(3, 4),
-                              np.asarray(outputs["dvf"], np.float32).reshape(case.new_image.shape + (3,)))
+                              np.asarray(outputs["dvf"], np.float32).reshape(dvf_shape), k)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(out)}-", dir=os.path.dirname(out))
     # One writer thread: gzip (zlib releases the GIL) runs while the next outputs are computed.

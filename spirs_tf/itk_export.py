@@ -90,17 +90,29 @@ class CaseTransform:
         new_working_affine: ``W_n`` (4×4, working voxel → RAS mm) of the model's grid.
         prior_working_affine: ``W_p``.
         matrix: ``[M | t]`` (3×4), working voxels, ``c = S/2``.
-        dvf: ``u`` ``(S, S, S, 3)`` working voxels, channels in array-axis order.
+        dvf: ``u`` ``(S, S, S, 3)`` working voxels, channels in array-axis order; or, with
+            ``dvf_factor = k > 1``, ``u_k`` on the k-times finer grid ``(kS, kS, kS, 3)`` in ITS voxels
+            (fine voxel ``k·i`` = working voxel ``i``, the pyramid's convention), i.e.
+            ``u(y) = u_k(k·y) / k`` — e.g. a test-time refinement at a finer resolution.
+        dvf_factor: k (default 1).
     """
 
     new_working_affine: np.ndarray
     prior_working_affine: np.ndarray
     matrix: np.ndarray
     dvf: np.ndarray
+    dvf_factor: int = 1
 
     @property
     def size(self) -> int:
-        return int(np.asarray(self.dvf).shape[0])
+        """``S``: the working grid (the affine's centre is ``S/2``)."""
+        return int(np.asarray(self.dvf).shape[0]) // self.dvf_factor
+
+    def dvf_on_working_grid(self) -> np.ndarray:
+        """``u`` at the working grid's voxels ``(S, S, S, 3)`` in working voxels (exact: every k-th
+        fine voxel)."""
+        k = self.dvf_factor
+        return np.asarray(self.dvf)[::k, ::k, ::k] / k if k > 1 else np.asarray(self.dvf)
 
     def world_affine(self) -> np.ndarray:
         """``Aw`` (4×4): new RAS mm → prior RAS mm, the affine part alone."""
@@ -116,8 +128,11 @@ class CaseTransform:
     def _dvf_at(self, y: np.ndarray) -> np.ndarray:
         """``u`` at working coordinates ``y`` (3, n): trilinear, nearest-edge extension → (3, n)."""
         u = np.asarray(self.dvf, dtype=np.float64)
-        return np.stack([ndimage.map_coordinates(u[..., a], y, order=1, mode="nearest", prefilter=False)
-                         for a in range(3)])
+        k = self.dvf_factor
+        yk = y * k if k > 1 else y
+        out = np.stack([ndimage.map_coordinates(u[..., a], yk, order=1, mode="nearest", prefilter=False)
+                        for a in range(3)])
+        return out / k if k > 1 else out
 
     def map_points(self, world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """New-scan RAS points ``w`` (3, n) → (prior RAS points ``q`` (3, n), world ``d`` (3, n))."""
@@ -246,9 +261,10 @@ def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_
 
 
 def compact_deformation(transform: CaseTransform, new: Volume, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """``d`` (RAS mm) on the *field grid*: the new scan's model working grid ``W_n``, extended by whole
-    voxels (values of the nearest cube voxel, as :meth:`CaseTransform._dvf_at` extends ``u``) until it
-    covers every voxel of ``new`` with ``margin`` voxels to spare.
+    """``d`` (RAS mm) on the *field grid*: the new scan's model working grid ``W_n`` (or the grid of
+    ``dvf``, k times finer, when ``dvf_factor = k``), extended by whole voxels (values of the nearest
+    cube voxel, as :meth:`CaseTransform._dvf_at` extends ``u``) until it covers every voxel of
+    ``new`` with ``margin`` voxels to spare.
 
     ``d(w) = L_n M⁻¹ u(y(w))`` is a fixed linear map of the trilinearly interpolated ``u``, so ITK's
     linear interpolation of this field at any new-scan point gives exactly the ``d`` that
@@ -257,20 +273,22 @@ def compact_deformation(transform: CaseTransform, new: Volume, margin: int = 1) 
     Returns:
         ``(field (X', Y', Z', 3) float64 RAS mm, its 4×4 voxel → RAS affine)``.
     """
+    k = transform.dvf_factor
     wn = np.asarray(transform.new_working_affine, float)
-    b = np.linalg.inv(wn) @ np.asarray(new.affine, float)
+    fine = wn @ np.diag([1.0 / k, 1.0 / k, 1.0 / k, 1.0])  # the grid of ``dvf`` (= wn for k = 1)
+    b = np.linalg.inv(fine) @ np.asarray(new.affine, float)
     corners = np.array([[(n - 1) * bit for n, bit in zip(new.shape, bits)] + [1.0]
                         for bits in np.ndindex(2, 2, 2)]).T
     y = (b @ corners)[:3]
     lo = np.floor(y.min(axis=1)).astype(int) - margin
     hi = np.ceil(y.max(axis=1)).astype(int) + margin
     s = transform.size
-    u = np.asarray(transform.dvf, dtype=np.float64)
-    idx = [np.clip(np.arange(lo[a], hi[a] + 1), 0, s - 1) for a in range(3)]
+    u = np.asarray(transform.dvf, dtype=np.float64) / k  # working voxels
+    idx = [np.clip(np.arange(lo[a], hi[a] + 1), 0, u.shape[a] - 1) for a in range(3)]
     u_ext = u[np.ix_(idx[0], idx[1], idx[2])]
     d = u_ext @ (wn[:3, :3] @ np.linalg.inv(voxel_affine(transform.matrix, s)[:3, :3])).T
-    affine = wn.copy()
-    affine[:3, 3] = wn[:3, :3] @ lo + wn[:3, 3]
+    affine = fine.copy()
+    affine[:3, 3] = fine[:3, :3] @ lo + fine[:3, 3]
     return d, affine
 
 
