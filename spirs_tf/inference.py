@@ -491,9 +491,9 @@ def warp_working(volume: np.ndarray, matrix: np.ndarray, dvf: np.ndarray | None)
 
     from spirs_tf.geometry import sample_locations
 
-    coords = sample_locations(matrix, volume.shape, dvf)
-    return ndimage.map_coordinates(np.asarray(volume, np.float32), coords, order=1, mode="constant", cval=0.0,
-                                   prefilter=False).astype(np.float32)
+    coords = sample_locations(matrix, volume.shape, dvf) + 1.0  # zero-padded: = SciPy's "grid-constant"
+    return ndimage.map_coordinates(np.pad(np.asarray(volume, np.float32), 1), coords, order=1, mode="constant",
+                                   cval=0.0, prefilter=False).astype(np.float32)
 
 
 def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, refine: Refine | None

@@ -267,3 +267,17 @@ def test_refine_with_a_finer_dvf_equals_the_same_field_on_the_working_grid(model
     assert np.abs(warped - ours).max() < 1e-4
     assert cases["fine"].report["registration"]["lncc"] == pytest.approx(cases["coarse"].report["registration"]["lncc"],
                                                                        abs=1e-6)
+
+
+def test_warp_working_is_the_zero_padded_trilinear_warp():
+    """The hook's NumPy warp = SciPy's ``grid-constant`` trilinear warp at p(x) = M(x − c) + t + u(x) + c
+    (the reference the network's spatial transformer is tested against), also across a non-zero border."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    volume = rng.random((12, 10, 14)).astype(np.float32) + 1.0  # non-zero up to the border
+    matrix = geometry.params_to_matrix(np.r_[1.5, -2.0, 0.7, 0.2, -0.1, 0.15, 1.1, 0.9, 1.0, np.zeros(6)])
+    dvf = rng.normal(scale=0.7, size=(12, 10, 14, 3))
+    want = ndimage.map_coordinates(volume.astype(np.float64), geometry.sample_locations(matrix, volume.shape, dvf),
+                                   order=1, mode="grid-constant", cval=0.0)
+    np.testing.assert_allclose(inference.warp_working(volume, matrix, dvf), want, atol=1e-5)
