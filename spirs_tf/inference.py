@@ -536,6 +536,23 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
     return out, info
 
 
+def _label_in_box(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """:func:`spirs_tf.metrics.label_lesions` computed inside the mask's bounding box (the same ids:
+    C order is kept inside a box), for a 6-megavoxel grid whose lesions fill a few thousand voxels."""
+    from spirs_tf import metrics
+
+    mask = np.asarray(mask)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        if not hit.size:
+            return np.zeros(mask.shape, np.int32), 0
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    labels = np.zeros(mask.shape, np.int32)
+    labels[tuple(box)], n = metrics.label_lesions(mask[tuple(box)])
+    return labels, n
+
+
 def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir: str, *,
                overwrite: bool = False, case_id: str | None = None, network_s: float = 0.0,
                transforms: str = TRANSFORMS[0], refinement: dict | None = None,
@@ -582,7 +599,7 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
         for k in ("p1", "p2"):
             vol(f"{k}_prob.nii.gz", probs[k].astype(np.float32))
             vol(f"{k}_mask.nii.gz", masks[k])
-        prior_labels, n_prior = metrics.label_lesions(inputs.prior_mask.data)
+        prior_labels, n_prior = _label_in_box(inputs.prior_mask.data)
         res = resample_to_new(transform, new, inputs.prior, inputs.prior_mask, prior_labels,
                               native_fields=transforms == "all")
         vol("prior_warped.nii.gz", res.prior_warped)
