@@ -177,6 +177,21 @@ def _nonzero_box(array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return np.array(lo, float), np.array(hi, float)
 
 
+def _zero_ring(array: np.ndarray, box="all") -> tuple[np.ndarray | None, np.ndarray]:
+    """``array`` (whole, or its part inside ``box`` = (lo, hi) inclusive) with one ring of zeros
+    around it, and the original index of the result's voxel 0 as a (3, 1) column: sample the result
+    at ``x − origin``. ``box`` ``None`` (an all-zero array, see :func:`_nonzero_box`) → ``None``."""
+    if box is None:
+        return None, np.zeros((3, 1))
+    if isinstance(box, str):
+        lo, hi = np.zeros(3, int), np.array(array.shape) - 1
+    else:
+        lo, hi = (np.asarray(v, int) for v in box)
+    out = np.zeros(tuple(hi - lo + 3), array.dtype)
+    out[1:-1, 1:-1, 1:-1] = array[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
+    return out, (lo - 1).astype(float)[:, None]
+
+
 def _inside(points: np.ndarray, box, margin: float) -> np.ndarray:
     """Boolean (n,): points (3, n) within ``box`` widened by ``margin`` voxels (strictly)."""
     if box is None:
@@ -226,12 +241,13 @@ def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_
     pw = np.linalg.inv(np.asarray(prior.affine, float)) @ wp
     g = pw @ a @ b
     h = pw[:3, :3]
-    # zero padding + mode "constant" at x_p + 1 is exactly SciPy's "grid-constant" (zeros outside,
-    # interpolated across the border) and 3.5x faster (measured: 0.39 s against 1.39 s, 6 megavoxels)
-    image = np.pad(np.asarray(prior.data, dtype=np.float32), 1)
-    mask = np.pad(np.asarray(prior_mask.data, dtype=np.float32), 1)
-    labels = np.pad(np.asarray(prior_mask.data if prior_labels is None else prior_labels, dtype=np.int32), 1)
-    mask_box, label_box = _nonzero_box(mask), _nonzero_box(labels)
+    # zero padding + mode "constant" is exactly SciPy's "grid-constant" (zeros outside, interpolated
+    # across the border) and 3.5x faster (measured: 0.39 s against 1.39 s, 6 megavoxels); the mask
+    # and the labels are cut to their non-zero box (+ a zero ring) first
+    image, image_origin = _zero_ring(np.asarray(prior.data, dtype=np.float32))
+    mask, mask_origin = _zero_ring(np.asarray(prior_mask.data, dtype=np.float32), _nonzero_box(prior_mask.data))
+    labels = np.asarray(prior_mask.data if prior_labels is None else prior_labels)
+    labels, label_origin = _zero_ring(labels.astype(np.int32, copy=False), _nonzero_box(labels))
     out_img = np.zeros(shape, np.float32)
     out_mask = np.zeros(shape, np.uint8)
     out_lab = np.zeros(shape, np.int32)
@@ -243,15 +259,18 @@ def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_
         i1 = min(shape[0], i0 + CHUNK_SLICES)
         slab = (i1 - i0,) + shape[1:]
         u = transform._dvf_at(_chunk_points(b, shape, i0, i1))
-        xp = _chunk_points(g, shape, i0, i1) + h @ u + 1.0  # + 1: the padded arrays
-        out_img[i0:i1] = ndimage.map_coordinates(image, xp, **sample).reshape(slab)
-        for target, sel, data, kw in (
-                (out_mask, _inside(xp, mask_box, 1.0), mask, sample),
-                (out_lab, _inside(xp, label_box, 0.51), labels,
-                 dict(order=0, mode="constant", cval=0, prefilter=False))):
+        xp = _chunk_points(g, shape, i0, i1) + h @ u
+        out_img[i0:i1] = ndimage.map_coordinates(image, xp - image_origin, **sample).reshape(slab)
+        for target, data, origin, margin, kw in (
+                (out_mask, mask, mask_origin, 1.0, sample),
+                (out_lab, labels, label_origin, 0.51, dict(order=0, mode="constant", cval=0, prefilter=False))):
+            if data is None:
+                continue
+            local = xp - origin
+            sel = _inside(local, (np.ones(3), np.array(data.shape, float) - 2), margin)
             if not sel.any():
                 continue
-            values = ndimage.map_coordinates(data, xp[:, sel], **kw)
+            values = ndimage.map_coordinates(data, local[:, sel], **kw)
             flat = target[i0:i1].reshape(-1)
             flat[sel] = (values >= 0.5) if target is out_mask else values
         if native_fields:

@@ -123,3 +123,10 @@ def test_pick_slices_matches_center_of_mass_reference():
             if s not in order:
                 order.append(s)
         assert pick_slices(axis, masks, image) == order[:3]
+
+
+def test_resample_with_an_empty_prior_mask(case):
+    transform, new, prior, mask, _ = case
+    empty = Volume(np.zeros_like(mask.data), mask.affine)
+    res = resample_to_new(transform, new, prior, empty, native_fields=False)
+    assert not res.prior_mask_warped.any() and not res.prior_labels_warped.any() and res.prior_warped.max() > 1
