@@ -111,9 +111,9 @@ def lesion_changes(p2_mask, warped_prior_mask_labels, spacing, affine) -> list[d
     p2, prior, affine = _crop_to_content(p2, prior, affine)
 
     labels, n = label_lesions(p2)
-    prior_counts = np.bincount(prior[prior > 0].ravel()) if np.any(prior > 0) else np.zeros(1, np.int64)
-    prior_ids = [int(i) for i in np.flatnonzero(prior_counts) if i != 0]
-    prior_count = {i: int(prior_counts[i]) for i in prior_ids}
+    ids, counts = np.unique(prior[prior != 0], return_counts=True)  # one pass (was one per id)
+    prior_ids = [int(i) for i in ids]
+    prior_count = {int(i): int(k) for i, k in zip(ids, counts)}
     p2_count = np.bincount(labels.ravel(), minlength=n + 1)
     # overlap[(p2 id, prior id)] = shared voxels
     both = (labels > 0) & (prior > 0)
