@@ -578,11 +578,11 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
     case_id = case_id or os.path.basename(out)
     t0 = time.perf_counter()
     new = inputs.new
-    k = int(outputs.get("dvf_factor", 1))  # > 1: a refined field on a k-times finer grid
-    dvf_shape = tuple(k * n for n in case.new_image.shape) + (3,)
+    factor = int(outputs.get("dvf_factor", 1))  # > 1: a refined field on a k-times finer grid
+    dvf_shape = tuple(factor * n for n in case.new_image.shape) + (3,)
     transform = CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
                               np.asarray(outputs["affine"], np.float64).reshape(3, 4),
-                              np.asarray(outputs["dvf"], np.float32).reshape(dvf_shape), k)
+                              np.asarray(outputs["dvf"], np.float32).reshape(dvf_shape), factor)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(out)}-", dir=os.path.dirname(out))
     # One writer thread: gzip (zlib releases the GIL) runs while the next outputs are computed.
