@@ -14,14 +14,37 @@ original grid. Every output file:
 ``p1_mask.nii.gz``             P1 ≥ 0.5 (uint8); ``p2_mask.nii.gz`` likewise
 ``affine.tfm``                 ITK affine, NEW → PRIOR physical points (LPS mm)
 ``deformation.nii.gz``         ITK/ANTs displacement field (LPS mm), full map = affine(x + d(x))
-                               (``antsApplyTransforms -t deformation.nii.gz -t affine.tfm``)
-``transform_total.nii.gz``     one displacement field holding everything: x → prior point − x
+                               (``antsApplyTransforms -t deformation.nii.gz -t affine.tfm``);
+                               on a compact grid by default, on the new grid with ``all`` (below)
+``transform_total.nii.gz``     only with ``transforms="all"``: one displacement field holding
+                               everything: x → prior point − x
 ``lesions.csv``                one row per P2 lesion + unmatched prior lesions (:mod:`spirs_tf.lesions`)
 ``qc.png``                     QC figure (:mod:`spirs_tf.qc`)
 ``report.json``                registration quality, model, versions, timings, inputs, outputs
 =============================  ==================================================================
 
 The geometry of the one-step resampling and of the transform files is in :mod:`spirs_tf.itk_export`.
+
+**Which transform files** (``transforms=``, ``spirs predict --transforms``):
+
+* ``itk`` (default): ``affine.tfm`` + ``deformation.nii.gz`` — what ITK, ANTs and SimpleITK need to
+  apply the registration to any other image of the prior session. The field is stored on its own
+  compact grid (the model's working grid of the new scan, extended to cover the new scan; about
+  3 mm, a few MB) on which ITK's linear interpolation reproduces the mapping exactly
+  (:func:`spirs_tf.itk_export.compact_deformation`).
+* ``all``: ``affine.tfm``, ``deformation.nii.gz`` and ``transform_total.nii.gz``, both fields on
+  the new scan's own voxel grid (~70 MB each for a 6-megavoxel scan), as before version 0.2.
+* ``none``: no transform file (the warped prior, masks and probabilities are still written).
+
+**Registration QC.** ``report.json`` holds a ``warnings`` list (also printed, one line each, as
+``spirs: warning: <case>: …`` on stderr): brains that overlap little, LNCC after registration below
+LNCC before, folding above 0.5 %, an affine whose scales leave 0.7–1.4 or whose rotation exceeds
+45°, and input intensities whose dynamic range collapsed (a constant image is refused); the checks
+and thresholds are in :mod:`spirs_tf.qc`.
+
+**Test-time refinement hook.** ``refine`` (see :data:`Refine`) may replace the working-grid affine
+and displacement field between the network and the resampling; the prior is then re-warped on the
+working grid and P2 recomputed from it (:func:`apply_refinement`).
 
 **Brain overlap rule.** Before anything runs, the axis-aligned world (RAS mm) bounding boxes of the
 non-zero voxels of the new and the prior image are intersected. If they do not intersect at all the
@@ -37,6 +60,7 @@ folder that contains an input is refused. Cohort mode: :func:`predict_cohort`.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import json
 import math
@@ -56,10 +80,14 @@ from spirs_tf.atomic import atomic_write_text
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.io import Volume, check_same_grid, read_volume, write_volume
 from spirs_tf.preprocess import GridMapping, from_working, preprocess_scan, subsample
+from spirs_tf.qc import (FOLDING_WARN_PERCENT, MAX_ROTATION_DEG, MIN_DISTINCT, MIN_RELATIVE_RANGE,  # noqa: F401
+                         SCALE_RANGE, affine_scales_rotation, intensity_problems, registration_warnings)
 
 OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
 LOGIT_CLIP = 50.0
 LOW_OVERLAP = 0.3
+#: ``--transforms`` choices (module docstring); the first is the default.
+TRANSFORMS = ("itk", "all", "none")
 TMP_PREFIX = ".tmp-spirs-"
 NOT_FOR_CLINICAL_USE = ("Research software, not for clinical use: outputs have not been validated for "
                         "diagnosis or treatment decisions.")
@@ -97,12 +125,16 @@ class Predictor:
         run_fn: ``(new, prior, prior_mask) → {name: array}`` on batches ``(B, S, S, S, 1)``, returning
             :data:`OUTPUT_NAMES`.
         info: description for reports (``kind``, ``path``, ``checkpoint``, ``stage``, ``config``).
+        p2_fn: ``(new, warped_prior, warped_prior_mask) → p2_prob`` on batches ``(B, S, S, S, 1)``:
+            P2 recomputed from a replaced warped prior (test-time refinement); ``None`` when the
+            model cannot provide it (a SavedModel).
     """
 
     cfg: config_lib.SpirsConfig
     levels: int
     run_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], dict]
     info: dict = field(default_factory=dict)
+    p2_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
 
     @property
     def size(self) -> int:
@@ -125,26 +157,75 @@ class Predictor:
 
 
 def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict | None = None) -> Predictor:
-    """Wrap a SPIRS Keras model in a compiled (``tf.function``, ``training=False``) predictor whose
-    signature has a free batch axis (one trace for every cohort batch size)."""
+    """Wrap a SPIRS Keras model (``training=False``) in a predictor.
+
+    The first call runs eagerly: for one case that is faster than tracing a graph (measured with
+    cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls go through
+    one ``tf.function`` whose signature has a free batch axis, traced once for every batch size;
+    ``run_fn.use_graph()`` (called by :func:`predict_cohort` for more than one case) skips the eager
+    call. Both compute the same model.
+    """
     from spirs_tf._compat import tf
 
     s = cfg.level_grid(levels)
     spec = tf.TensorSpec((None, s, s, s, 1), tf.float32)
 
-    @tf.function(input_signature=[spec, spec, spec])
-    def infer(new, prior, mask):
+    def forward(new, prior, mask):
         raw = model({"fixed_image": new, "moving_image": prior, "moving_mask": mask}, training=False)
         return serving_outputs(raw, levels)
 
+    infer = tf.function(forward, input_signature=[spec, spec, spec])
+    calls = []
+
     def run(new, prior, mask):
-        return {k: v.numpy() for k, v in infer(new, prior, mask).items()}
+        fn = infer if calls else forward
+        calls.append(1)
+        args = [tf.convert_to_tensor(a) for a in (new, prior, mask)]
+        return {k: np.asarray(v) for k, v in fn(*args).items()}
 
     run.model = model  # keep the model reachable for export and tests
-    return Predictor(cfg, levels, run, dict(info or {}))
+    run.use_graph = lambda: calls.append(0)  # a cohort: trace from the first batch on
+    p2_model = []
+
+    def p2(new, warped, warped_mask):
+        """P2 from the fixed image and a (replaced) warped prior: the model's own layers, from its
+        ``fixed_image`` input and ``warped_image_{levels}``/``warped_mask_{levels}`` outputs."""
+        from spirs_tf._compat import keras
+
+        if not p2_model:
+            p2_model.append(keras.Model(
+                [model.get_layer("fixed_image").output, model.get_layer(f"warped_image_{levels}").output,
+                 model.get_layer(f"warped_mask_{levels}").output], model.get_layer("p2_logits").output))
+        logits = p2_model[0]([tf.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)],
+                             training=False)
+        x = tf.clip_by_value(tf.cast(logits, tf.float32), -LOGIT_CLIP, LOGIT_CLIP)
+        return np.asarray(tf.sigmoid(x))
+
+    return Predictor(cfg, levels, run, dict(info or {}), p2)
+
+
+def import_runtime() -> None:
+    """Import Keras/TensorFlow and the network code, without Keras' optional scikit-learn wrappers.
+
+    Keras imports scikit-learn (~1 s of the ~5 s start-up on this CPU) only for its sklearn
+    wrappers, which spirs never uses: a ``None`` entry in ``sys.modules`` makes that import fail
+    fast and Keras carries on without them; the entry is removed afterwards, so a later
+    ``import sklearn`` works as usual. Nothing happens when Keras is already imported.
+    """
+    if "keras" in sys.modules:
+        return
+    block = "sklearn" not in sys.modules
+    if block:
+        sys.modules["sklearn"] = None
+    try:
+        import spirs_tf.networks  # noqa: F401
+    finally:
+        if block and "sklearn" in sys.modules and sys.modules["sklearn"] is None:
+            del sys.modules["sklearn"]
 
 
 def _checkpoint_predictor(checkpoint: str, config_path: str, stage: int | None = None) -> Predictor:
+    import_runtime()
     from spirs_tf import networks
     from spirs_tf.train import load_checkpoint
 
@@ -214,6 +295,7 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
         if os.path.isfile(os.path.join(path, "saved_model.pb")):
             from spirs_tf.export import load_saved_model_predictor
 
+            import_runtime()
             return load_saved_model_predictor(path)
         return _checkpoint_predictor(*find_run_checkpoint(path))
     if not path.endswith(".npz"):
@@ -235,13 +317,16 @@ class CaseInputs:
     prior_mask: Volume
     overlap: dict
     read_s: float = 0.0
+    warnings: list = field(default_factory=list)
 
 
 def brain_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     """Axis-aligned RAS box (lo, hi) in mm around the non-zero voxels (voxel corners included)."""
-    nz = np.nonzero(volume.data)
-    lo = np.array([i.min() for i in nz], float) - 0.5
-    hi = np.array([i.max() for i in nz], float) + 0.5
+    nonzero = np.asarray(volume.data) != 0
+    lo, hi = np.zeros(3), np.zeros(3)
+    for axis in range(3):  # projections instead of np.nonzero: no index arrays for millions of voxels
+        hit = np.flatnonzero(np.any(nonzero, axis=tuple(a for a in range(3) if a != axis)))
+        lo[axis], hi[axis] = hit[0] - 0.5, hit[-1] + 0.5
     corners = np.array([[(hi if b else lo)[a] for a, b in enumerate(bits)] + [1.0]
                         for bits in np.ndindex(2, 2, 2)]).T
     world = (np.asarray(volume.affine, float) @ corners)[:3]
@@ -272,15 +357,20 @@ def read_case_inputs(new, prior, prior_mask) -> CaseInputs:
 
     Raises:
         SpirsInputError: unreadable/missing file, not 3-D, several volumes, NaN/inf, mask not
-            binary, mask not on the prior's grid, brains that do not overlap (:func:`brain_overlap`).
+            binary, mask not on the prior's grid, brains that do not overlap (:func:`brain_overlap`),
+            an image that is (effectively) constant (:func:`intensity_problems`).
     """
     t0 = time.perf_counter()
     new = new if isinstance(new, Volume) else read_volume(new, "image")
     prior = prior if isinstance(prior, Volume) else read_volume(prior, "image")
     prior_mask = prior_mask if isinstance(prior_mask, Volume) else read_volume(prior_mask, "mask")
     check_same_grid(prior_mask, prior)
+    problems = intensity_problems(new) + intensity_problems(prior)
     overlap = brain_overlap(new, prior)
-    return CaseInputs(new, prior, prior_mask, overlap, time.perf_counter() - t0)
+    if overlap["low_overlap_warning"]:
+        problems.append(f"brains of {new.path} and {prior.path} overlap little "
+                        f"({100 * overlap['box_overlap_fraction']:.0f} % of the smaller box)")
+    return CaseInputs(new, prior, prior_mask, overlap, time.perf_counter() - t0, problems)
 
 
 @dataclass(eq=False)
@@ -384,79 +474,200 @@ def _json_safe(x):
     return x.item() if isinstance(x, np.generic) else x
 
 
-def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir: str, *,
-               overwrite: bool = False, case_id: str | None = None, network_s: float = 0.0) -> CaseResult:
-    """Write every output of one case (``outputs``: this case's slice of :meth:`Predictor.predict`)."""
+#: A test-time refinement: ``refine(predictor, case, outputs) -> dict | None``. ``outputs`` is the
+#: case's network outputs (:data:`OUTPUT_NAMES`, one case, working grid ``S``). The callable returns
+#: ``None`` (keep the network's registration) or a dict with ``"affine"`` (3×4 ``[M | t]``, working
+#: voxels, centre ``S/2``) and/or ``"dvf"``: ``(S, S, S, 3)`` in working voxels, or ``(kS, kS, kS, 3)``
+#: on the k-times finer grid in ITS voxels (fine voxel ``k·i`` = working voxel ``i``; world affine
+#: ``W_n·diag(1/k)``), used as such for the outputs on the native grid; plus optional ``"info"``
+#: (JSON-safe, stored in ``report.json``).
+Refine = Callable[["Predictor", "PreparedCase", dict], "dict | None"]
+
+
+def warp_working(volume: np.ndarray, matrix: np.ndarray, dvf: np.ndarray | None) -> np.ndarray:
+    """The network's spatial transformer in NumPy: trilinear, zero padding, at
+    ``p(x) = M(x − c) + t + u(x) + c`` (:func:`spirs_tf.geometry.sample_locations`) → float32."""
+    from scipy import ndimage
+
+    from spirs_tf.geometry import sample_locations
+
+    coords = sample_locations(matrix, volume.shape, dvf) + 1.0  # zero-padded: = SciPy's "grid-constant"
+    return ndimage.map_coordinates(np.pad(np.asarray(volume, np.float32), 1), coords, order=1, mode="constant",
+                                   cval=0.0, prefilter=False).astype(np.float32)
+
+
+def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, refine: Refine | None
+                     ) -> tuple[dict, dict | None]:
+    """Run ``refine`` and, if it replaced the registration, re-warp the prior on the working grid and
+    recompute P2 from it (the model's fusion block on ``[new, σ(P1), warped prior, blur(warped mask)]``).
+
+    Returns:
+        ``(outputs, info)``: the (possibly updated) outputs and a report block (``None`` when
+        ``refine`` is ``None``).
+
+    Raises:
+        ValueError: ``refine`` returned arrays of the wrong shape, or the predictor cannot
+            recompute P2 (a SavedModel: it exposes only the whole model).
+    """
+    if refine is None:
+        return outputs, None
+    t0 = time.perf_counter()
+    result = refine(predictor, case, outputs)
+    if not result:
+        return outputs, {"applied": False, "seconds": time.perf_counter() - t0}
+    s = case.new_image.shape[0]
+    matrix = np.asarray(result.get("affine", outputs["affine"]), np.float32).reshape(3, 4)
+    dvf = np.asarray(result.get("dvf", outputs["dvf"]), np.float32)
+    k = dvf.shape[0] // s if dvf.ndim == 4 else 0
+    if k < 1 or dvf.shape != (k * s,) * 3 + (3,):
+        raise ValueError(f"refined dvf must have shape (kS, kS, kS, 3) with S = {s} and an integer k >= 1, "
+                         f"got {dvf.shape}")
+    if predictor.p2_fn is None:
+        raise ValueError("this model cannot recompute P2 from a refined registration (a SavedModel); "
+                         "use a run directory or checkpoint")
+    on_working = dvf[::k, ::k, ::k] / k if k > 1 else dvf  # exact: fine voxel k·i = working voxel i
+    warped = warp_working(case.prior_image, matrix, on_working)[..., None]
+    warped_mask = warp_working(case.prior_mask, matrix, on_working)[..., None]
+    p2 = predictor.p2_fn(case.new_image[None, ..., None], warped[None], warped_mask[None])[0]
+    out = dict(outputs, affine=matrix, dvf=dvf, dvf_factor=k, prior_warped=warped, prior_mask_warped=warped_mask,
+               p2_prob=p2)
+    info = {"applied": True, "seconds": time.perf_counter() - t0, "info": result.get("info"),
+            "network_affine_voxel": np.asarray(outputs["affine"], float).reshape(3, 4).tolist()}
+    return out, info
+
+
+def _label_in_box(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """:func:`spirs_tf.metrics.label_lesions` computed inside the mask's bounding box (the same ids:
+    C order is kept inside a box), for a 6-megavoxel grid whose lesions fill a few thousand voxels."""
     from spirs_tf import metrics
-    from spirs_tf.itk_export import CaseTransform, resample_to_new, write_displacement, write_itk_affine
+
+    mask = np.asarray(mask)
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(mask, axis=tuple(a for a in range(3) if a != axis)))
+        if not hit.size:
+            return np.zeros(mask.shape, np.int32), 0
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    labels = np.zeros(mask.shape, np.int32)
+    labels[tuple(box)], n = metrics.label_lesions(mask[tuple(box)])
+    return labels, n
+
+
+def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir: str, *,
+               overwrite: bool = False, case_id: str | None = None, network_s: float = 0.0,
+               transforms: str = TRANSFORMS[0], refinement: dict | None = None,
+               verbose: bool = True) -> CaseResult:
+    """Write every output of one case (``outputs``: this case's slice of :meth:`Predictor.predict`,
+    possibly refined by :func:`apply_refinement`, whose report block is ``refinement``).
+
+    Args:
+        transforms: which transform files (:data:`TRANSFORMS`, module docstring).
+        verbose: print the case's warnings on stderr (they are in ``report.json`` either way).
+    """
+    from spirs_tf import metrics
+    from spirs_tf.itk_export import (CaseTransform, compact_deformation, resample_to_new, write_displacement,
+                                     write_itk_affine)
     from spirs_tf.lesions import change_counts, lesion_changes, write_lesions_csv
     from spirs_tf.qc import write_qc_png
 
+    if transforms not in TRANSFORMS:
+        raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
     inputs = case.inputs
     protect = _input_paths(inputs)
     out = check_out_dir(out_dir, protect, overwrite)
     case_id = case_id or os.path.basename(out)
     t0 = time.perf_counter()
     new = inputs.new
+    factor = int(outputs.get("dvf_factor", 1))  # > 1: a refined field on a k-times finer grid
+    dvf_shape = tuple(factor * n for n in case.new_image.shape) + (3,)
     transform = CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
                               np.asarray(outputs["affine"], np.float64).reshape(3, 4),
-                              np.asarray(outputs["dvf"], np.float32).reshape(case.new_image.shape + (3,)))
-    prior_labels, n_prior = metrics.label_lesions(inputs.prior_mask.data)
-    res = resample_to_new(transform, new, inputs.prior, inputs.prior_mask, prior_labels)
-    probs = {k: np.clip(from_working(np.asarray(outputs[f"{k}_prob"]), case.new_mapping, order=1), 0, 1)
-             for k in ("p1", "p2")}
-    masks = {k: (v >= 0.5).astype(np.uint8) for k, v in probs.items()}
-    rows = lesion_changes(masks["p2"], res.prior_labels_warped, new.spacing, new.affine)
-
+                              np.asarray(outputs["dvf"], np.float32).reshape(dvf_shape), factor)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(out)}-", dir=os.path.dirname(out))
+    # One writer thread: gzip (zlib releases the GIL) runs while the next outputs are computed.
+    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spirs-write")
+    pending = []
     try:
         def vol(name, data, **kw):
-            write_volume(os.path.join(tmp, name), data, new.affine, protect=protect, **kw)
+            pending.append(writer.submit(write_volume, os.path.join(tmp, name), data, new.affine,
+                                         protect=protect, **kw))
 
-        vol("prior_warped.nii.gz", res.prior_warped)
-        vol("prior_mask_warped.nii.gz", res.prior_mask_warped)
-        vol("prior_labels_warped.nii.gz", res.prior_labels_warped, intent="label")
+        probs = {k: np.clip(from_working(np.asarray(outputs[f"{k}_prob"]), case.new_mapping, order=1), 0, 1)
+                 for k in ("p1", "p2")}
+        masks = {k: (v >= 0.5).astype(np.uint8) for k, v in probs.items()}
         for k in ("p1", "p2"):
             vol(f"{k}_prob.nii.gz", probs[k].astype(np.float32))
             vol(f"{k}_mask.nii.gz", masks[k])
-        write_itk_affine(os.path.join(tmp, "affine.tfm"), transform.world_affine_lps())
-        write_displacement(os.path.join(tmp, "deformation.nii.gz"), res.deformation, new.affine)
-        write_displacement(os.path.join(tmp, "transform_total.nii.gz"), res.total, new.affine)
+        prior_labels, n_prior = _label_in_box(inputs.prior_mask.data)
+        res = resample_to_new(transform, new, inputs.prior, inputs.prior_mask, prior_labels,
+                              native_fields=transforms == "all")
+        vol("prior_warped.nii.gz", res.prior_warped)
+        vol("prior_mask_warped.nii.gz", res.prior_mask_warped)
+        vol("prior_labels_warped.nii.gz", res.prior_labels_warped, intent="label")
+        field, field_affine = compact_deformation(transform, new)
+        if transforms != "none":
+            write_itk_affine(os.path.join(tmp, "affine.tfm"), transform.world_affine_lps())
+        if transforms == "itk":
+            pending.append(writer.submit(write_displacement, os.path.join(tmp, "deformation.nii.gz"), field,
+                                         field_affine))
+        elif transforms == "all":
+            for name, data in (("deformation.nii.gz", res.deformation), ("transform_total.nii.gz", res.total)):
+                pending.append(writer.submit(write_displacement, os.path.join(tmp, name), data, new.affine))
+        rows = lesion_changes(masks["p2"], res.prior_labels_warped, new.spacing, new.affine)
         write_lesions_csv(os.path.join(tmp, "lesions.csv"), rows)
         qc_slices = write_qc_png(os.path.join(tmp, "qc.png"), case_id, new.data, res.prior_warped,
                                  res.prior_mask_warped, masks["p1"], masks["p2"], new.affine)
+        for future in pending:
+            future.result()  # re-raises a writer's error here
         new_w, warped_w = case.new_image, np.asarray(outputs["prior_warped"])[..., 0]
         window = predictor.cfg.loss.lncc_window
         lncc_mask = metrics.lncc_mask(new_w, warped_w, np.asarray(outputs["p2_prob"])[..., 0] >= 0.5,
                                       np.asarray(outputs["prior_mask_warped"])[..., 0] >= 0.5)
         files = sorted(os.listdir(tmp)) + ["report.json"]
+        registration = {
+            "grid": "model working grid of the new scan",
+            "lncc_window": window,
+            "lncc_identity": metrics.lncc(new_w, case.prior_image, window),
+            "lncc": metrics.lncc(new_w, warped_w, window),
+            "lncc_masked": metrics.lncc(new_w, warped_w, window, mask=lncc_mask),
+            "folding_percent": metrics.folding_percent(transform.dvf),
+            "affine_voxel": transform.matrix.tolist(),
+            "affine_world_ras": transform.world_affine().tolist(),
+            "affine_scales": None, "affine_rotation_deg": None,
+            "max_displacement_mm": float(np.sqrt((field ** 2).sum(axis=-1).max())),
+        }
+        scales, angle = affine_scales_rotation(transform.world_affine()[:3, :3])
+        registration["affine_scales"], registration["affine_rotation_deg"] = scales.tolist(), angle
+        if refinement is not None:
+            registration["refinement"] = refinement
+        warnings = list(inputs.warnings) + registration_warnings(registration, transform.world_affine())
+        if verbose:
+            for text in warnings:
+                print(f"spirs: warning: {case_id}: {text}", file=sys.stderr)
+        timings = {"read": inputs.read_s, "preprocess": case.preprocess_s, "network": network_s}
+        if refinement is not None:
+            timings["refine"] = refinement["seconds"]
         report = {
             "case_id": case_id, "note": NOT_FOR_CLINICAL_USE,
             "inputs": {"new": new.path, "prior": inputs.prior.path, "prior_mask": inputs.prior_mask.path},
             "model": predictor.info | {"levels": predictor.levels, "input_grid": predictor.size},
-            "registration": {
-                "grid": "model working grid of the new scan",
-                "lncc_window": window,
-                "lncc_identity": metrics.lncc(new_w, case.prior_image, window),
-                "lncc": metrics.lncc(new_w, warped_w, window),
-                "lncc_masked": metrics.lncc(new_w, warped_w, window, mask=lncc_mask),
-                "folding_percent": metrics.folding_percent(transform.dvf),
-                "affine_voxel": transform.matrix.tolist(),
-                "affine_world_ras": transform.world_affine().tolist(),
-                "max_displacement_mm": float(np.linalg.norm(res.deformation, axis=-1).max()),
-            },
+            "registration": registration,
+            "warnings": warnings,
             "brain_overlap": inputs.overlap,
             "lesions": {"p2_lesions": sum(r["source"] == "p2" for r in rows), "prior_lesions": n_prior,
                         "changes": change_counts(rows), "growth_ratio": ">1.25", "shrink_ratio": "<0.8"},
             "qc_slices": qc_slices,
             "transforms": {
+                "written": transforms,
                 "ants": "antsApplyTransforms -d 3 -i PRIOR -r NEW -o OUT -t deformation.nii.gz -t affine.tfm",
                 "ants_total": "antsApplyTransforms -d 3 -i PRIOR -r NEW -o OUT -t transform_total.nii.gz",
+                "deformation_grid": {"itk": "compact field grid (model working grid of the new scan, extended "
+                                            "to cover it); ITK's linear interpolation reproduces the mapping",
+                                     "all": "the new scan's voxel grid", "none": None}[transforms],
                 "convention": "new-scan physical point x -> prior point affine(x + d(x)), ITK LPS mm; "
                               "vectors LPS, NIfTI intent vector (1007); see spirs_tf/itk_export.py"},
-            "timings_s": {"read": inputs.read_s, "preprocess": case.preprocess_s, "network": network_s,
-                          "resample_write": time.perf_counter() - t0},
+            "timings_s": timings | {"resample_write": time.perf_counter() - t0},
             "versions": _versions(),
             "outputs": files,
         }
@@ -464,6 +675,7 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
                           json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
         _commit_folder(tmp, out)
     finally:
+        writer.shutdown(wait=True, cancel_futures=True)
         if os.path.isdir(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
     return CaseResult(out, case_id, files, report, rows)
@@ -482,7 +694,8 @@ def run_network(predictor: Predictor, cases: list[PreparedCase]) -> tuple[list[d
 
 
 def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, overwrite: bool = False,
-                 case_id: str | None = None) -> CaseResult:
+                 case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | None = None,
+                 verbose: bool = True) -> CaseResult:
     """Predict one (prior, new) pair and write its case folder (see the module docstring).
 
     Args:
@@ -491,31 +704,34 @@ def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, 
         out_dir: the case folder (created; must not exist unless empty or ``overwrite``).
         overwrite: replace an existing case folder.
         case_id: name in the report and the QC title (default: the folder name).
+        transforms: which transform files to write (:data:`TRANSFORMS`; module docstring).
+        refine: optional test-time refinement (:data:`Refine`, :func:`apply_refinement`).
+        verbose: print warnings (``spirs: warning: <case>: …``) on stderr.
 
     Raises:
         SpirsInputError: every input problem of :func:`read_case_inputs`, an output folder that
             exists (without ``overwrite``) or contains an input. Nothing is written then.
     """
     return run_case(predictor, read_case_inputs(new, prior, prior_mask), out_dir, overwrite=overwrite,
-                    case_id=case_id)
+                    case_id=case_id, transforms=transforms, refine=refine, verbose=verbose)
 
 
 def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrite: bool = False,
-             case_id: str | None = None) -> CaseResult:
+             case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | None = None,
+             verbose: bool = True) -> CaseResult:
     """:func:`predict_case` for inputs already read and validated by :func:`read_case_inputs`."""
     check_out_dir(out_dir, _input_paths(inputs), overwrite)
-    if inputs.overlap["low_overlap_warning"]:
-        print(f"spirs: warning: brains of {inputs.new.path} and {inputs.prior.path} overlap little "
-              f"({100 * inputs.overlap['box_overlap_fraction']:.0f} % of the smaller box)", file=sys.stderr)
     case = prepare_case(inputs, predictor)
     (outputs,), network_s = run_network(predictor, [case])
+    outputs, refinement = apply_refinement(predictor, case, outputs, refine)
     return write_case(predictor, case, outputs, out_dir, overwrite=overwrite, case_id=case_id,
-                      network_s=network_s)
+                      network_s=network_s, transforms=transforms, refinement=refinement, verbose=verbose)
 
 
 # -------------------------------------------------------------------------------------------- cohort
 SUMMARY_COLUMNS = ("case_id", "patient_id", "prior_timepoint", "new_timepoint", "status", "lncc",
-                   "lncc_identity", "folding_percent", "p2_lesions", "new_lesions", "seconds", "message")
+                   "lncc_identity", "folding_percent", "p2_lesions", "new_lesions", "seconds", "message",
+                   "warnings")
 
 
 def case_name(pair) -> str:
@@ -542,7 +758,7 @@ def _summary_row(pair, cid, status, report=None, seconds=None, message="") -> di
             "new_timepoint": str(pair.new.timepoint), "status": status, "lncc": reg.get("lncc"),
             "lncc_identity": reg.get("lncc_identity"), "folding_percent": reg.get("folding_percent"),
             "p2_lesions": les.get("p2_lesions"), "new_lesions": les.get("changes", {}).get("new"),
-            "seconds": seconds, "message": message}
+            "seconds": seconds, "message": message, "warnings": len((report or {}).get("warnings", []))}
 
 
 class _Progress:
@@ -563,7 +779,8 @@ class _Progress:
 
 
 def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: str, *,
-                   pairing: str = "consecutive", batch_size: int = 1, verbose: bool = True) -> list[dict]:
+                   pairing: str = "consecutive", batch_size: int = 1, verbose: bool = True,
+                   transforms: str = TRANSFORMS[0], refine: Refine | None = None) -> list[dict]:
     """Predict every (prior, new) pair of a manifest split into ``out_dir/<case_name>/``.
 
     Resumable: a pair whose ``report.json`` exists is skipped; ``.tmp-spirs-*`` folders left by a
@@ -578,7 +795,9 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
         out_dir: cohort folder; also receives ``cohort_summary.csv`` (one row per pair).
         pairing: ``consecutive`` or ``all`` (:func:`spirs_tf.manifest.make_pairs`).
         batch_size: cases per forward pass.
-        verbose: progress bar and the final cases-per-minute line.
+        verbose: progress bar, warnings and the final cases-per-minute line.
+        transforms: which transform files to write per case (:data:`TRANSFORMS`).
+        refine: optional test-time refinement per case (:data:`Refine`).
 
     Returns:
         the summary rows (:data:`SUMMARY_COLUMNS`).
@@ -623,6 +842,8 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
                 loaded.append((pair, cid, exc))
         return loaded
 
+    if len(todo) > 1 and hasattr(predictor.run_fn, "use_graph"):
+        predictor.run_fn.use_graph()  # trace once and reuse, instead of one eager case first
     progress = _Progress(len(todo), verbose)
     t_start, n_done = time.perf_counter(), 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
@@ -640,8 +861,10 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
                     rows[cid] = _summary_row(pair, cid, "error", message=str(case))
                 else:
                     try:
-                        res = write_case(predictor, case, results[cid], os.path.join(out_dir, cid),
-                                         overwrite=True, case_id=cid, network_s=network_s / len(ready))
+                        outputs, refinement = apply_refinement(predictor, case, results[cid], refine)
+                        res = write_case(predictor, case, outputs, os.path.join(out_dir, cid),
+                                         overwrite=True, case_id=cid, network_s=network_s / len(ready),
+                                         transforms=transforms, refinement=refinement, verbose=verbose)
                         n_done += 1
                         rows[cid] = _summary_row(pair, cid, "done", res.report, time.perf_counter() - t0
                                                  + case.preprocess_s + case.inputs.read_s + network_s / len(ready))

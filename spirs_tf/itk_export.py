@@ -26,8 +26,13 @@ world mm ``q(w) = Aw(w + d(w))`` with ``d = L_n M⁻¹ u(y(w))``. These are writ
 
 * ``affine.tfm`` — ``AffineTransform_double_3_3`` mapping NEW physical points to PRIOR physical
   points, in ITK's **LPS** mm (``F·Aw·F`` with ``F = diag(−1, −1, 1)``), centre (0, 0, 0);
-* ``deformation.nii.gz`` — the displacement ``F·d`` on the new scan's grid;
-* ``transform_total.nii.gz`` — everything in one displacement field: ``F·(q(w) − w)``.
+* ``deformation.nii.gz`` — the displacement ``F·d``: by default on the compact *field grid*
+  (:func:`compact_deformation`: ``W_n`` extended by whole voxels to cover the new scan). ``d`` is a
+  fixed linear map of the trilinearly interpolated ``u``, so ITK's linear interpolation of the field
+  on that grid reproduces it exactly (a few MB instead of ~70 MB for a 6-megavoxel scan);
+  with ``transforms="all"`` on the new scan's grid;
+* ``transform_total.nii.gz`` (``transforms="all"`` only) — everything in one displacement field on
+  the new scan's grid: ``F·(q(w) − w)``.
 
 Displacement fields are NIfTI ``(X, Y, Z, 1, 3)`` float32 with intent code 1007 (*vector*) and the
 vectors' components in **LPS** mm — the ANTs convention. ITK (≥ 5.3, InsightSoftwareConsortium/ITK
@@ -59,8 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from spirs_tf.atomic import atomic_path
-from spirs_tf.io import Volume, sitk_path, write_volume
+from spirs_tf.io import Volume, write_volume
 
 #: RAS ↔ LPS (its own inverse).
 LPS_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -86,17 +90,29 @@ class CaseTransform:
         new_working_affine: ``W_n`` (4×4, working voxel → RAS mm) of the model's grid.
         prior_working_affine: ``W_p``.
         matrix: ``[M | t]`` (3×4), working voxels, ``c = S/2``.
-        dvf: ``u`` ``(S, S, S, 3)`` working voxels, channels in array-axis order.
+        dvf: ``u`` ``(S, S, S, 3)`` working voxels, channels in array-axis order; or, with
+            ``dvf_factor = k > 1``, ``u_k`` on the k-times finer grid ``(kS, kS, kS, 3)`` in ITS voxels
+            (fine voxel ``k·i`` = working voxel ``i``, the pyramid's convention), i.e.
+            ``u(y) = u_k(k·y) / k`` — e.g. a test-time refinement at a finer resolution.
+        dvf_factor: k (default 1).
     """
 
     new_working_affine: np.ndarray
     prior_working_affine: np.ndarray
     matrix: np.ndarray
     dvf: np.ndarray
+    dvf_factor: int = 1
 
     @property
     def size(self) -> int:
-        return int(np.asarray(self.dvf).shape[0])
+        """``S``: the working grid (the affine's centre is ``S/2``)."""
+        return int(np.asarray(self.dvf).shape[0]) // self.dvf_factor
+
+    def dvf_on_working_grid(self) -> np.ndarray:
+        """``u`` at the working grid's voxels ``(S, S, S, 3)`` in working voxels (exact: every k-th
+        fine voxel)."""
+        k = self.dvf_factor
+        return np.asarray(self.dvf)[::k, ::k, ::k] / k if k > 1 else np.asarray(self.dvf)
 
     def world_affine(self) -> np.ndarray:
         """``Aw`` (4×4): new RAS mm → prior RAS mm, the affine part alone."""
@@ -112,8 +128,11 @@ class CaseTransform:
     def _dvf_at(self, y: np.ndarray) -> np.ndarray:
         """``u`` at working coordinates ``y`` (3, n): trilinear, nearest-edge extension → (3, n)."""
         u = np.asarray(self.dvf, dtype=np.float64)
-        return np.stack([ndimage.map_coordinates(u[..., a], y, order=1, mode="nearest", prefilter=False)
-                         for a in range(3)])
+        k = self.dvf_factor
+        yk = y * k if k > 1 else y
+        out = np.stack([ndimage.map_coordinates(u[..., a], yk, order=1, mode="nearest", prefilter=False)
+                        for a in range(3)])
+        return out / k if k > 1 else out
 
     def map_points(self, world: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """New-scan RAS points ``w`` (3, n) → (prior RAS points ``q`` (3, n), world ``d`` (3, n))."""
@@ -134,19 +153,72 @@ class Resampled:
     """Everything on the new scan's original grid ``(X, Y, Z)``.
 
     ``prior_warped`` float32, ``prior_mask_warped`` uint8 (trilinear ≥ 0.5), ``prior_labels_warped``
-    int32 (nearest), ``deformation`` and ``total`` ``(X, Y, Z, 3)`` float64 RAS mm (``d`` and ``q − w``).
+    int32 (nearest), ``deformation`` and ``total`` ``(X, Y, Z, 3)`` float64 RAS mm (``d`` and ``q − w``;
+    ``None`` unless asked for with ``native_fields=True``).
     """
 
     prior_warped: np.ndarray
     prior_mask_warped: np.ndarray
     prior_labels_warped: np.ndarray
-    deformation: np.ndarray
-    total: np.ndarray
+    deformation: np.ndarray | None
+    total: np.ndarray | None
+
+
+def _nonzero_box(array: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lo, hi) voxel indices of the non-zero voxels of ``array`` (inclusive), ``None`` if all zero."""
+    lo, hi = [], []
+    for axis in range(array.ndim):
+        other = tuple(a for a in range(array.ndim) if a != axis)
+        hit = np.flatnonzero(np.any(array, axis=other))
+        if hit.size == 0:
+            return None
+        lo.append(hit[0])
+        hi.append(hit[-1])
+    return np.array(lo, float), np.array(hi, float)
+
+
+def _zero_ring(array: np.ndarray, box="all") -> tuple[np.ndarray | None, np.ndarray]:
+    """``array`` (whole, or its part inside ``box`` = (lo, hi) inclusive) with one ring of zeros
+    around it, and the original index of the result's voxel 0 as a (3, 1) column: sample the result
+    at ``x − origin``. ``box`` ``None`` (an all-zero array, see :func:`_nonzero_box`) → ``None``."""
+    if box is None:
+        return None, np.zeros((3, 1))
+    if isinstance(box, str):
+        lo, hi = np.zeros(3, int), np.array(array.shape) - 1
+    else:
+        lo, hi = (np.asarray(v, int) for v in box)
+    out = np.zeros(tuple(hi - lo + 3), array.dtype)
+    out[1:-1, 1:-1, 1:-1] = array[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1]
+    return out, (lo - 1).astype(float)[:, None]
+
+
+def _inside(points: np.ndarray, box, margin: float) -> np.ndarray:
+    """Boolean (n,): points (3, n) within ``box`` widened by ``margin`` voxels (strictly)."""
+    if box is None:
+        return np.zeros(points.shape[1], bool)
+    lo, hi = box
+    return np.all((points > (lo - margin)[:, None]) & (points < (hi + margin)[:, None]), axis=0)
+
+
+def _chunk_points(matrix: np.ndarray, shape, i0: int, i1: int) -> np.ndarray:
+    """``matrix`` (4×4 or 3×4) applied to the voxel indices of slices ``i0:i1`` of ``shape`` → (3, n)
+    float64, by broadcasting (no index arrays)."""
+    i = np.arange(i0, i1, dtype=np.float64)[:, None, None]
+    j = np.arange(shape[1], dtype=np.float64)[None, :, None]
+    k = np.arange(shape[2], dtype=np.float64)[None, None, :]
+    m = np.asarray(matrix, float)
+    return np.stack([(m[a, 0] * i + m[a, 1] * j + m[a, 2] * k + m[a, 3]).ravel() for a in range(3)])
 
 
 def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_mask: Volume,
-                    prior_labels: np.ndarray | None = None) -> Resampled:
+                    prior_labels: np.ndarray | None = None, *, native_fields: bool = True) -> Resampled:
     """Carry the prior image, mask and lesion labels onto ``new``'s grid with one resampling each.
+
+    The composed map from a new-grid voxel ``x`` to a prior voxel is
+    ``x_p = G·x + H·u(B·x)`` with ``B = W_n⁻¹A_n`` (new voxel → new working voxel),
+    ``G = A_p⁻¹W_p·T·B`` (the affine part) and ``H`` the linear part of ``A_p⁻¹W_p``; it is built
+    once. The mask and the labels are sampled only where ``x_p`` lies within one voxel of their
+    non-zero box (trilinear and nearest interpolation of zero data are zero elsewhere).
 
     Args:
         transform: the case's :class:`CaseTransform`.
@@ -154,55 +226,108 @@ def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_
         prior, prior_mask: the original prior image and its binary mask (same grid).
         prior_labels: integer labels on the prior grid (e.g. its 26-connected lesions), sampled with
             nearest neighbour; ``None`` → the mask itself.
+        native_fields: also return ``deformation`` and ``total`` on the new grid (``(X, Y, Z, 3)``
+            float64, ~150 MB each for a 6-megavoxel scan); ``False`` leaves them ``None``.
 
     Returns:
         :class:`Resampled`.
     """
     shape = new.shape
     a_n = np.asarray(new.affine, float)
-    a_p_inv = np.linalg.inv(np.asarray(prior.affine, float))
-    image = np.asarray(prior.data, dtype=np.float32)
-    mask = np.asarray(prior_mask.data, dtype=np.float32)
-    labels = np.asarray(prior_mask.data if prior_labels is None else prior_labels, dtype=np.int32)
+    wn = np.asarray(transform.new_working_affine, float)
+    wp = np.asarray(transform.prior_working_affine, float)
+    a = voxel_affine(transform.matrix, transform.size)
+    b = np.linalg.inv(wn) @ a_n
+    pw = np.linalg.inv(np.asarray(prior.affine, float)) @ wp
+    g = pw @ a @ b
+    h = pw[:3, :3]
+    # zero padding + mode "constant" is exactly SciPy's "grid-constant" (zeros outside, interpolated
+    # across the border) and 3.5x faster (measured: 0.39 s against 1.39 s, 6 megavoxels); the mask
+    # and the labels are cut to their non-zero box (+ a zero ring) first
+    image, image_origin = _zero_ring(np.asarray(prior.data, dtype=np.float32))
+    mask, mask_origin = _zero_ring(np.asarray(prior_mask.data, dtype=np.float32), _nonzero_box(prior_mask.data))
+    labels = np.asarray(prior_mask.data if prior_labels is None else prior_labels)
+    labels, label_origin = _zero_ring(labels.astype(np.int32, copy=False), _nonzero_box(labels))
     out_img = np.zeros(shape, np.float32)
     out_mask = np.zeros(shape, np.uint8)
     out_lab = np.zeros(shape, np.int32)
-    deformation = np.zeros(shape + (3,), np.float64)
-    total = np.zeros(shape + (3,), np.float64)
-    jj, kk = np.meshgrid(np.arange(shape[1]), np.arange(shape[2]), indexing="ij")
+    deformation = np.zeros(shape + (3,), np.float64) if native_fields else None
+    total = np.zeros(shape + (3,), np.float64) if native_fields else None
+    d_matrix = wn[:3, :3] @ np.linalg.inv(a[:3, :3])
+    sample = dict(order=1, mode="constant", cval=0.0, prefilter=False)
     for i0 in range(0, shape[0], CHUNK_SLICES):
         i1 = min(shape[0], i0 + CHUNK_SLICES)
-        n = i1 - i0
-        idx = np.stack([np.repeat(np.arange(i0, i1), jj.size), np.tile(jj.ravel(), n),
-                        np.tile(kk.ravel(), n)]).astype(np.float64)
-        world = a_n[:3, :3] @ idx + a_n[:3, 3:4]
-        q, d = transform.map_points(world)
-        xp = a_p_inv[:3, :3] @ q + a_p_inv[:3, 3:4]
-        slab = (n,) + shape[1:]
-        sample = dict(order=1, mode="grid-constant", cval=0.0, prefilter=False)
-        out_img[i0:i1] = ndimage.map_coordinates(image, xp, **sample).reshape(slab)
-        out_mask[i0:i1] = (ndimage.map_coordinates(mask, xp, **sample) >= 0.5).reshape(slab)
-        out_lab[i0:i1] = ndimage.map_coordinates(labels, xp, order=0, mode="grid-constant", cval=0,
-                                                 prefilter=False).reshape(slab)
-        deformation[i0:i1] = d.T.reshape(slab + (3,))
-        total[i0:i1] = (q - world).T.reshape(slab + (3,))
+        slab = (i1 - i0,) + shape[1:]
+        u = transform._dvf_at(_chunk_points(b, shape, i0, i1))
+        xp = _chunk_points(g, shape, i0, i1) + h @ u
+        out_img[i0:i1] = ndimage.map_coordinates(image, xp - image_origin, **sample).reshape(slab)
+        for target, data, origin, margin, kw in (
+                (out_mask, mask, mask_origin, 1.0, sample),
+                (out_lab, labels, label_origin, 0.51, dict(order=0, mode="constant", cval=0, prefilter=False))):
+            if data is None:
+                continue
+            local = xp - origin
+            sel = _inside(local, (np.ones(3), np.array(data.shape, float) - 2), margin)
+            if not sel.any():
+                continue
+            values = ndimage.map_coordinates(data, local[:, sel], **kw)
+            flat = target[i0:i1].reshape(-1)
+            flat[sel] = (values >= 0.5) if target is out_mask else values
+        if native_fields:
+            world = _chunk_points(a_n, shape, i0, i1)
+            q = wp[:3, :3] @ (_chunk_points(a @ b, shape, i0, i1) + u) + wp[:3, 3:4]
+            deformation[i0:i1] = (d_matrix @ u).T.reshape(slab + (3,))
+            total[i0:i1] = (q - world).T.reshape(slab + (3,))
     return Resampled(out_img, out_mask, out_lab, deformation, total)
+
+
+def compact_deformation(transform: CaseTransform, new: Volume, margin: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``d`` (RAS mm) on the *field grid*: the new scan's model working grid ``W_n`` (or the grid of
+    ``dvf``, k times finer, when ``dvf_factor = k``), extended by whole voxels (values of the nearest
+    cube voxel, as :meth:`CaseTransform._dvf_at` extends ``u``) until it covers every voxel of
+    ``new`` with ``margin`` voxels to spare.
+
+    ``d(w) = L_n M⁻¹ u(y(w))`` is a fixed linear map of the trilinearly interpolated ``u``, so ITK's
+    linear interpolation of this field at any new-scan point gives exactly the ``d`` that
+    :func:`resample_to_new` used: a few megabytes instead of a field on the new scan's own grid.
+
+    Returns:
+        ``(field (X', Y', Z', 3) float64 RAS mm, its 4×4 voxel → RAS affine)``.
+    """
+    k = transform.dvf_factor
+    wn = np.asarray(transform.new_working_affine, float)
+    fine = wn @ np.diag([1.0 / k, 1.0 / k, 1.0 / k, 1.0])  # the grid of ``dvf`` (= wn for k = 1)
+    b = np.linalg.inv(fine) @ np.asarray(new.affine, float)
+    corners = np.array([[(n - 1) * bit for n, bit in zip(new.shape, bits)] + [1.0]
+                        for bits in np.ndindex(2, 2, 2)]).T
+    y = (b @ corners)[:3]
+    lo = np.floor(y.min(axis=1)).astype(int) - margin
+    hi = np.ceil(y.max(axis=1)).astype(int) + margin
+    s = transform.size
+    u = np.asarray(transform.dvf, dtype=np.float64) / k  # working voxels
+    idx = [np.clip(np.arange(lo[a], hi[a] + 1), 0, u.shape[a] - 1) for a in range(3)]
+    u_ext = u[np.ix_(idx[0], idx[1], idx[2])]
+    d = u_ext @ (wn[:3, :3] @ np.linalg.inv(voxel_affine(transform.matrix, s)[:3, :3])).T
+    affine = fine.copy()
+    affine[:3, 3] = fine[:3, :3] @ lo + fine[:3, 3]
+    return d, affine
 
 
 def write_itk_affine(path: str, affine_lps: np.ndarray) -> None:
     """Write a 4×4 LPS affine as an ITK ``AffineTransform_double_3_3`` text file (atomic).
 
-    ITK's affine maps ``x ↦ A(x − C) + T + C``; we write centre ``C = 0`` and ``T`` = the offset.
+    ITK's affine maps ``x ↦ A(x − C) + T + C``; we write centre ``C = 0`` and ``T`` = the offset. The
+    text is ITK's own transform-file format (``#Insight Transform File V1.0``; 12 parameters: the
+    matrix row by row, then the translation; fixed parameters = the centre), written with 17
+    significant digits (``repr``), as SimpleITK writes it — without importing SimpleITK.
     """
-    import SimpleITK as sitk
+    from spirs_tf.atomic import atomic_write_text
 
     a = np.asarray(affine_lps, dtype=np.float64)
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix([float(v) for v in a[:3, :3].ravel()])
-    tx.SetTranslation([float(v) for v in a[:3, 3]])
-    tx.SetCenter((0.0, 0.0, 0.0))
-    with atomic_path(path) as tmp, sitk_path(tmp) as alias:  # alias: SimpleITK aborts on non-UTF-8 paths
-        sitk.WriteTransform(tx, alias)
+    params = [float(v) for v in a[:3, :3].ravel()] + [float(v) for v in a[:3, 3]]
+    text = ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+            f"Parameters: {' '.join(repr(v) for v in params)}\nFixedParameters: 0 0 0\n")
+    atomic_write_text(path, text)
 
 
 def write_displacement(path: str, displacement_ras: np.ndarray, affine: np.ndarray) -> None:

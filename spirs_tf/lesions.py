@@ -63,6 +63,22 @@ def _centroids(labels: np.ndarray, ids, affine: np.ndarray) -> dict[int, np.ndar
     return {int(i): w for i, w in zip(ids, world)}
 
 
+def _crop_to_content(p2: np.ndarray, prior: np.ndarray, affine) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop both arrays to the bounding box of ``p2 | prior != 0`` and shift ``affine`` to match.
+    Connected-component ids are unchanged (C order is kept inside a box); an empty pair → a 1-voxel box."""
+    affine = np.asarray(affine, float)
+    occupied = p2 | (prior != 0)
+    lo, hi = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(np.any(occupied, axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(int(hit[0]) if hit.size else 0)
+        hi.append(int(hit[-1]) + 1 if hit.size else 1)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    return p2[box], prior[box], affine @ shift
+
+
 def lesion_changes(p2_mask, warped_prior_mask_labels, spacing, affine) -> list[dict]:
     """One row per P2 lesion, then one per unmatched prior lesion (rules in the module docstring).
 
@@ -90,10 +106,14 @@ def lesion_changes(p2_mask, warped_prior_mask_labels, spacing, affine) -> list[d
     if spacing.shape != (3,) or np.any(spacing <= 0):
         raise ValueError(f"spacing must be 3 positive numbers, got {spacing}")
     voxel = float(np.prod(spacing))
+    # work inside the bounding box of everything non-zero (same labels, ids and rows; a 6-megavoxel
+    # scan holds its lesions in a few thousand voxels)
+    p2, prior, affine = _crop_to_content(p2, prior, affine)
 
     labels, n = label_lesions(p2)
-    prior_ids = [int(i) for i in np.unique(prior) if i != 0]
-    prior_count = {i: int(np.count_nonzero(prior == i)) for i in prior_ids}
+    ids, counts = np.unique(prior[prior != 0], return_counts=True)  # one pass (was one per id)
+    prior_ids = [int(i) for i in ids]
+    prior_count = {int(i): int(k) for i, k in zip(ids, counts)}
     p2_count = np.bincount(labels.ravel(), minlength=n + 1)
     # overlap[(p2 id, prior id)] = shared voxels
     both = (labels > 0) & (prior > 0)

@@ -97,8 +97,9 @@ def test_saved_model_predictor_matches_checkpoint_predictor(exported, tmp_path):
     files = [str(tmp_path / f"{n}.nii.gz") for n in ("new", "prior", "mask")]
     saved = inference.load_predictor(str(out))
     assert saved.info["kind"] == "SavedModel" and (saved.levels, saved.size) == (3, S)
-    a = inference.predict_case(saved, *files, str(tmp_path / "a"))
-    b = inference.predict_case(inference.load_predictor(str(root / "run")), *files, str(tmp_path / "b"))
+    a = inference.predict_case(saved, *files, str(tmp_path / "a"), transforms="all")
+    b = inference.predict_case(inference.load_predictor(str(root / "run")), *files, str(tmp_path / "b"),
+                               transforms="all")
     assert a.report["model"]["kind"] == "SavedModel"
     for name in ("prior_warped.nii.gz", "p2_prob.nii.gz", "transform_total.nii.gz"):
         x, y = (np.asarray(nib.load(tmp_path / c / name).dataobj) for c in ("a", "b"))

@@ -84,9 +84,11 @@ def load(path):
 
 # ------------------------------------------------------------------------------------ end to end
 def test_case_folder_complete_on_new_grid(predictor, scans, tmp_path):
+    """``transforms="all"``: every output, both fields on the new grid."""
     paths, image, _ = scans
     out = tmp_path / "out" / "case"
-    result = inference.predict_case(predictor, paths["new"], paths["prior"], paths["mask"], str(out))
+    result = inference.predict_case(predictor, paths["new"], paths["prior"], paths["mask"], str(out),
+                                    transforms="all")
     assert sorted(os.listdir(out)) == sorted(VOLUMES + FIELDS + OTHER) == sorted(result.files)
     for name in VOLUMES:
         data, affine = load(out / name)
@@ -112,13 +114,37 @@ def test_case_folder_complete_on_new_grid(predictor, scans, tmp_path):
     assert report["inputs"]["prior"] == paths["prior"]
     assert report["outputs"] == result.files
     assert [p for p in os.listdir(tmp_path / "out") if p.startswith(".tmp")] == []
+    assert report["transforms"]["written"] == "all" and report["warnings"] == []
+
+
+def test_default_transforms_itk_writes_compact_field_and_none_writes_none(predictor, scans, tmp_path):
+    """Default ``itk``: affine.tfm + deformation.nii.gz on its compact field grid (the working grid's
+    spacing, covering the new scan), no transform_total; ``none``: no transform file at all."""
+    paths, image, _ = scans
+    out = tmp_path / "itk"
+    result = inference.predict_case(predictor, paths["new"], paths["prior"], paths["mask"], str(out))
+    assert sorted(os.listdir(out)) == sorted(VOLUMES + ("deformation.nii.gz",) + OTHER) == sorted(result.files)
+    img = nib.load(out / "deformation.nii.gz")
+    assert img.shape[3:] == (1, 3) and img.header.get_intent()[0] == "vector"
+    assert np.allclose(np.linalg.norm(img.affine[:3, :3], axis=0), 6.0, atol=1e-4)  # test config: 6 mm
+    corners = np.array([[(n - 1) * b for n, b in zip(SHAPE, bits)] + [1] for bits in np.ndindex(2, 2, 2)]).T
+    inside = (np.linalg.inv(img.affine) @ NEW_AFFINE @ corners)[:3]
+    assert np.all(inside >= 0) and np.all(inside <= np.array(img.shape[:3])[:, None] - 1)
+    assert result.report["transforms"]["written"] == "itk"
+    out = tmp_path / "none"
+    result = inference.predict_case(predictor, paths["new"], paths["prior"], paths["mask"], str(out),
+                                    transforms="none")
+    no_transform = tuple(n for n in OTHER if n != "affine.tfm")
+    assert sorted(os.listdir(out)) == sorted(VOLUMES + no_transform) == sorted(result.files)
+    assert result.report["registration"]["max_displacement_mm"] == pytest.approx(0.0, abs=1e-5)
 
 
 def test_identity_model_same_scan_carries_prior_exactly(predictor, scans, tmp_path):
     """Identity affine + zero DVF + prior == new (same grid): the warped prior is the new scan."""
     paths, image, lesions = scans
     out = tmp_path / "case"
-    result = inference.predict_case(predictor, paths["new"], paths["prior"], paths["mask"], str(out))
+    result = inference.predict_case(predictor, paths["new"], paths["prior"], paths["mask"], str(out),
+                                    transforms="all")
     warped, _ = load(out / "prior_warped.nii.gz")
     np.testing.assert_allclose(warped, image, atol=1e-5)
     np.testing.assert_array_equal(load(out / "prior_mask_warped.nii.gz")[0], lesions)
@@ -184,7 +210,7 @@ def fake_predictor(matrix, dvf):
     return inference.Predictor(cfg, 3, run, {"kind": "test"})
 
 
-def oblique_case(tmp_path):
+def oblique_case(tmp_path, transforms="all"):
     """Predict a case with a non-trivial affine + DVF between two different oblique, anisotropic,
     non-RAS-stored grids (new: NIfTI, prior: NRRD); return the case folder."""
     image, _ = brain_and_lesions(SHAPE, seed=1)
@@ -199,9 +225,9 @@ def oblique_case(tmp_path):
                                         0.02, 0, 0, 0.01, 0, -0.02])
     g = np.stack(np.meshgrid(*[np.linspace(0, np.pi, 32)] * 3, indexing="ij"), -1)
     dvf = 0.8 * np.sin(g[..., [1, 2, 0]]) * np.cos(g[..., [2, 0, 1]])
-    out = tmp_path / "case"
+    out = tmp_path / f"case_{transforms}"
     inference.predict_case(fake_predictor(matrix, dvf), str(tmp_path / "new.nii.gz"), str(tmp_path / "prior.nrrd"),
-                           str(tmp_path / "mask.nrrd"), str(out))
+                           str(tmp_path / "mask.nrrd"), str(out), transforms=transforms)
     return out
 
 
@@ -244,6 +270,30 @@ def test_simpleitk_reproduces_prior_warped(tmp_path):
     assert np.abs(resample(sitk.ReadTransform(str(out / "affine.tfm"))) - ours).max() > 0.1
 
 
+def test_simpleitk_reproduces_prior_warped_with_compact_field(tmp_path):
+    """The default ``itk`` files: CompositeTransform[affine.tfm, deformation.nii.gz] with the
+    deformation on its compact field grid (not the new grid) reproduces prior_warped.nii.gz to < 1e-4
+    (ITK interpolates the field linearly, as spirs did), and the same case written with ``all`` gives
+    the same prior_warped."""
+    import SimpleITK as sitk
+
+    out = oblique_case(tmp_path, transforms="itk")
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "prior_warped.nii.gz")))
+    fixed = sitk.ReadImage(str(tmp_path / "new.nii.gz"))
+    moving = sitk.ReadImage(str(tmp_path / "prior.nrrd"), sitk.sitkFloat64)
+    f = sitk.ReadImage(str(out / "deformation.nii.gz"), sitk.sitkVectorFloat64)
+    assert f.GetSize() != fixed.GetSize()
+    composite = sitk.CompositeTransform(3)
+    composite.AddTransform(sitk.ReadTransform(str(out / "affine.tfm")))
+    composite.AddTransform(sitk.DisplacementFieldTransform(f))
+    warped = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, composite, sitk.sitkLinear, 0.0, sitk.sitkFloat64))
+    err = np.abs(warped - ours).max()
+    print(f"SimpleITK (compact field) vs ours: {err:.2e}")
+    assert ours.max() > 1.0 and err < 1e-4, err
+    full = oblique_case(tmp_path, transforms="all")
+    np.testing.assert_array_equal(load(full / "prior_warped.nii.gz")[0], load(out / "prior_warped.nii.gz")[0])
+
+
 def test_ants_apply_transforms_reproduces_prior_warped(tmp_path):
     """Optional (antspyx): ``antsApplyTransforms -t deformation.nii.gz -t affine.tfm`` and
     ``-t transform_total.nii.gz`` reproduce prior_warped.nii.gz (< 1e-4; measured ~1e-6); the other
@@ -261,6 +311,8 @@ def test_ants_apply_transforms_reproduces_prior_warped(tmp_path):
     assert apply("deformation.nii.gz", "affine.tfm") < 1e-4
     assert apply("transform_total.nii.gz") < 1e-4
     assert apply("affine.tfm", "deformation.nii.gz") > 0.1
+    out = oblique_case(tmp_path, transforms="itk")  # the default: compact field grid
+    assert apply("deformation.nii.gz", "affine.tfm") < 1e-4
 
 
 # ------------------------------------------------------------------------------------ model loading

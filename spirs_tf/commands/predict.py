@@ -9,8 +9,14 @@ A cohort (one folder per (prior, new) pair of a manifest split, resumable)::
     spirs predict --manifest M --split test --out DIR [--model RUN_OR_SAVEDMODEL]
 
 ``--model`` is a run directory (highest stage, best checkpoint), a checkpoint ``.npz`` or a SavedModel
-folder from ``spirs export``; without it the shipped demo weights are used, if any. Every output is on
-the new scan's original grid; see ``report.json`` in each case folder. Not for clinical use.
+folder from ``spirs export``; without it the shipped demo weights are used, if any. Every image output is
+on the new scan's original grid; see ``report.json`` in each case folder (its ``warnings`` list flags a
+suspect registration or input; each is also printed as ``spirs: warning: ...``). Not for clinical use.
+
+``--transforms`` chooses the transform files: ``itk`` (default) writes ``affine.tfm`` and a compact
+``deformation.nii.gz`` (a few MB) that ITK/ANTs/SimpleITK apply exactly; ``all`` adds
+``transform_total.nii.gz`` and stores both fields on the new scan's own grid (~70 MB each for a
+6-megavoxel scan); ``none`` writes no transform file.
 """
 from __future__ import annotations
 
@@ -36,6 +42,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--out", required=True, help="case folder (one case) or cohort folder")
     parser.add_argument("--model", default=None, help="run directory, checkpoint .npz or SavedModel folder "
                                                       "(default: shipped demo weights)")
+    parser.add_argument("--transforms", choices=("itk", "all", "none"), default="itk",
+                        help="transform files: itk = affine.tfm + compact deformation.nii.gz (default); all = "
+                             "also transform_total.nii.gz, fields on the new scan's grid; none = no transform file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing case folder (one case)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
@@ -56,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
         make_pairs(manifest, args.split, args.pairing)
         predictor = inference.load_predictor(args.model)
         rows = inference.predict_cohort(predictor, manifest, args.split, args.out, pairing=args.pairing,
-                                        batch_size=args.batch_size, verbose=not args.quiet)
+                                        batch_size=args.batch_size, verbose=not args.quiet,
+                                        transforms=args.transforms)
         failed = [r for r in rows if r["status"] == "error"]
         if failed:
             raise SpirsInputError(f"{len(failed)} of {len(rows)} case(s) failed, first: {failed[0]['message']} "
@@ -68,10 +78,11 @@ def run(args: argparse.Namespace) -> int:
     inputs = inference.read_case_inputs(args.new, args.prior, args.prior_mask)  # validate before loading
     inference.check_out_dir(args.out, [args.new, args.prior, args.prior_mask], args.overwrite)
     predictor = inference.load_predictor(args.model)
-    result = inference.run_case(predictor, inputs, args.out, overwrite=args.overwrite)
+    result = inference.run_case(predictor, inputs, args.out, overwrite=args.overwrite, transforms=args.transforms)
     if not args.quiet:
         reg, les = result.report["registration"], result.report["lesions"]
         print(f"spirs: wrote {result.out_dir} ({len(result.files)} files); LNCC {reg['lncc']:.3f} "
               f"(before {reg['lncc_identity']:.3f}), folding {reg['folding_percent']:.2f} %, "
-              f"{les['p2_lesions']} lesion(s): " + ", ".join(f"{k} {v}" for k, v in les["changes"].items() if v))
+              f"{les['p2_lesions']} lesion(s): " + ", ".join(f"{k} {v}" for k, v in les["changes"].items() if v)
+              + (f"; {len(result.report['warnings'])} warning(s)" if result.report["warnings"] else ""))
     return 0
