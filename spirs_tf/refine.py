@@ -5,9 +5,10 @@ of the Learn2Reg leaders):
 
 * :func:`refine_affine`: the 12 entries of the affine, coarse to fine on Gaussian-smoothed strided
   grids, maximising the masked LNCC;
-* :func:`refine_deformable`: a dense displacement field after that affine, parametrised by a control
-  field on a coarser grid (upsampled with :func:`spirs_tf.transforms.upsample2x`), minimising
-  ``−LNCC + λ·bending energy + μ·folding penalty``, coarse to fine.
+* :func:`refine_deformable`: a dense displacement field after that affine, optionally parametrised by
+  a control field on a coarser grid (linear upsampling by matrix products), minimising
+  ``−LNCC + λ·bending energy + μ·folding penalty``, coarse to fine;
+* :func:`refine`: both, by mode (``off``, ``affine``, ``full``), for ``spirs predict --refine``.
 
 Conventions are those of :mod:`spirs_tf.transforms` (FACTS section B): volumes ``(D, H, W)`` of one
 grid, output voxel ``x`` ↦ moving location ``p(x) = M·(x − c) + t + u(x) + c`` with ``c = N/2``,
@@ -20,14 +21,18 @@ pyramid), so translations and displacements divide by ``f`` and ``M`` is unchang
 **Similarity.** The authors' LNCC (:func:`spirs_tf.losses.lncc`, window 9, ``n = 9³`` with zero
 padding) computed with box *means* from separable average pools of the zero-padded volumes: exact
 sums of 9 numbers per axis (no cumulative sums, so a window of background is exactly 0), and
-about 5× faster than the cumulative sums under XLA. The clamp is ``eps`` on the box-mean
-covariances (1e-6; the working-grid images lie in [0, 1]). The mean runs over the project's
+about 5× faster than the cumulative sums under XLA. The authors' clamps stay (``cross``, ``varI``,
+``varJ`` each at least ε = 1e-6, in box-mean units: the working-grid images lie in [0, 1] and tissue
+windows have variances around 1e-3): a smooth denominator such as ``varI·varJ + ε`` biases the
+optimum towards a moving image of higher local variance (its gradient at ``J = I`` is not 0) and made
+identical images drift; the clamps only act in flat windows (background). The mean runs over the project's
 mask, :func:`spirs_tf.losses.lncc_mask`: voxels non-zero in the fixed image and not in its lesion
 mask, or non-zero in the warped moving image and not in its warped lesion mask.
 
 **Speed.** Each optimisation step (warp, LNCC, gradient, Adam update) is one XLA-compiled function
-(``tf.function(jit_compile=True)``), traced once per grid shape; measured figures are in
-``experiments/refine_eval.py``.
+(``tf.function(jit_compile=True)``), traced and compiled once per grid shape and process (1–5 s
+each on a 2-core CPU); :func:`enable_compile_cache` keeps the compiled code on disk for later
+processes. Measured figures: ``experiments/refine_eval.py``.
 """
 from __future__ import annotations
 
@@ -45,15 +50,25 @@ from spirs_tf.losses import bending_energy
 
 __all__ = [
     "AffineRefinement", "DeformableRefinement", "DEFAULT_AFFINE_LEVELS", "DEFAULT_DEFORMABLE_LEVELS",
-    "downsample", "refine", "refine_affine", "refine_deformable", "resample_field",
+    "downsample", "enable_compile_cache", "interpolation_matrix", "refine", "refine_affine",
+    "refine_deformable", "resample_field",
 ]
 
 #: ``(factor, iterations)`` per affine level, coarse to fine.
 DEFAULT_AFFINE_LEVELS = ((4, 40), (2, 30), (1, 10))
 #: ``(factor, control factor, iterations)`` per deformable level, coarse to fine: the images are on
 #: the grid / factor, the optimised control field on that level grid / control factor.
-DEFAULT_DEFORMABLE_LEVELS = ((2, 1, 40), (1, 2, 20))
+DEFAULT_DEFORMABLE_LEVELS = ((2, 1, 40), (1, 1, 8))
 LNCC_EPS = 1e-6
+#: Adam's ε for the affine: gradients of the mean LNCC below it (float noise at the optimum) are damped
+#: instead of normalised to full steps, so identical images keep the identity.
+AFFINE_ADAM_EPS = 1e-3
+#: Adam's ε for the control field, whose gradients are scaled by the number of level voxels (median
+#: about 0.3 in misaligned tissue, 1e-7 for identical images). Per-voxel LNCC modes are stiff (a
+#: 1e-5-voxel jitter raises the gradient 100-fold), so with a small ε Adam's normalised steps from
+#: an aligned start grow tenfold per iteration (identical images drifted by 0.2–1 voxel); with
+#: ε = 0.3 the small-gradient regime is gradient descent with a stable step.
+DEFORMABLE_ADAM_EPS = 0.3
 
 Progress = Callable[[str, int, int, float], None]
 
@@ -237,7 +252,7 @@ def _fixed_stats(fixed, window: int):
 
 
 def _masked_lncc(fixed, mean_i, var_i, warped, mask, window: int):
-    """Masked mean of the authors' cc = cross² / (varI·varJ) from box means (see the module docstring)."""
+    """Masked mean of the authors' ``cc = cross² / (varI·varJ)`` (each clamped at ε) from box means."""
     m = _box_mean(tf.concat([warped, warped * warped, fixed * warped], -1), window)
     mean_j = m[..., 0:1]
     cross = tf.maximum(m[..., 2:3] - mean_i * mean_j, LNCC_EPS)
@@ -254,30 +269,47 @@ def _lncc_mask(fixed_keep, warped):
     return tf.stop_gradient(tf.maximum(fixed_keep, moving_keep))
 
 
+def _gradient(u, axis: int):
+    """``np.gradient`` along a spatial ``axis``: central differences inside, one-sided at the two ends."""
+    n = u.shape[axis]
+
+    def take(start, stop):
+        index = [slice(None)] * 5
+        index[axis] = slice(start, stop)
+        return u[tuple(index)]
+
+    inner = (take(2, n) - take(0, n - 2)) * 0.5
+    return tf.concat([take(1, 2) - take(0, 1), inner, take(n - 1, n) - take(n - 2, n - 1)], axis=axis)
+
+
 def _jacobian_det(u):
-    """det(I + ∇u) by central differences on the interior, ``(1, D, H, W, 3) → (1, D−2, H−2, W−2)``."""
-    c = slice(1, -1)
-    d0 = (u[:, 2:, c, c] - u[:, :-2, c, c]) * 0.5
-    d1 = (u[:, c, 2:, c] - u[:, c, :-2, c]) * 0.5
-    d2 = (u[:, c, c, 2:] - u[:, c, c, :-2]) * 0.5
+    """det(I + ∇u) at every voxel as :func:`spirs_tf.metrics.jacobian_determinant`, ``(1, D, H, W, 3) → (1, D, H, W)``."""
+    grads = [_gradient(u, axis) for axis in (1, 2, 3)]
     # j[a][b] = δ_ab + ∂u_a/∂x_b
-    j = [[d[..., a] + (1.0 if a == b else 0.0) for b, d in enumerate((d0, d1, d2))] for a in range(3)]
+    j = [[grads[b][..., a] + (1.0 if a == b else 0.0) for b in range(3)] for a in range(3)]
     return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
             - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
             + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
 
 
-def _adam(params, grad, m, v, step, lr):
+def _adam(params, grad, m, v, step, lr, eps=1e-8):
+    """One Adam update (β = 0.9, 0.999). A large ``eps`` turns it into plain gradient descent with step
+    ``lr/eps`` where gradients are small: near the optimum that keeps stiff modes stable."""
     m = 0.9 * m + 0.1 * grad
     v = 0.999 * v + 0.001 * grad * grad
     m_hat = m / (1.0 - tf.pow(0.9, step))
     v_hat = v / (1.0 - tf.pow(0.999, step))
-    return params - lr * m_hat / (tf.sqrt(v_hat) + 1e-8), m, v
+    return params - lr * m_hat / (tf.sqrt(v_hat) + eps), m, v
 
 
-def _cosine(lr: float, k: int, n: int) -> float:
-    """Learning rate of iteration ``k`` of ``n``: cosine decay from ``lr`` to ``0.1·lr``."""
-    return lr * (0.1 + 0.45 * (1.0 + math.cos(math.pi * k / max(n - 1, 1))))
+WARMUP = 5
+
+
+def _schedule(lr: float, k: int, n: int, warmup: int = 0) -> float:
+    """Learning rate of iteration ``k`` of ``n``: a linear warm-up over ``warmup`` iterations (Adam's first
+    steps move every parameter by about ``lr`` whatever its gradient), then cosine decay to ``0.05·lr``."""
+    ramp = min(1.0, (k + 1) / warmup) if warmup else 1.0
+    return ramp * lr * (0.05 + 0.475 * (1.0 + math.cos(math.pi * k / max(n - 1, 1))))
 
 
 def interpolation_matrix(n_out: int, n_in: int, ratio: float) -> np.ndarray:
@@ -325,7 +357,7 @@ def _affine_step(theta, m, v, step, lr, base, grid, factor, centre, radius, fixe
         loss = _affine_loss(theta, base, grid, factor, centre, radius, fixed, mean_i, var_i, fixed_keep, moving,
                             window)
     grad = tape.gradient(loss, theta)
-    theta, m, v = _adam(theta, grad, m, v, step, lr)
+    theta, m, v = _adam(theta, grad, m, v, step, lr, AFFINE_ADAM_EPS)
     return theta, m, v, loss
 
 
@@ -345,8 +377,10 @@ def _deformable_step(ctrl, m, v, step, lr, u_init, coords_affine, up_mats, fixed
         tape.watch(ctrl)
         loss, _ = _deformable_loss(ctrl, u_init, coords_affine, up_mats, fixed, mean_i, var_i, fixed_keep,
                                    moving, lam, mu, window)
-    grad = tape.gradient(loss, ctrl)
-    ctrl, m, v = _adam(ctrl, grad, m, v, step, lr)
+    # Per-voxel gradients of a mean are O(1/voxels): scale them to O(1) so that Adam's ε damps the float
+    # noise of well-aligned (or empty) regions instead of normalising it to full steps.
+    grad = tape.gradient(loss, ctrl) * float(np.prod(u_init.shape[1:4]))
+    ctrl, m, v = _adam(ctrl, grad, m, v, step, lr, DEFORMABLE_ADAM_EPS)
     return ctrl, m, v, loss
 
 
@@ -359,6 +393,36 @@ def _compiled(name: str):
         fn = {"affine": _affine_step, "deformable": _deformable_step}[name]
         _COMPILED[name] = tf.function(fn, jit_compile=True, autograph=False)
     return _COMPILED[name]
+
+
+def enable_compile_cache(directory: str | None = None) -> str | None:
+    """Keep XLA's compiled code on disk, so a later process skips the compilation of the same shapes.
+
+    Appends ``--tf_xla_persistent_cache_directory`` to ``TF_XLA_FLAGS`` (read at the process's first XLA
+    compilation, so call this before any ``jit_compile`` function runs; afterwards it has no effect).
+    Measured: the first call of a 64³ affine step 1.5 s without, 0.3–0.5 s with a warm cache. A flag
+    already set by the user is kept.
+
+    Args:
+        directory: the cache folder (created); default ``$XDG_CACHE_HOME/spirs-tf/xla`` or
+            ``~/.cache/spirs-tf/xla``.
+    Returns:
+        the folder in use, or None if it cannot be created (no cache then).
+    """
+    import os
+
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    if "tf_xla_persistent_cache_directory" in flags:
+        return flags.split("tf_xla_persistent_cache_directory=")[1].split()[0]
+    if directory is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        directory = os.path.join(base, "spirs-tf", "xla")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError:
+        return None
+    os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={directory}".strip()
+    return directory
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -403,7 +467,7 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
 
     Parametrisation: ``M = M0 + ΔM/R``, ``t = t0 + Δt`` with ``R = mean(N)/4`` voxels, so one unit of every
     parameter moves a point at distance ``R`` from the centre by about one voxel; Adam per level with a
-    learning rate ``learning_rate·factor`` voxels, cosine-decayed to a tenth within the level.
+    learning rate ``learning_rate·factor`` voxels, cosine-decayed to 5 % within the level.
 
     Args:
         fixed: ``(D, H, W)`` (or ``(D, H, W, 1)``) new scan, background exactly 0.
@@ -412,7 +476,7 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
             ``affine`` output, or the identity).
         fixed_mask, moving_mask: optional lesion masks of the two scans (≠ 0 = lesion, excluded from
             the LNCC as in :func:`spirs_tf.losses.lncc_mask`).
-        levels: ``(factor, iterations)`` pairs, coarse to fine; factors are powers of two.
+        levels: ``(factor, iterations)`` pairs, coarse to fine; factors are positive integers.
         learning_rate: Adam step in voxels of each level.
         window: LNCC box size (odd).
         progress: optional ``progress(stage, done, total, loss)``, called after every iteration with
@@ -439,6 +503,7 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
     centre, radius = _t(shape / 2.0), _t(float(shape.mean()) / 4.0)
     step_fn = _compiled("affine")
     theta = tf.zeros(12, tf.float32)
+    m, v = tf.zeros_like(theta), tf.zeros_like(theta)  # Adam's moments carry over from level to level
     total, done, traces = sum(n for _, n in plan), 0, []
     base_t = _t(base)
     for factor, n_iter in plan:
@@ -446,11 +511,10 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
             continue
         fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window)
         grid = transforms.identity_grid(fixed_t.shape[1:4])
-        m, v = tf.zeros_like(theta), tf.zeros_like(theta)
         losses = []
         for k in range(n_iter):
-            lr = _t(_cosine(lr0 * factor, k, n_iter))
-            theta, m, v, loss = step_fn(theta, m, v, _t(k + 1), lr, base_t, grid, _t(factor), centre, radius,
+            lr = _t(_schedule(lr0 * factor, k, n_iter, WARMUP if done < WARMUP else 0))
+            theta, m, v, loss = step_fn(theta, m, v, _t(done + 1), lr, base_t, grid, _t(factor), centre, radius,
                                         fixed_t, mean_i, var_i, keep, moving_t, window)
             losses.append(float(loss))
             done += 1
@@ -478,15 +542,15 @@ def _pairs(levels, width: int, what: str):
 
 # ---------------------------------------------------------------------------------- deformable
 def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, moving_mask=None,
-                      levels: Sequence = DEFAULT_DEFORMABLE_LEVELS, bending_weight: float = 1.0,
-                      folding_weight: float = 10.0, learning_rate: float = 0.2, window: int = 9,
+                      levels: Sequence = DEFAULT_DEFORMABLE_LEVELS, bending_weight: float = 3.0,
+                      folding_weight: float = 100.0, learning_rate: float = 0.2, window: int = 9,
                       progress: Progress | None = None) -> DeformableRefinement:
     """Optimise a dense displacement after the fixed affine ``matrix``, starting from ``dvf0``.
 
     Per level ``(f, s, n)`` the images are on the grid ``N/f`` (:func:`downsample`), the field there is
-    ``u_f = u[::f]/f + up_s(v)`` with a control field ``v`` on the grid ``N/(f·s)`` (zero at the start of
-    the level, :func:`spirs_tf.transforms.upsample2x` applied ``log2 s`` times), and ``n`` Adam steps
-    minimise::
+    ``u_f = u[::f]/f + up_s(v)`` with a control field ``v`` on the grid ``⌈N/f⌉/s`` (zero at the start of
+    the level; ``up_s``: linear, corner aligned, :func:`interpolation_matrix`), and ``n`` Adam steps
+    (gradients scaled by the level's voxel count, ε = :data:`DEFORMABLE_ADAM_EPS`) minimise::
 
         −LNCC_masked(fixed, moving ∘ p) + λ·BE(u_f) + μ·mean(max(0.2 − det(I + ∇u_f), 0)²)
 
@@ -500,10 +564,10 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         dvf0: start field ``(n0, n1, n2, 3)`` (or with a batch axis of 1) in voxels of its grid; a
             grid that is an integer multiple or fraction of this one is resampled
             (:func:`resample_field`). None = zero.
-        levels: ``(factor, control factor, iterations)`` per level, coarse to fine; powers of two, and
-            every grid size must be divisible by ``factor·control factor``.
+        levels: ``(factor, control factor, iterations)`` per level, coarse to fine; positive integers,
+            the control grid at least 3 voxels per axis.
         bending_weight: λ. folding_weight: μ.
-        learning_rate: Adam step in voxels of each level (cosine-decayed to a tenth within a level).
+        learning_rate: Adam step in voxels of each level (cosine-decayed to 5 % within a level).
         window: LNCC box size.
         progress: optional ``progress("deformable", done, total, loss)`` after every iteration.
 
@@ -511,7 +575,7 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         :class:`DeformableRefinement` (``dvf`` ``(D, H, W, 3)`` float32 in voxels of this grid).
 
     Raises:
-        ValueError: bad volumes, matrix, field, levels (including grid sizes not divisible), weights.
+        ValueError: bad volumes, matrix, field, levels (or a control grid under 3 voxels), weights.
     """
     from spirs_tf.metrics import folding_percent
 
@@ -558,7 +622,7 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         m, v = tf.zeros_like(ctrl), tf.zeros_like(ctrl)
         losses = []
         for k in range(n_iter):
-            lr = _t(_cosine(lr0, k, n_iter))
+            lr = _t(_schedule(lr0, k, n_iter, WARMUP))
             ctrl, m, v, loss = step_fn(ctrl, m, v, _t(k + 1), lr, u_init, coords_affine, up_mats, fixed_t, mean_i,
                                        var_i, keep, moving_t, _t(lam), _t(mu), window)
             losses.append(float(loss))
