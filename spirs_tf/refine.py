@@ -46,7 +46,8 @@ from scipy import ndimage
 
 from spirs_tf import transforms
 from spirs_tf._compat import tf
-from spirs_tf.losses import bending_energy
+from spirs_tf.refine_ops import (DEFORMABLE_ADAM_EPS, WARMUP, affine_coordinates, compiled, fixed_stats,
+                                  interpolation_matrix, lncc_mask, masked_lncc, schedule, upsample)
 
 __all__ = [
     "AffineRefinement", "DeformableRefinement", "DEFAULT_AFFINE_LEVELS", "DEFAULT_DEFORMABLE_LEVELS",
@@ -59,17 +60,6 @@ DEFAULT_AFFINE_LEVELS = ((4, 40), (2, 30), (1, 10))
 #: ``(factor, control factor, iterations)`` per deformable level, coarse to fine: the images are on
 #: the grid / factor, the optimised control field on that level grid / control factor.
 DEFAULT_DEFORMABLE_LEVELS = ((2, 1, 40), (1, 1, 8))
-LNCC_EPS = 1e-6
-#: Adam's ε for the affine: gradients of the mean LNCC below it (float noise at the optimum) are damped
-#: instead of normalised to full steps, so identical images keep the identity.
-AFFINE_ADAM_EPS = 1e-3
-#: Adam's ε for the control field, whose gradients are scaled by the number of level voxels (median
-#: about 0.3 in misaligned tissue, 1e-7 for identical images). Per-voxel LNCC modes are stiff (a
-#: 1e-5-voxel jitter raises the gradient 100-fold), so with a small ε Adam's normalised steps from
-#: an aligned start grow tenfold per iteration (identical images drifted by 0.2–1 voxel); with
-#: ε = 0.3 the small-gradient regime is gradient descent with a stable step.
-DEFORMABLE_ADAM_EPS = 0.3
-
 Progress = Callable[[str, int, int, float], None]
 
 
@@ -235,166 +225,6 @@ def resample_field(dvf, shape) -> np.ndarray:
     return (out * f).astype(np.float32)
 
 
-# -------------------------------------------------------------------------------- tensor pieces
-def _box_mean(x, window: int):
-    """Mean over a ``window``³ box centred on each voxel, zero padding, ``n = window³`` always."""
-    r = window // 2
-    x = tf.pad(x, [[0, 0], [r, r], [r, r], [r, r], [0, 0]])
-    for ksize in ((window, 1, 1), (1, window, 1), (1, 1, window)):
-        x = tf.nn.avg_pool3d(x, ksize, [1, 1, 1, 1, 1], "VALID")
-    return x
-
-
-def _fixed_stats(fixed, window: int):
-    """Box mean and variance of the fixed image ``(1, D, H, W, 1)`` each (computed once per level)."""
-    m = _box_mean(tf.concat([fixed, fixed * fixed], -1), window)
-    return m[..., :1], m[..., 1:] - m[..., :1] * m[..., :1]
-
-
-def _masked_lncc(fixed, mean_i, var_i, warped, mask, window: int):
-    """Masked mean of the authors' ``cc = cross² / (varI·varJ)`` (each clamped at ε) from box means."""
-    m = _box_mean(tf.concat([warped, warped * warped, fixed * warped], -1), window)
-    mean_j = m[..., 0:1]
-    cross = tf.maximum(m[..., 2:3] - mean_i * mean_j, LNCC_EPS)
-    var_j = tf.maximum(m[..., 1:2] - mean_j * mean_j, LNCC_EPS)
-    cc = (cross / tf.maximum(var_i, LNCC_EPS)) * (cross / var_j)
-    return tf.reduce_sum(cc * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
-
-
-def _lncc_mask(fixed_keep, warped):
-    """The project's LNCC mask from the precomputed fixed part and the warped (image, lesion) channels."""
-    moving_keep = tf.cast(tf.not_equal(warped[..., :1], 0.0), tf.float32)
-    if warped.shape[-1] > 1:
-        moving_keep = moving_keep * tf.cast(tf.equal(warped[..., 1:2], 0.0), tf.float32)
-    return tf.stop_gradient(tf.maximum(fixed_keep, moving_keep))
-
-
-def _gradient(u, axis: int):
-    """``np.gradient`` along a spatial ``axis``: central differences inside, one-sided at the two ends."""
-    n = u.shape[axis]
-
-    def take(start, stop):
-        index = [slice(None)] * 5
-        index[axis] = slice(start, stop)
-        return u[tuple(index)]
-
-    inner = (take(2, n) - take(0, n - 2)) * 0.5
-    return tf.concat([take(1, 2) - take(0, 1), inner, take(n - 1, n) - take(n - 2, n - 1)], axis=axis)
-
-
-def _jacobian_det(u):
-    """det(I + ∇u) at every voxel as :func:`spirs_tf.metrics.jacobian_determinant`, ``(1, D, H, W, 3) → (1, D, H, W)``."""
-    grads = [_gradient(u, axis) for axis in (1, 2, 3)]
-    # j[a][b] = δ_ab + ∂u_a/∂x_b
-    j = [[grads[b][..., a] + (1.0 if a == b else 0.0) for b in range(3)] for a in range(3)]
-    return (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-            - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-            + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
-
-
-def _adam(params, grad, m, v, step, lr, eps=1e-8):
-    """One Adam update (β = 0.9, 0.999). A large ``eps`` turns it into plain gradient descent with step
-    ``lr/eps`` where gradients are small: near the optimum that keeps stiff modes stable."""
-    m = 0.9 * m + 0.1 * grad
-    v = 0.999 * v + 0.001 * grad * grad
-    m_hat = m / (1.0 - tf.pow(0.9, step))
-    v_hat = v / (1.0 - tf.pow(0.999, step))
-    return params - lr * m_hat / (tf.sqrt(v_hat) + eps), m, v
-
-
-WARMUP = 5
-
-
-def _schedule(lr: float, k: int, n: int, warmup: int = 0) -> float:
-    """Learning rate of iteration ``k`` of ``n``: a linear warm-up over ``warmup`` iterations (Adam's first
-    steps move every parameter by about ``lr`` whatever its gradient), then cosine decay to ``0.05·lr``."""
-    ramp = min(1.0, (k + 1) / warmup) if warmup else 1.0
-    return ramp * lr * (0.05 + 0.475 * (1.0 + math.cos(math.pi * k / max(n - 1, 1))))
-
-
-def interpolation_matrix(n_out: int, n_in: int, ratio: float) -> np.ndarray:
-    """``(n_out, n_in)`` linear interpolation along one axis: output ``j`` reads input position ``j/ratio``.
-
-    Corner aligned (output ``ratio·i`` = input ``i``), clamped to ``[0, n_in − 1]`` beyond the ends. float32.
-    """
-    pos = np.minimum(np.arange(n_out) / float(ratio), n_in - 1)
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, n_in - 1)
-    w = (pos - lo).astype(np.float32)
-    out = np.zeros((n_out, n_in), np.float32)
-    out[np.arange(n_out), lo] += 1.0 - w
-    out[np.arange(n_out), hi] += w
-    return out
-
-
-def _upsample(v, mats):
-    """Separable linear upsampling of ``(1, d, h, w, C)`` by three interpolation matrices (matmuls)."""
-    v = tf.einsum("Ii,bijkc->bIjkc", mats[0], v)
-    v = tf.einsum("Jj,bijkc->biJkc", mats[1], v)
-    return tf.einsum("Kk,bijkc->bijKc", mats[2], v)
-
-
-# ----------------------------------------------------------------------------- compiled steps
-def _affine_coordinates(theta, base, grid, factor, centre, radius):
-    """Level coordinates of ``p = (M0 + ΔM/R)(f·x − c) + t0 + Δt + c``, divided by ``f``."""
-    m = base[:, :3] + tf.reshape(theta[:9], (3, 3)) / radius
-    t = base[:, 3] + theta[9:]
-    p = tf.einsum("ij,dhwj->dhwi", m, grid * factor - centre) + t + centre
-    return p / factor
-
-
-def _affine_loss(theta, base, grid, factor, centre, radius, fixed, mean_i, var_i, fixed_keep, moving, window):
-    coords = _affine_coordinates(theta, base, grid, factor, centre, radius)
-    warped = transforms.resample(moving, coords[None])
-    mask = _lncc_mask(fixed_keep, warped)
-    return -_masked_lncc(fixed, mean_i, var_i, warped[..., :1], mask, window)
-
-
-def _affine_step(theta, m, v, step, lr, base, grid, factor, centre, radius, fixed, mean_i, var_i, fixed_keep,
-                 moving, window):
-    with tf.GradientTape() as tape:
-        tape.watch(theta)
-        loss = _affine_loss(theta, base, grid, factor, centre, radius, fixed, mean_i, var_i, fixed_keep, moving,
-                            window)
-    grad = tape.gradient(loss, theta)
-    theta, m, v = _adam(theta, grad, m, v, step, lr, AFFINE_ADAM_EPS)
-    return theta, m, v, loss
-
-
-def _deformable_loss(ctrl, u_init, coords_affine, up_mats, fixed, mean_i, var_i, fixed_keep, moving, lam, mu,
-                     window):
-    u = u_init + (_upsample(ctrl, up_mats) if up_mats is not None else ctrl)
-    warped = transforms.resample(moving, coords_affine + u)
-    mask = _lncc_mask(fixed_keep, warped)
-    sim = _masked_lncc(fixed, mean_i, var_i, warped[..., :1], mask, window)
-    fold = tf.reduce_mean(tf.nn.relu(0.2 - _jacobian_det(u)) ** 2)
-    return -sim + lam * bending_energy(u)[0] + mu * fold, sim
-
-
-def _deformable_step(ctrl, m, v, step, lr, u_init, coords_affine, up_mats, fixed, mean_i, var_i, fixed_keep,
-                     moving, lam, mu, window):
-    with tf.GradientTape() as tape:
-        tape.watch(ctrl)
-        loss, _ = _deformable_loss(ctrl, u_init, coords_affine, up_mats, fixed, mean_i, var_i, fixed_keep,
-                                   moving, lam, mu, window)
-    # Per-voxel gradients of a mean are O(1/voxels): scale them to O(1) so that Adam's ε damps the float
-    # noise of well-aligned (or empty) regions instead of normalising it to full steps.
-    grad = tape.gradient(loss, ctrl) * float(np.prod(u_init.shape[1:4]))
-    ctrl, m, v = _adam(ctrl, grad, m, v, step, lr, DEFORMABLE_ADAM_EPS)
-    return ctrl, m, v, loss
-
-
-_COMPILED: dict = {}
-
-
-def _compiled(name: str):
-    """XLA-compiled step functions (one trace per shape; static ints marked by reduce_retracing off)."""
-    if name not in _COMPILED:
-        fn = {"affine": _affine_step, "deformable": _deformable_step}[name]
-        _COMPILED[name] = tf.function(fn, jit_compile=True, autograph=False)
-    return _COMPILED[name]
-
-
 def enable_compile_cache(directory: str | None = None) -> str | None:
     """Keep XLA's compiled code on disk, so a later process skips the compilation of the same shapes.
 
@@ -441,7 +271,7 @@ def _level_inputs(fixed, moving, fixed_mask, moving_mask, factor: int, window: i
     if moving_mask is not None:
         channels.append(downsample(moving_mask, factor, "mask"))
     fixed_t = _t(f_l[None, ..., None])
-    mean_i, var_i = _fixed_stats(fixed_t, window)
+    mean_i, var_i = fixed_stats(fixed_t, window)
     return (fixed_t, mean_i, var_i, _t(keep.astype(np.float32)[None, ..., None]),
             _t(np.stack(channels, -1)[None]))
 
@@ -451,7 +281,7 @@ def _lncc_full(fixed, moving, fixed_mask, moving_mask, matrix, dvf, window: int)
     fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, 1, window)
     coords = transforms.sample_coordinates(fixed.shape, _t(matrix[None]), None if dvf is None else _t(dvf[None]))
     warped = transforms.resample(moving_t, coords)
-    return float(_masked_lncc(fixed_t, mean_i, var_i, warped[..., :1], _lncc_mask(keep, warped), window))
+    return float(masked_lncc(fixed_t, mean_i, var_i, warped[..., :1], lncc_mask(keep, warped), window))
 
 
 def _notify(progress, stage, done, total, loss):
@@ -501,7 +331,7 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
             for f, n in _pairs(levels, 2, "affine levels")]
     shape = np.asarray(fixed.shape, np.float32)
     centre, radius = _t(shape / 2.0), _t(float(shape.mean()) / 4.0)
-    step_fn = _compiled("affine")
+    step_fn = compiled("affine")
     theta = tf.zeros(12, tf.float32)
     m, v = tf.zeros_like(theta), tf.zeros_like(theta)  # Adam's moments carry over from level to level
     total, done, traces = sum(n for _, n in plan), 0, []
@@ -513,7 +343,7 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
         grid = transforms.identity_grid(fixed_t.shape[1:4])
         losses = []
         for k in range(n_iter):
-            lr = _t(_schedule(lr0 * factor, k, n_iter, WARMUP if done < WARMUP else 0))
+            lr = _t(schedule(lr0 * factor, k, n_iter, WARMUP if done < WARMUP else 0))
             theta, m, v, loss = step_fn(theta, m, v, _t(done + 1), lr, base_t, grid, _t(factor), centre, radius,
                                         fixed_t, mean_i, var_i, keep, moving_t, window)
             losses.append(float(loss))
@@ -605,7 +435,7 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
     u_start = u.copy()
     shape = np.asarray(fixed.shape, np.float32)
     centre = _t(shape / 2.0)
-    step_fn = _compiled("deformable")
+    step_fn = compiled("deformable")
     total, done, traces = sum(n for *_, n in plan), 0, []
     for factor, ctrl_factor, n_iter in plan:
         if n_iter == 0:
@@ -613,7 +443,7 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window)
         level_shape = tuple(fixed_t.shape[1:4])
         grid = transforms.identity_grid(level_shape)
-        coords_affine = _affine_coordinates(tf.zeros(12), _t(base), grid, _t(factor), centre, _t(1.0))[None]
+        coords_affine = affine_coordinates(tf.zeros(12), _t(base), grid, _t(factor), centre, _t(1.0))[None]
         u_init = _t(u[::factor, ::factor, ::factor][None] / factor)
         ctrl_shape = tuple(-(-n // ctrl_factor) for n in level_shape)
         up_mats = None if ctrl_factor == 1 else tuple(
@@ -622,7 +452,7 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         m, v = tf.zeros_like(ctrl), tf.zeros_like(ctrl)
         losses = []
         for k in range(n_iter):
-            lr = _t(_schedule(lr0, k, n_iter, WARMUP))
+            lr = _t(schedule(lr0, k, n_iter, WARMUP))
             ctrl, m, v, loss = step_fn(ctrl, m, v, _t(k + 1), lr, u_init, coords_affine, up_mats, fixed_t, mean_i,
                                        var_i, keep, moving_t, _t(lam), _t(mu), window)
             losses.append(float(loss))
@@ -630,7 +460,7 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
             _notify(progress, "deformable", done, total, loss)
         traces.append((factor, np.asarray(losses)))
         to_fine = tuple(_t(interpolation_matrix(n, c, factor * ctrl_factor)) for n, c in zip(fixed.shape, ctrl_shape))
-        u = u + factor * _upsample(ctrl, to_fine).numpy()[0]
+        u = u + factor * upsample(ctrl, to_fine).numpy()[0]
     before = _lncc_full(fixed, moving, fixed_mask, moving_mask, base, u_start, window)
     after = _lncc_full(fixed, moving, fixed_mask, moving_mask, base, u, window)
     return DeformableRefinement(u.astype(np.float32), traces, before, after, folding_percent(u),

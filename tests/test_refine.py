@@ -8,6 +8,7 @@ from scipy import ndimage
 from spirs_tf import geometry as G
 from spirs_tf import metrics
 from spirs_tf import refine as R
+from spirs_tf import refine_ops as O
 from spirs_tf import transforms as T
 from spirs_tf._compat import tf
 
@@ -49,20 +50,20 @@ def test_masked_lncc_matches_exact_float64_reference_next_to_zero_background():
     mask = metrics.lncc_mask(fixed, moving)
     exact = metrics.lncc(fixed, moving, 9, mask=mask)
     fixed_t, mean_i, var_i, keep, moving_t = R._level_inputs(fixed, moving, None, None, 1, 9)
-    ours = float(R._masked_lncc(fixed_t, mean_i, var_i, moving_t, R._lncc_mask(keep, moving_t), 9))
+    ours = float(O.masked_lncc(fixed_t, mean_i, var_i, moving_t, O.lncc_mask(keep, moving_t), 9))
     assert ours == pytest.approx(exact, abs=1e-4)
-    same = float(R._masked_lncc(fixed_t, mean_i, var_i, fixed_t, R._lncc_mask(keep, fixed_t), 9))
+    same = float(O.masked_lncc(fixed_t, mean_i, var_i, fixed_t, O.lncc_mask(keep, fixed_t), 9))
     assert same == pytest.approx(1.0, abs=1e-4)
 
 
 def test_jacobian_determinant_matches_metrics(rng):
     u = (rng.normal(size=(7, 8, 9, 3)) * 0.4).astype(np.float32)
-    ours = R._jacobian_det(tf.constant(u[None]))[0].numpy()
+    ours = O.jacobian_det(tf.constant(u[None]))[0].numpy()
     np.testing.assert_allclose(ours, metrics.jacobian_determinant(u), atol=1e-5)
 
 
 def test_interpolation_matrix_is_corner_aligned_linear_and_clamped():
-    m = R.interpolation_matrix(8, 4, 2)
+    m = O.interpolation_matrix(8, 4, 2)
     np.testing.assert_allclose(m.sum(axis=1), 1.0)
     x = np.arange(4.0)
     np.testing.assert_allclose(m @ x, [0, 0.5, 1, 1.5, 2, 2.5, 3, 3])  # fine 2i = coarse i; flat at the end
@@ -102,24 +103,24 @@ def test_gradients_are_finite_and_match_finite_differences():
     theta = tf.constant(np.random.default_rng(2).normal(0, 0.4, 12).astype(np.float32))
     with tf.GradientTape() as tape:
         tape.watch(theta)
-        loss = R._affine_loss(theta, *args)
+        loss = O.affine_loss(theta, *args)
     grad = tape.gradient(loss, theta).numpy()
     assert np.all(np.isfinite(grad)) and np.abs(grad).max() > 0
     direction = grad / np.linalg.norm(grad)
     h = 0.02
-    plus = float(R._affine_loss(theta + h * direction, *args))
-    minus = float(R._affine_loss(theta - h * direction, *args))
+    plus = float(O.affine_loss(theta + h * direction, *args))
+    minus = float(O.affine_loss(theta - h * direction, *args))
     assert (plus - minus) / (2 * h) == pytest.approx(np.dot(grad, direction), rel=0.1)
 
     u0 = tf.zeros((1, 16, 16, 16, 3))
-    coords = R._affine_coordinates(tf.zeros(12), R._t(np.eye(3, 4)), grid, R._t(1.0), R._t(np.full(3, 8.0)),
-                                   R._t(1.0))[None]
+    coords = O.affine_coordinates(tf.zeros(12), R._t(np.eye(3, 4)), grid, R._t(1.0), R._t(np.full(3, 8.0)),
+                                  R._t(1.0))[None]
     ctrl = tf.constant(np.random.default_rng(3).normal(0, 0.3, (1, 8, 8, 8, 3)).astype(np.float32))
-    mats = tuple(R._t(R.interpolation_matrix(16, 8, 2)) for _ in range(3))
+    mats = tuple(R._t(O.interpolation_matrix(16, 8, 2)) for _ in range(3))
     with tf.GradientTape() as tape:
         tape.watch(ctrl)
-        loss, _ = R._deformable_loss(ctrl, u0, coords, mats, fixed_t, mean_i, var_i, keep, moving_t,
-                                     R._t(3.0), R._t(100.0), 9)
+        loss, _ = O.deformable_loss(ctrl, u0, coords, mats, fixed_t, mean_i, var_i, keep, moving_t,
+                                    R._t(3.0), R._t(100.0), 9)
     g = tape.gradient(loss, ctrl).numpy()
     assert np.all(np.isfinite(g)) and np.abs(g).max() > 0
 
