@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         print(f"seconds {name:<22} first pair {values[0]:.2f} (compilation), median of the rest "
               f"{np.median(values[1:]) if len(values) > 1 else float('nan'):.2f}")
 
-    print("\nself-registration (new scan → itself, network + refine(mode='full', DVF from net)):")
+    print("\nself-registration (new scan → itself, network + refine(mode='full'), its defaults):")
     for pair in pairs[:args.self_pairs]:
         new, new_mask, _, _ = _load(pair, predictor, None)
         a_net, u_net, _ = _network(predictor, new, new, new_mask)

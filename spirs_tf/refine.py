@@ -47,19 +47,38 @@ from scipy import ndimage
 from spirs_tf import transforms
 from spirs_tf._compat import tf
 from spirs_tf.refine_ops import (DEFORMABLE_ADAM_EPS, WARMUP, affine_coordinates, compiled, fixed_stats,
-                                  interpolation_matrix, lncc_mask, masked_lncc, schedule, upsample)
+                                  interpolation_matrix, jacobian_det, lncc_mask, masked_lncc, schedule,
+                                  upsample)
 
 __all__ = [
     "AffineRefinement", "DeformableRefinement", "DEFAULT_AFFINE_LEVELS", "DEFAULT_DEFORMABLE_LEVELS",
-    "downsample", "enable_compile_cache", "interpolation_matrix", "refine", "refine_affine",
+    "default_levels", "downsample", "enable_compile_cache", "interpolation_matrix", "refine", "refine_affine",
     "refine_deformable", "resample_field",
 ]
 
-#: ``(factor, iterations)`` per affine level, coarse to fine.
+#: ``(factor, iterations)`` per affine level, coarse to fine, for grids up to 64³ (:func:`default_levels`).
 DEFAULT_AFFINE_LEVELS = ((4, 40), (2, 30), (1, 10))
 #: ``(factor, control factor, iterations)`` per deformable level, coarse to fine: the images are on
 #: the grid / factor, the optimised control field on that level grid / control factor.
 DEFAULT_DEFORMABLE_LEVELS = ((2, 1, 40), (1, 1, 8))
+#: Largest grid (voxels per axis) optimised at full resolution by :func:`default_levels`.
+FINEST_OPTIMISED = 64
+
+
+def default_levels(shape) -> tuple[tuple, tuple]:
+    """``(affine levels, deformable levels)`` for a grid: the defaults, every factor multiplied by
+    ``g = 2^k``, the smallest power of two with ``max(shape)/g ≤`` :data:`FINEST_OPTIMISED`.
+
+    So the optimisation always runs on grids of at most 64³ (3 mm voxels for a 1.5 mm 128³ grid, whose
+    result is upsampled linearly): its cost stays that of a 64³ pair, and a field smooth at 3 mm does
+    not morph lesions away. Example: 128³ → affine ``((8, 40), (4, 30), (2, 10))``, deformable
+    ``((4, 1, 40), (2, 1, 8))``.
+    """
+    g = 1
+    while max(int(n) for n in shape) / g > FINEST_OPTIMISED:
+        g *= 2
+    return (tuple((f * g, n) for f, n in DEFAULT_AFFINE_LEVELS),
+            tuple((f * g, s, n) for f, s, n in DEFAULT_DEFORMABLE_LEVELS))
 Progress = Callable[[str, int, int, float], None]
 
 
@@ -91,7 +110,8 @@ class DeformableRefinement:
             moving space (same convention as the network's DVF).
         losses: per level ``(factor, array of the loss before each iteration)``; loss = −LNCC + λ·BE + μ·fold.
         lncc_before, lncc_after: masked LNCC on the input grid for ``dvf0`` and ``dvf`` (same affine).
-        folding_percent: % of voxels with a Jacobian determinant ≤ 0 (:func:`spirs_tf.metrics.folding_percent`).
+        folding_percent: % of voxels with a Jacobian determinant ≤ 0 (the central-difference determinant of
+            :func:`spirs_tf.metrics.folding_percent`).
         seconds: wall time, compilation included.
     """
 
@@ -291,7 +311,7 @@ def _notify(progress, stage, done, total, loss):
 
 # -------------------------------------------------------------------------------------- affine
 def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
-                  levels: Sequence = DEFAULT_AFFINE_LEVELS, learning_rate: float = 0.3, window: int = 9,
+                  levels: Sequence | None = None, learning_rate: float = 0.3, window: int = 9,
                   progress: Progress | None = None) -> AffineRefinement:
     """Optimise the 12 affine entries from ``matrix0`` on the masked LNCC, coarse to fine.
 
@@ -306,7 +326,8 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
             ``affine`` output, or the identity).
         fixed_mask, moving_mask: optional lesion masks of the two scans (≠ 0 = lesion, excluded from
             the LNCC as in :func:`spirs_tf.losses.lncc_mask`).
-        levels: ``(factor, iterations)`` pairs, coarse to fine; factors are positive integers.
+        levels: ``(factor, iterations)`` pairs, coarse to fine; factors are positive integers. None:
+            :func:`default_levels` of the grid.
         learning_rate: Adam step in voxels of each level.
         window: LNCC box size (odd).
         progress: optional ``progress(stage, done, total, loss)``, called after every iteration with
@@ -327,6 +348,7 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
     base = _matrix(matrix0)
     window = _window(window)
     lr0 = _positive(learning_rate, "learning_rate")
+    levels = default_levels(fixed.shape)[0] if levels is None else levels
     plan = [(_factor(f, "affine level factor"), _iterations(n, "affine level iterations"))
             for f, n in _pairs(levels, 2, "affine levels")]
     shape = np.asarray(fixed.shape, np.float32)
@@ -372,7 +394,7 @@ def _pairs(levels, width: int, what: str):
 
 # ---------------------------------------------------------------------------------- deformable
 def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, moving_mask=None,
-                      levels: Sequence = DEFAULT_DEFORMABLE_LEVELS, bending_weight: float = 3.0,
+                      levels: Sequence | None = None, bending_weight: float = 3.0,
                       folding_weight: float = 100.0, learning_rate: float = 0.2, window: int = 9,
                       progress: Progress | None = None) -> DeformableRefinement:
     """Optimise a dense displacement after the fixed affine ``matrix``, starting from ``dvf0``.
@@ -394,7 +416,8 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         dvf0: start field ``(n0, n1, n2, 3)`` (or with a batch axis of 1) in voxels of its grid; a
             grid that is an integer multiple or fraction of this one is resampled
             (:func:`resample_field`). None = zero.
-        levels: ``(factor, control factor, iterations)`` per level, coarse to fine; positive integers,
+        levels: ``(factor, control factor, iterations)`` per level, coarse to fine (None:
+            :func:`default_levels` of the grid); positive integers,
             the control grid at least 3 voxels per axis.
         bending_weight: λ. folding_weight: μ.
         learning_rate: Adam step in voxels of each level (cosine-decayed to 5 % within a level).
@@ -407,8 +430,6 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
     Raises:
         ValueError: bad volumes, matrix, field, levels (or a control grid under 3 voxels), weights.
     """
-    from spirs_tf.metrics import folding_percent
-
     t_start = time.perf_counter()
     fixed, moving = _volume(fixed, "fixed"), _volume(moving, "moving")
     if moving.shape != fixed.shape:
@@ -420,6 +441,7 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
     lam = _positive(bending_weight, "bending_weight", allow_zero=True)
     mu = _positive(folding_weight, "folding_weight", allow_zero=True)
     lr0 = _positive(learning_rate, "learning_rate")
+    levels = default_levels(fixed.shape)[1] if levels is None else levels
     plan = []
     for f, s, n in _pairs(levels, 3, "deformable levels"):
         f, s = _factor(f, "deformable level factor"), _factor(s, "deformable control factor")
@@ -463,28 +485,48 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         u = u + factor * upsample(ctrl, to_fine).numpy()[0]
     before = _lncc_full(fixed, moving, fixed_mask, moving_mask, base, u_start, window)
     after = _lncc_full(fixed, moving, fixed_mask, moving_mask, base, u, window)
-    return DeformableRefinement(u.astype(np.float32), traces, before, after, folding_percent(u),
+    folding = float(100.0 * np.mean(jacobian_det(tf.constant(u[None])).numpy() <= 0))
+    return DeformableRefinement(u.astype(np.float32), traces, before, after, folding,
                                 time.perf_counter() - t_start)
 
 
 def refine(fixed, moving, matrix0, dvf0=None, *, mode: str = "full", fixed_mask=None, moving_mask=None,
-           affine_options: dict | None = None, deformable_options: dict | None = None,
-           progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+           deformable_start: str = "zero", affine_options: dict | None = None,
+           deformable_options: dict | None = None, progress: Progress | None = None
+           ) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Refine the network's registration of one pair: ``mode`` ``"off"``, ``"affine"`` or ``"full"``.
 
-    ``"affine"``: :func:`refine_affine` from ``matrix0``; the field is ``dvf0`` unchanged (resampled to
-    this grid). ``"full"``: then :func:`refine_deformable` from ``dvf0`` after the refined affine.
+    * ``"off"``: ``matrix0`` and ``dvf0`` (resampled to this grid) unchanged;
+    * ``"affine"``: :func:`refine_affine` from ``matrix0``, and a zero field: the network's field was
+      predicted after the network's affine and does not fit another one (measured on 12 synthetic
+      pairs: warped-prior-mask Dice 0.72 with a zero field, 0.50 with the network's);
+    * ``"full"``: then :func:`refine_deformable` after the refined affine, from a zero field
+      (``deformable_start="zero"``, Dice 0.87) or from ``dvf0`` (``"network"``, Dice 0.82).
+
+    Args:
+        fixed, moving, fixed_mask, moving_mask: as :func:`refine_affine`.
+        matrix0: the network's ``(3, 4)`` affine, voxels of this grid.
+        dvf0: the network's field (any grid in integer ratio, :func:`resample_field`), or None.
+        mode: see above.
+        deformable_start: ``"zero"`` or ``"network"`` (needs ``dvf0``), the start of the deformable stage.
+        affine_options, deformable_options: keyword arguments for the two functions (levels, weights...).
+        progress: ``progress(stage, done, total, loss)``, ``stage`` ``"affine"`` then ``"deformable"``.
 
     Returns:
-        ``(matrix (3, 4), dvf (D, H, W, 3) or None when dvf0 is None and mode != "full", info)`` with
-        ``info`` = ``{"mode", "affine": AffineRefinement | None, "deformable": DeformableRefinement | None,
+        ``(matrix (3, 4) float32, dvf (D, H, W, 3) float32 — None only for mode "off" without dvf0 —,
+        info)``, both in voxels of this grid and the network's convention; ``info`` =
+        ``{"mode", "affine": AffineRefinement | None, "deformable": DeformableRefinement | None,
         "seconds"}``.
 
     Raises:
-        ValueError: an unknown mode, and everything the two functions raise.
+        ValueError: an unknown mode or start, and everything the two functions raise.
     """
     if mode not in ("off", "affine", "full"):
         raise ValueError(f"refinement mode must be 'off', 'affine' or 'full', got {mode!r}")
+    if deformable_start not in ("zero", "network"):
+        raise ValueError(f"deformable_start must be 'zero' or 'network', got {deformable_start!r}")
+    if mode == "full" and deformable_start == "network" and dvf0 is None:
+        raise ValueError("deformable_start='network' needs the network's field dvf0")
     t0 = time.perf_counter()
     fixed_arr = _volume(fixed, "fixed")
     matrix = _matrix(matrix0).astype(np.float32)
@@ -494,8 +536,10 @@ def refine(fixed, moving, matrix0, dvf0=None, *, mode: str = "full", fixed_mask=
         res = refine_affine(fixed_arr, moving, matrix, fixed_mask=fixed_mask, moving_mask=moving_mask,
                             progress=progress, **(affine_options or {}))
         matrix, info["affine"] = res.matrix, res
+        start = dvf if mode == "full" and deformable_start == "network" else None
+        dvf = np.zeros(fixed_arr.shape + (3,), np.float32)
     if mode == "full":
-        res = refine_deformable(fixed_arr, moving, matrix, dvf, fixed_mask=fixed_mask, moving_mask=moving_mask,
+        res = refine_deformable(fixed_arr, moving, matrix, start, fixed_mask=fixed_mask, moving_mask=moving_mask,
                                 progress=progress, **(deformable_options or {}))
         dvf, info["deformable"] = res.dvf, res
     info["seconds"] = time.perf_counter() - t0

@@ -82,6 +82,13 @@ def test_resample_field_of_a_linear_field_is_exact_and_stride_inverts_it():
     assert R.resample_field(u, (n, n, n)) is not None
 
 
+def test_default_levels_keep_the_optimised_grid_at_most_64():
+    assert R.default_levels((64, 64, 48)) == (R.DEFAULT_AFFINE_LEVELS, R.DEFAULT_DEFORMABLE_LEVELS)
+    affine, deformable = R.default_levels((128, 128, 128))
+    assert affine == ((8, 40), (4, 30), (2, 10)) and deformable == ((4, 1, 40), (2, 1, 8))
+    assert R.default_levels((200, 160, 160))[0][-1][0] == 4
+
+
 def test_downsample_keeps_zero_background_and_constant_head():
     head = (np.linalg.norm(np.indices((16,) * 3) - 8, axis=0) < 6).astype(np.float32) * 0.7
     small = R.downsample(head, 2)
@@ -188,9 +195,11 @@ def test_refine_modes():
     img = blob(16, 7)
     m, u, info = R.refine(img, img, np.eye(3, 4), None, mode="off")
     assert u is None and info["affine"] is None and np.allclose(m, np.eye(3, 4))
-    m, u, info = R.refine(img, img, np.eye(3, 4), None, mode="affine",
+    m, u, info = R.refine(img, img, np.eye(3, 4), np.ones((8, 8, 8, 3)), mode="off")
+    np.testing.assert_allclose(u, 2.0)  # the network's field, resampled to this grid
+    m, u, info = R.refine(img, img, np.eye(3, 4), np.ones((16, 16, 16, 3)), mode="affine",
                           affine_options={"levels": ((1, 3),)})
-    assert u is None and info["affine"] is not None and info["deformable"] is None
+    assert info["affine"] is not None and info["deformable"] is None and not u.any()  # zero field
     m, u, info = R.refine(img, img, np.eye(3, 4), np.zeros((16, 16, 16, 3)), mode="full",
                           affine_options={"levels": ((1, 3),)}, deformable_options={"levels": ((1, 1, 3),)})
     assert u.shape == (16, 16, 16, 3) and info["deformable"].folding_percent == 0.0
@@ -213,6 +222,7 @@ def test_refine_modes():
     (lambda img: R.refine_deformable(img, img, np.eye(3, 4), None, bending_weight=-1), "bending_weight"),
     (lambda img: R.refine_deformable(img, img, np.eye(3, 4), None, levels=((4, 2, 5),)), "under 3 voxels"),
     (lambda img: R.refine(img, img, np.eye(3, 4), mode="fast"), "'off', 'affine' or 'full'"),
+    (lambda img: R.refine(img, img, np.eye(3, 4), deformable_start="network"), "needs the network's field"),
 ])
 def test_bad_arguments_raise_value_error_with_a_clear_message(call, message):
     with pytest.raises(ValueError, match=message):
