@@ -90,7 +90,7 @@ class AffineRefinement:
     Attributes:
         matrix: ``(3, 4)`` float32 ``[M | t]``, voxels of the input grid (same convention as the network's).
         losses: per level ``(factor, array of the loss before each iteration)``; loss = −masked LNCC.
-        lncc_before, lncc_after: masked LNCC on the input grid for ``matrix0`` and ``matrix``.
+        lncc_before, lncc_after: the optimised masked LNCC on the finest level for ``matrix0`` and ``matrix``.
         seconds: wall time, compilation included.
     """
 
@@ -109,7 +109,8 @@ class DeformableRefinement:
         dvf: ``(D, H, W, 3)`` float32 displacement in voxels of the input grid, added after the affine in
             moving space (same convention as the network's DVF).
         losses: per level ``(factor, array of the loss before each iteration)``; loss = −LNCC + λ·BE + μ·fold.
-        lncc_before, lncc_after: masked LNCC on the input grid for ``dvf0`` and ``dvf`` (same affine).
+        lncc_before, lncc_after: the optimised masked LNCC on the finest level for ``dvf0`` and ``dvf``
+            (same affine).
         folding_percent: % of voxels with a Jacobian determinant ≤ 0 (the central-difference determinant of
             :func:`spirs_tf.metrics.folding_percent`).
         seconds: wall time, compilation included.
@@ -280,8 +281,16 @@ def _t(x):
     return tf.constant(np.asarray(x, np.float32))
 
 
-def _level_inputs(fixed, moving, fixed_mask, moving_mask, factor: int, window: int):
-    """Tensors of one level: fixed (1, n, n, n, 1), its stats, the fixed keep mask, moving (+ lesion channel)."""
+def _level_inputs(fixed, moving, fixed_mask, moving_mask, factor: int, window: int, cache: dict | None = None):
+    """Tensors of one level: fixed (1, n, n, n, 1), its stats, the fixed keep mask, moving (+ lesion channel).
+
+    ``cache``: a dict kept by the caller for one pair of volumes (:func:`refine` shares it between stages).
+    """
+    if cache is not None and (factor, window) in cache:
+        return cache[(factor, window)]
+    if cache is not None:
+        cache[(factor, window)] = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window)
+        return cache[(factor, window)]
     f_l = downsample(fixed, factor)
     m_l = downsample(moving, factor)
     keep = f_l != 0
@@ -296,10 +305,14 @@ def _level_inputs(fixed, moving, fixed_mask, moving_mask, factor: int, window: i
             _t(np.stack(channels, -1)[None]))
 
 
-def _lncc_full(fixed, moving, fixed_mask, moving_mask, matrix, dvf, window: int) -> float:
-    """Masked LNCC (the optimised quantity, float32 box means) on the full grid for one transform."""
-    fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, 1, window)
-    coords = transforms.sample_coordinates(fixed.shape, _t(matrix[None]), None if dvf is None else _t(dvf[None]))
+def _lncc_level(inputs, factor: int, shape, matrix, dvf, window: int) -> float:
+    """Masked LNCC (the optimised quantity) on one level for the transform ``(matrix, dvf)`` of the grid ``shape``."""
+    fixed_t, mean_i, var_i, keep, moving_t = inputs
+    grid = transforms.identity_grid(fixed_t.shape[1:4])
+    centre = _t(np.asarray(shape, np.float32) / 2.0)
+    coords = affine_coordinates(tf.zeros(12), _t(matrix), grid, _t(factor), centre, _t(1.0))[None]
+    if dvf is not None:
+        coords = coords + _t(dvf[::factor, ::factor, ::factor][None] / factor)
     warped = transforms.resample(moving_t, coords)
     return float(masked_lncc(fixed_t, mean_i, var_i, warped[..., :1], lncc_mask(keep, warped), window))
 
@@ -312,7 +325,7 @@ def _notify(progress, stage, done, total, loss):
 # -------------------------------------------------------------------------------------- affine
 def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
                   levels: Sequence | None = None, learning_rate: float = 0.3, window: int = 9,
-                  progress: Progress | None = None) -> AffineRefinement:
+                  progress: Progress | None = None, _cache: dict | None = None) -> AffineRefinement:
     """Optimise the 12 affine entries from ``matrix0`` on the masked LNCC, coarse to fine.
 
     Parametrisation: ``M = M0 + ΔM/R``, ``t = t0 + Δt`` with ``R = mean(N)/4`` voxels, so one unit of every
@@ -340,6 +353,7 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
         ValueError: volumes not 3-D / not on one grid / not finite, a bad matrix, levels, rate or window.
     """
     t_start = time.perf_counter()
+    _cache = {} if _cache is None else _cache
     fixed, moving = _volume(fixed, "fixed"), _volume(moving, "moving")
     if moving.shape != fixed.shape:
         raise ValueError(f"fixed and moving must be on the same grid, got {fixed.shape} and {moving.shape}")
@@ -361,7 +375,8 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
     for factor, n_iter in plan:
         if n_iter == 0:
             continue
-        fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window)
+        fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window,
+                                                               _cache)
         grid = transforms.identity_grid(fixed_t.shape[1:4])
         losses = []
         for k in range(n_iter):
@@ -377,8 +392,10 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
     matrix[:, :3] += th[:9].reshape(3, 3) / float(radius)
     matrix[:, 3] += th[9:]
     matrix = matrix.astype(np.float32)
-    before = _lncc_full(fixed, moving, fixed_mask, moving_mask, base.astype(np.float32), None, window)
-    after = _lncc_full(fixed, moving, fixed_mask, moving_mask, matrix, None, window)
+    finest = min(f for f, _ in plan)
+    inputs = _level_inputs(fixed, moving, fixed_mask, moving_mask, finest, window, _cache)
+    before = _lncc_level(inputs, finest, fixed.shape, base.astype(np.float32), None, window)
+    after = _lncc_level(inputs, finest, fixed.shape, matrix, None, window)
     return AffineRefinement(matrix, traces, before, after, time.perf_counter() - t_start)
 
 
@@ -396,7 +413,7 @@ def _pairs(levels, width: int, what: str):
 def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, moving_mask=None,
                       levels: Sequence | None = None, bending_weight: float = 3.0,
                       folding_weight: float = 100.0, learning_rate: float = 0.2, window: int = 9,
-                      progress: Progress | None = None) -> DeformableRefinement:
+                      progress: Progress | None = None, _cache: dict | None = None) -> DeformableRefinement:
     """Optimise a dense displacement after the fixed affine ``matrix``, starting from ``dvf0``.
 
     Per level ``(f, s, n)`` the images are on the grid ``N/f`` (:func:`downsample`), the field there is
@@ -431,6 +448,7 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         ValueError: bad volumes, matrix, field, levels (or a control grid under 3 voxels), weights.
     """
     t_start = time.perf_counter()
+    _cache = {} if _cache is None else _cache
     fixed, moving = _volume(fixed, "fixed"), _volume(moving, "moving")
     if moving.shape != fixed.shape:
         raise ValueError(f"fixed and moving must be on the same grid, got {fixed.shape} and {moving.shape}")
@@ -462,7 +480,8 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
     for factor, ctrl_factor, n_iter in plan:
         if n_iter == 0:
             continue
-        fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window)
+        fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window,
+                                                               _cache)
         level_shape = tuple(fixed_t.shape[1:4])
         grid = transforms.identity_grid(level_shape)
         coords_affine = affine_coordinates(tf.zeros(12), _t(base), grid, _t(factor), centre, _t(1.0))[None]
@@ -483,8 +502,10 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
         traces.append((factor, np.asarray(losses)))
         to_fine = tuple(_t(interpolation_matrix(n, c, factor * ctrl_factor)) for n, c in zip(fixed.shape, ctrl_shape))
         u = u + factor * upsample(ctrl, to_fine).numpy()[0]
-    before = _lncc_full(fixed, moving, fixed_mask, moving_mask, base, u_start, window)
-    after = _lncc_full(fixed, moving, fixed_mask, moving_mask, base, u, window)
+    finest = min(f for f, *_ in plan)
+    inputs = _level_inputs(fixed, moving, fixed_mask, moving_mask, finest, window, _cache)
+    before = _lncc_level(inputs, finest, fixed.shape, base, u_start, window)
+    after = _lncc_level(inputs, finest, fixed.shape, base, u, window)
     folding = float(100.0 * np.mean(jacobian_det(tf.constant(u[None])).numpy() <= 0))
     return DeformableRefinement(u.astype(np.float32), traces, before, after, folding,
                                 time.perf_counter() - t_start)
@@ -532,15 +553,16 @@ def refine(fixed, moving, matrix0, dvf0=None, *, mode: str = "full", fixed_mask=
     matrix = _matrix(matrix0).astype(np.float32)
     dvf = None if dvf0 is None else resample_field(dvf0, fixed_arr.shape)
     info = {"mode": mode, "affine": None, "deformable": None}
+    cache: dict = {}  # level tensors of this pair, shared by the two stages
     if mode != "off":
         res = refine_affine(fixed_arr, moving, matrix, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                            progress=progress, **(affine_options or {}))
+                            progress=progress, _cache=cache, **(affine_options or {}))
         matrix, info["affine"] = res.matrix, res
         start = dvf if mode == "full" and deformable_start == "network" else None
         dvf = np.zeros(fixed_arr.shape + (3,), np.float32)
     if mode == "full":
         res = refine_deformable(fixed_arr, moving, matrix, start, fixed_mask=fixed_mask, moving_mask=moving_mask,
-                                progress=progress, **(deformable_options or {}))
+                                progress=progress, _cache=cache, **(deformable_options or {}))
         dvf, info["deformable"] = res.dvf, res
     info["seconds"] = time.perf_counter() - t0
     return matrix, dvf, info
