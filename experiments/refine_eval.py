@@ -91,10 +91,10 @@ def main(argv=None) -> int:
     parser.add_argument("--spacing", type=float, default=None, help="spacing (mm) of --grid")
     parser.add_argument("--bending", type=float, default=None, help="bending weight λ (default: refine's)")
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
-                        help="keep XLA's compiled code in DIR (spirs_tf.refine.enable_compile_cache)")
+                        help="keep XLA's compiled code in DIR (spirs_tf.xla_cache)")
     args = parser.parse_args(argv)
     if args.compile_cache:
-        from spirs_tf.refine import enable_compile_cache
+        from spirs_tf.xla_cache import enable_compile_cache  # before TensorFlow starts
 
         enable_compile_cache(args.compile_cache)
 

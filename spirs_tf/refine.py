@@ -31,8 +31,8 @@ mask, or non-zero in the warped moving image and not in its warped lesion mask.
 
 **Speed.** Each optimisation step (warp, LNCC, gradient, Adam update) is one XLA-compiled function
 (``tf.function(jit_compile=True)``), traced and compiled once per grid shape and process (1–5 s
-each on a 2-core CPU); :func:`enable_compile_cache` keeps the compiled code on disk for later
-processes. Measured figures: ``experiments/refine_eval.py``.
+each on a 2-core CPU); :func:`spirs_tf.xla_cache.enable_compile_cache` keeps the compiled code on
+disk for later processes. Measured figures: ``experiments/refine_eval.py``.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ from spirs_tf.refine_ops import (DEFORMABLE_ADAM_EPS, WARMUP, affine_coordinates
 
 __all__ = [
     "AffineRefinement", "DeformableRefinement", "DEFAULT_AFFINE_LEVELS", "DEFAULT_DEFORMABLE_LEVELS",
-    "default_levels", "downsample", "enable_compile_cache", "interpolation_matrix", "refine", "refine_affine",
+    "default_levels", "downsample", "interpolation_matrix", "refine", "refine_affine",
     "refine_deformable", "resample_field",
 ]
 
@@ -244,36 +244,6 @@ def resample_field(dvf, shape) -> np.ndarray:
                          indexing="ij")
     out = np.stack([ndimage.map_coordinates(u[..., a], coords, order=1, mode="nearest") for a in range(3)], -1)
     return (out * f).astype(np.float32)
-
-
-def enable_compile_cache(directory: str | None = None) -> str | None:
-    """Keep XLA's compiled code on disk, so a later process skips the compilation of the same shapes.
-
-    Appends ``--tf_xla_persistent_cache_directory`` to ``TF_XLA_FLAGS`` (read at the process's first XLA
-    compilation, so call this before any ``jit_compile`` function runs; afterwards it has no effect).
-    Measured: the first call of a 64³ affine step 1.5 s without, 0.3–0.5 s with a warm cache. A flag
-    already set by the user is kept.
-
-    Args:
-        directory: the cache folder (created); default ``$XDG_CACHE_HOME/spirs-tf/xla`` or
-            ``~/.cache/spirs-tf/xla``.
-    Returns:
-        the folder in use, or None if it cannot be created (no cache then).
-    """
-    import os
-
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    if "tf_xla_persistent_cache_directory" in flags:
-        return flags.split("tf_xla_persistent_cache_directory=")[1].split()[0]
-    if directory is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        directory = os.path.join(base, "spirs-tf", "xla")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError:
-        return None
-    os.environ["TF_XLA_FLAGS"] = f"{flags} --tf_xla_persistent_cache_directory={directory}".strip()
-    return directory
 
 
 # ------------------------------------------------------------------------------------ helpers

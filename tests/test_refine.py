@@ -227,3 +227,17 @@ def test_refine_modes():
 def test_bad_arguments_raise_value_error_with_a_clear_message(call, message):
     with pytest.raises(ValueError, match=message):
         call(blob(16, 8))
+
+
+def test_enable_compile_cache_sets_the_xla_flag_once(tmp_path, monkeypatch):
+    from spirs_tf.xla_cache import enable_compile_cache
+
+    monkeypatch.delenv("TF_XLA_FLAGS", raising=False)
+    folder = str(tmp_path / "xla")
+    assert enable_compile_cache(folder) == folder
+    import os
+
+    assert os.path.isdir(folder)
+    assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_persistent_cache_directory={folder}"
+    assert enable_compile_cache(str(tmp_path / "other")) == folder  # a flag already set is kept
+    assert os.environ["TF_XLA_FLAGS"].count("persistent_cache") == 1
