@@ -133,7 +133,8 @@ def main(argv=None) -> int:
         secs["deformable from net"].append(rn.seconds)
         print(f"  pair {k + 1}/{len(pairs)} {pair.patient_id} {pair.prior.timepoint}->{pair.new.timepoint}: "
               f"dice net {rows['network'][-1]['dice']:.3f} aff {rows['refined affine'][-1]['dice']:.3f} "
-              f"full0 {rows['full (DVF from 0)'][-1]['dice']:.3f} fullnet {rows['full (DVF from net)'][-1]['dice']:.3f}; "
+              f"full0 {rows['full (DVF from 0)'][-1]['dice']:.3f} "
+              f"fullnet {rows['full (DVF from net)'][-1]['dice']:.3f}; "
               f"{ra.seconds:.1f}+{r0.seconds:.1f} s", flush=True)
     print(f"\nnetwork outputs re-warped here vs the network's own warped prior: max |diff| {max(check):.2e}")
     print(f"\n{'row':<26} {'masked LNCC':>16} {'Dice prior mask':>18} {'folding %':>10}")
@@ -186,7 +187,8 @@ def _timing(predictor, pairs, args, deform_opts) -> int:
               f"{info['deformable'].seconds:.2f}); LNCC {before['lncc']:.3f} -> {after['lncc']:.3f}, "
               f"Dice {before['dice']:.3f} -> {after['dice']:.3f}, folding {metrics.folding_percent(dvf):.3f} %",
               flush=True)
-    print(f"median seconds of pairs 2-{len(seconds)}: {np.median(seconds[1:]) if len(seconds) > 1 else float('nan'):.2f} "
+    rest = np.median(seconds[1:]) if len(seconds) > 1 else float("nan")
+    print(f"median seconds of pairs 2-{len(seconds)}: {rest:.2f} "
           f"(pair 1 includes the XLA compilation: {seconds[0]:.2f} s)")
     return 0
 

@@ -21,11 +21,12 @@ pyramid), so translations and displacements divide by ``f`` and ``M`` is unchang
 **Similarity.** The authors' LNCC (:func:`spirs_tf.losses.lncc`, window 9, ``n = 9³`` with zero
 padding) computed with box *means* from separable average pools of the zero-padded volumes: exact
 sums of 9 numbers per axis (no cumulative sums, so a window of background is exactly 0), and
-about 5× faster than the cumulative sums under XLA. The authors' clamps stay (``cross``, ``varI``,
-``varJ`` each at least ε = 1e-6, in box-mean units: the working-grid images lie in [0, 1] and tissue
-windows have variances around 1e-3): a smooth denominator such as ``varI·varJ + ε`` biases the
-optimum towards a moving image of higher local variance (its gradient at ``J = I`` is not 0) and made
-identical images drift; the clamps only act in flat windows (background). The mean runs over the project's
+2–5× faster than cumulative sums under XLA (forward + backward at 64³: 0.02 s vs 0.12 s). The
+authors' clamps stay (``cross``, ``varI``, ``varJ`` each at least ε = 1e-6, in box-mean units: the
+working-grid images lie in [0, 1] and tissue windows have variances around 1e-3): a smooth
+denominator such as ``varI·varJ + ε`` biases the optimum towards a moving image of higher local
+variance (its gradient at ``J = I`` is not 0) and made identical images drift; the clamps only act
+in flat windows (background). The mean runs over the project's
 mask, :func:`spirs_tf.losses.lncc_mask`: voxels non-zero in the fixed image and not in its lesion
 mask, or non-zero in the warped moving image and not in its warped lesion mask.
 
@@ -53,7 +54,7 @@ from spirs_tf.refine_ops import (DEFORMABLE_ADAM_EPS, WARMUP, affine_coordinates
 __all__ = [
     "AffineRefinement", "DeformableRefinement", "DEFAULT_AFFINE_LEVELS", "DEFAULT_DEFORMABLE_LEVELS",
     "default_levels", "downsample", "interpolation_matrix", "refine", "refine_affine",
-    "refine_deformable", "resample_field",
+    "refine_deformable", "resample_field", "terminal_progress",
 ]
 
 #: ``(factor, iterations)`` per affine level, coarse to fine, for grids up to 64³ (:func:`default_levels`).
@@ -288,6 +289,21 @@ def _lncc_level(inputs, factor: int, shape, matrix, dvf, window: int) -> float:
         coords = coords + _t(dvf[::factor, ::factor, ::factor][None] / factor)
     warped = transforms.resample(moving_t, coords)
     return float(masked_lncc(fixed_t, mean_i, var_i, warped[..., :1], lncc_mask(keep, warped), window))
+
+
+def terminal_progress(stream=None, every: int = 5) -> Progress:
+    """A ``progress`` callback: one updating line ``refine affine      35/80  loss -0.9123`` on ``stream``
+    (default stderr) every ``every`` iterations and at the end of each stage (then a newline)."""
+    import sys
+
+    def report(stage: str, done: int, total: int, loss: float) -> None:
+        out = stream if stream is not None else sys.stderr
+        if done % every and done != total:
+            return
+        print(f"\rrefine {stage:<10} {done:4d}/{total:<4d} loss {loss:+.4f}", end="\n" if done == total else "",
+              file=out, flush=True)
+
+    return report
 
 
 def _notify(progress, stage, done, total, loss):

@@ -75,7 +75,10 @@ def gradient(u, axis: int):
 
 
 def jacobian_det(u):
-    """det(I + ∇u) at every voxel as :func:`spirs_tf.metrics.jacobian_determinant`, ``(1, D, H, W, 3) → (1, D, H, W)``."""
+    """det(I + ∇u) at every voxel as :func:`spirs_tf.metrics.jacobian_determinant`.
+
+    ``(1, D, H, W, 3) → (1, D, H, W)``.
+    """
     grads = [gradient(u, axis) for axis in (1, 2, 3)]
     # j[a][b] = δ_ab + ∂u_a/∂x_b
     j = [[grads[b][..., a] + (1.0 if a == b else 0.0) for b in range(3)] for a in range(3)]

@@ -241,3 +241,14 @@ def test_enable_compile_cache_sets_the_xla_flag_once(tmp_path, monkeypatch):
     assert os.environ["TF_XLA_FLAGS"] == f"--tf_xla_persistent_cache_directory={folder}"
     assert enable_compile_cache(str(tmp_path / "other")) == folder  # a flag already set is kept
     assert os.environ["TF_XLA_FLAGS"].count("persistent_cache") == 1
+
+
+def test_terminal_progress_prints_one_updating_line_per_stage():
+    import io
+
+    out = io.StringIO()
+    report = R.terminal_progress(out, every=2)
+    for k in range(1, 4):
+        report("affine", k, 3, -0.5)
+    text = out.getvalue()
+    assert text.count("\r") == 2 and text.endswith("3/3    loss -0.5000\n")
