@@ -53,8 +53,8 @@ from spirs_tf.refine_ops import (DEFORMABLE_ADAM_EPS, WARMUP, affine_coordinates
 
 __all__ = [
     "AffineRefinement", "DeformableRefinement", "DEFAULT_AFFINE_LEVELS", "DEFAULT_DEFORMABLE_LEVELS",
-    "default_levels", "downsample", "interpolation_matrix", "refine", "refine_affine",
-    "refine_deformable", "resample_field", "terminal_progress",
+    "default_levels", "downsample", "grid_relation", "interpolation_matrix", "matrix_to_grid", "refine",
+    "refine_affine", "refine_deformable", "resample_field", "terminal_progress",
 ]
 
 #: ``(factor, iterations)`` per affine level, coarse to fine, for grids up to 64³ (:func:`default_levels`).
@@ -211,16 +211,16 @@ def downsample(image: np.ndarray, factor: int, kind: str = "image") -> np.ndarra
     return out[::factor, ::factor, ::factor].astype(np.float32)
 
 
-def resample_field(dvf, shape) -> np.ndarray:
+def resample_field(dvf, shape, offset=0.0) -> np.ndarray:
     """A displacement field ``(n0, n1, n2, 3)`` (voxels of its grid) on a grid ``shape`` of the same extent.
 
-    The grids are corner aligned with integer ratio ``f = N/n`` per axis (voxel ``i`` of the coarse grid
-    is voxel ``f·i`` of the fine one, as the network's pyramid), so ``u_N(x) = f·u_n(x/f)``, linear
-    interpolation (extrapolated flat beyond the last coarse voxel); a finer-to-coarser ratio
-    (``n = f·N``) takes the strided subsample ``u_n[::f]/f``. Returns float32 ``(*shape, 3)``.
+    Integer ratio ``f = N/n`` per axis; voxel ``i`` of the coarse grid is voxel ``f·i + offset`` of the
+    fine one (``offset`` 0: corner aligned, as the network's pyramid; see :func:`grid_relation`), so
+    ``u_N(x) = f·u_n((x − offset)/f)``, linear interpolation (flat beyond the ends); a finer-to-coarser
+    ratio (``n = f·N``, offset 0 only) takes the strided subsample ``u_n[::f]/f``. float32 ``(*shape, 3)``.
 
     Raises:
-        ValueError: not a ``(..., 3)`` field or ratios that are not integers.
+        ValueError: not a ``(..., 3)`` field, ratios that are not integers, an offset when subsampling.
     """
     u = np.asarray(dvf, np.float32)
     if u.ndim == 5 and u.shape[0] == 1:
@@ -228,7 +228,8 @@ def resample_field(dvf, shape) -> np.ndarray:
     shape = tuple(int(n) for n in shape)
     if u.ndim != 4 or u.shape[-1] != 3 or len(shape) != 3:
         raise ValueError(f"dvf must be (D, H, W, 3) and shape 3 sizes, got {u.shape} and {shape}")
-    if u.shape[:3] == shape:
+    offset = np.broadcast_to(np.asarray(offset, np.float64), (3,))
+    if u.shape[:3] == shape and not offset.any():
         return u
     ratios = []
     for n, m in zip(u.shape[:3], shape):
@@ -239,15 +240,44 @@ def resample_field(dvf, shape) -> np.ndarray:
         else:
             raise ValueError(f"dvf grid {u.shape[:3]} and target grid {shape} are not integer multiples")
     if all(r < 0 for r in ratios) and len(set(ratios)) == 1:
+        if offset.any():
+            raise ValueError("resample_field subsamples corner-aligned grids only (offset must be 0)")
         f = -int(ratios[0])
         return u[::f, ::f, ::f] / f
     if any(r < 0 for r in ratios) or len(set(ratios)) != 1:
         raise ValueError(f"dvf grid {u.shape[:3]} and target grid {shape} need one common integer ratio")
     f = ratios[0]
-    coords = np.meshgrid(*[np.minimum(np.arange(m) / f, n - 1) for n, m in zip(u.shape[:3], shape)],
+    coords = np.meshgrid(*[np.clip((np.arange(m) - o) / f, 0, n - 1) for n, m, o in zip(u.shape[:3], shape, offset)],
                          indexing="ij")
     out = np.stack([ndimage.map_coordinates(u[..., a], coords, order=1, mode="nearest") for a in range(3)], -1)
     return (out * f).astype(np.float32)
+
+
+def grid_relation(coarse_affine, fine_affine) -> tuple[float, np.ndarray]:
+    """``(scale, offset)`` with fine voxel ``= scale · coarse voxel + offset`` for two voxel→world 4×4
+    affines of parallel grids (e.g. the 64³ 3 mm and 128³ 1.5 mm working grids of one scan: scale 2,
+    offset 0.5 — they are centred, not corner aligned).
+
+    Raises:
+        ValueError: the grids are not parallel with one isotropic scale.
+    """
+    rel = np.linalg.inv(np.asarray(fine_affine, np.float64)) @ np.asarray(coarse_affine, np.float64)
+    scale = float(rel[0, 0])
+    if not np.allclose(rel[:3, :3], scale * np.eye(3), atol=1e-4 * max(scale, 1.0)):
+        raise ValueError(f"grids are not parallel with one isotropic scale (coarse→fine voxel map {rel[:3, :3]})")
+    return scale, rel[:3, 3]
+
+
+def matrix_to_grid(matrix, scale: float, offset=0.0) -> np.ndarray:
+    """A centred voxel affine ``[M | t]`` of an ``n``-voxel grid on the grid ``x' = scale·x + offset`` of
+    ``scale·n`` voxels (both centred at N/2): ``[M | scale·t + (I − M)·offset]`` (from
+    ``p' = scale·p + offset``); offset 0 is :func:`spirs_tf.transforms.scale_translation`. (3, 4) float32.
+    """
+    m = _matrix(matrix, "matrix")
+    d = np.broadcast_to(np.asarray(offset, np.float64), (3,))
+    out = m.copy()
+    out[:, 3] = scale * m[:, 3] + (np.eye(3) - m[:, :3]) @ d
+    return out.astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------ helpers

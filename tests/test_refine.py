@@ -82,6 +82,29 @@ def test_resample_field_of_a_linear_field_is_exact_and_stride_inverts_it():
     assert R.resample_field(u, (n, n, n)) is not None
 
 
+def test_matrix_to_grid_and_field_offset_map_points_consistently(rng):
+    n, scale, offset = 8, 2.0, np.array([0.5, 0.5, 0.5])
+    params = G.IDENTITY_PARAMS + np.r_[rng.normal(0, 1, 3), rng.normal(0, 0.1, 12)].astype(np.float32)
+    coarse = G.params_to_matrix(params)
+    fine = R.matrix_to_grid(coarse, scale, offset)
+    x_fine = rng.uniform(0, 15, (3, 5))
+    p_fine = fine[:, :3] @ (x_fine - n) + fine[:, 3:] + n  # centre 16/2
+    x_coarse = (x_fine - offset[:, None]) / scale
+    p_coarse = coarse[:, :3] @ (x_coarse - n / 2) + coarse[:, 3:] + n / 2
+    np.testing.assert_allclose(p_fine, scale * p_coarse + offset[:, None], atol=1e-4)
+    u = np.broadcast_to(np.indices((n, n, n)).astype(np.float32)[0][..., None] * 0.1, (n, n, n, 3))
+    up = R.resample_field(u, (16, 16, 16), offset)
+    np.testing.assert_allclose(up[5, 0, 0, 0], scale * 0.1 * (5 - 0.5) / scale, atol=1e-5)
+    affine_c = np.diag([3.0, 3.0, 3.0, 1.0])
+    affine_c[:3, 3] = [-102.75, -106.25, -77.5]
+    affine_f = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine_f[:3, 3] = [-103.5, -107.0, -78.25]
+    got_scale, got_offset = R.grid_relation(affine_c, affine_f)
+    assert got_scale == pytest.approx(2.0) and np.allclose(got_offset, 0.5)
+    with pytest.raises(ValueError, match="offset must be 0"):
+        R.resample_field(np.zeros((16, 16, 16, 3)), (8, 8, 8), 0.5)
+
+
 def test_default_levels_keep_the_optimised_grid_at_most_64():
     assert R.default_levels((64, 64, 48)) == (R.DEFAULT_AFFINE_LEVELS, R.DEFAULT_DEFORMABLE_LEVELS)
     affine, deformable = R.default_levels((128, 128, 128))
