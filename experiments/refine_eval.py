@@ -4,8 +4,7 @@ SYNTHETIC DATA. Per (prior, new) pair of a ``spirs synth`` cohort (consecutive t
 the head moves between scans), the shipped network (``spirs_tf/weights/cpu-small``, or ``--model``)
 runs as in ``spirs predict`` (:func:`spirs_tf.inference.prepare_case` + ``Predictor.predict``); its
 affine and DVF are the start of the refinement, on the network's working grid of the new scan
-(cpu-small: 64³ at 3 mm; ``--grid`` / ``--spacing`` override the working grid, e.g. 128 / 1.5 mm,
-which then only times the refinement of an upsampled network output). Rows, all on that grid:
+(cpu-small: 64³ at 3 mm). Rows, all on that grid:
 
 * ``identity``: the prior as it enters the network (each scan centred on its own brain);
 * ``network``: the network's affine + DVF; ``network affine``: its affine alone;
@@ -20,6 +19,11 @@ prior mask as the moving lesions), Dice of the warped prior mask (trilinear, ≥
 scan's mask, % folding, seconds of the refinement (first pair includes XLA compilation, reported
 apart). Then each new scan registered to itself (network + full refinement): Dice of its own mask and
 the LNCC drop from 1.
+
+``--grid 128 --spacing 1.5``: instead, per pair, the network on its own grid, its affine moved onto a
+128³ 1.5 mm working grid (:func:`spirs_tf.refine.grid_relation`, :func:`spirs_tf.refine.matrix_to_grid`),
+then ``refine(mode="full")`` with its defaults there: seconds, and LNCC / Dice before (network
+affine) and after, on that grid. ``--compile-cache DIR`` keeps XLA's compiled code between runs.
 
 Usage::
 
@@ -73,7 +77,7 @@ def _load(pair, predictor, data_cfg):
         return case.new_image, new_mask, case.prior_image, case.prior_mask
     n = preprocess_scan(inputs.new, read_volume(pair.new.mask, "mask"), data_cfg)
     p = preprocess_scan(inputs.prior, inputs.prior_mask, data_cfg)
-    return case, (n.image, n.mask, p.image, p.mask)
+    return case, (n.image, n.mask, p.image, p.mask), n.mapping
 
 
 def _network(predictor, new, prior, prior_mask):
@@ -167,15 +171,15 @@ def _timing(predictor, pairs, args, deform_opts) -> int:
 
     data_cfg = config_lib.DataConfig(**{**predictor.cfg.data.__dict__, "grid_size": args.grid,
                                         "spacing_mm": args.spacing or predictor.cfg.data.spacing_mm})
-    ratio = args.grid // predictor.size
     print(f"SYNTHETIC timing on a {args.grid}³ grid at {data_cfg.spacing_mm} mm (network at {predictor.size}³), "
           f"refine(mode='full') with its defaults: levels {refine.default_levels((args.grid,) * 3)}")
-    seconds = []
+    seconds, figures = [], []
     for k, pair in enumerate(pairs):
-        case, (new, new_mask, prior, prior_mask) = _load(pair, predictor, data_cfg)
+        case, (new, new_mask, prior, prior_mask), mapping = _load(pair, predictor, data_cfg)
         a_net, u_net, _ = _network(predictor, case.new_image, case.prior_image, case.prior_mask)
-        a0 = a_net.copy()
-        a0[:, 3] *= ratio
+        # the working grids are centred, not corner aligned: fine voxel = scale · coarse voxel + offset
+        scale, offset = refine.grid_relation(case.new_mapping.working_affine, mapping.working_affine)
+        a0 = refine.matrix_to_grid(a_net, scale, offset)
         t0 = time.perf_counter()
         matrix, dvf, info = refine.refine(new, prior, a0, None, moving_mask=prior_mask,
                                           deformable_options=deform_opts)
@@ -183,6 +187,7 @@ def _timing(predictor, pairs, args, deform_opts) -> int:
         seconds.append(total)
         before = _figures(new, new_mask, prior, prior_mask, a0, None)
         after = _figures(new, new_mask, prior, prior_mask, matrix, dvf)
+        figures.append((before["lncc"], after["lncc"], before["dice"], after["dice"], after["folding"]))
         print(f"  pair {k + 1}: {total:.2f} s (affine {info['affine'].seconds:.2f}, deformable "
               f"{info['deformable'].seconds:.2f}); LNCC {before['lncc']:.3f} -> {after['lncc']:.3f}, "
               f"Dice {before['dice']:.3f} -> {after['dice']:.3f}, folding {metrics.folding_percent(dvf):.3f} %",
@@ -190,6 +195,9 @@ def _timing(predictor, pairs, args, deform_opts) -> int:
     rest = np.median(seconds[1:]) if len(seconds) > 1 else float("nan")
     print(f"median seconds of pairs 2-{len(seconds)}: {rest:.2f} "
           f"(pair 1 includes the XLA compilation: {seconds[0]:.2f} s)")
+    f = np.asarray(figures)
+    print(f"medians: masked LNCC network affine {np.median(f[:, 0]):.3f} -> refined {np.median(f[:, 1]):.3f}; "
+          f"Dice {np.median(f[:, 2]):.3f} -> {np.median(f[:, 3]):.3f}; folding max {f[:, 4].max():.3f} %")
     return 0
 
 
