@@ -284,3 +284,25 @@ def test_help_documents_the_fading_options(capsys):
     text = capsys.readouterr().out
     for option in ("--fade-fraction", "--fade-contrast", "--fade-max-volume", "--vessel-like", "--new-lesions"):
         assert option in text
+
+
+def test_workers_write_the_same_files(tmp_path, capsys):
+    import filecmp
+
+    from spirs_tf.cli import main
+
+    cfg = SynthConfig(grid_size=32, spacing_mm=6.0, timepoints=(2, 3), lesions_per_patient=(2, 6), fade_fraction=0.5,
+                      vessel_like_fraction=0.5)
+    synthesize_cohort(str(tmp_path / "one"), 3, seed=9, cfg=cfg, qc=False)
+    lines = []
+    synthesize_cohort(str(tmp_path / "two"), 3, seed=9, cfg=cfg, qc=False, workers=2, log=lines.append)
+    assert [line.split(":")[0] for line in lines] == ["patient_000", "patient_001", "patient_002"]
+    files = sorted(os.path.relpath(os.path.join(d, f), tmp_path / "one")
+                   for d, _, fs in os.walk(tmp_path / "one") for f in fs)
+    match, mismatch, errors = filecmp.cmpfiles(tmp_path / "one", tmp_path / "two", files, shallow=False)
+    assert len(match) == len(files) > 10 and mismatch == [] and errors == []
+    assert main(["synth", "--patients", "1", "--out", str(tmp_path / "bad"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--workers must be at least 1" in err
+    with pytest.raises(SpirsInputError, match="workers must be at least 1"):
+        synthesize_cohort(str(tmp_path / "x"), 1, workers=0)

@@ -135,6 +135,9 @@ def add_parser(subparsers) -> None:
                         help="raw: random head position per time point (default); aligned: co-registered")
     parser.add_argument("--qc", action=argparse.BooleanOptionalAction, default=None,
                         help="write patient_*/qc.png (default: on for at most 20 patients)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="patients generated at once, one process each (default 1); the files are the same "
+                             "for any N")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     parser.set_defaults(func=run)
 
@@ -144,6 +147,8 @@ def run(args) -> int:
 
     if args.patients <= 0:
         raise SpirsInputError(f"--patients must be positive, got {args.patients}")
+    if args.workers < 1:
+        raise SpirsInputError(f"--workers must be at least 1, got {args.workers}")
     cfg = SynthConfig(grid_size=args.grid, spacing_mm=args.spacing,
                       timepoints=parse_range(args.timepoints, "timepoints"), pose=args.pose,
                       lesions_per_patient=parse_range(args.lesions, "lesions"),
@@ -156,7 +161,8 @@ def run(args) -> int:
                                            else parse_fraction(args.new_lesions, "new-lesions")))
 
     log = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
-    summary = synthesize_cohort(args.out, args.patients, seed=args.seed, cfg=cfg, qc=args.qc, log=log)
+    summary = synthesize_cohort(args.out, args.patients, seed=args.seed, cfg=cfg, qc=args.qc, log=log,
+                                workers=args.workers)
     print(f"wrote {summary.n_patients} patients, {summary.n_scans} scans to {args.out} "
           f"({summary.seconds:.1f} s, {summary.seconds_per_timepoint:.2f} s per time point); "
           f"manifest: {summary.manifest}")

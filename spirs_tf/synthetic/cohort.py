@@ -320,8 +320,19 @@ def check_output_dir(out_dir: str) -> str:
     return out_dir
 
 
+def _make_patient(job: tuple) -> tuple:
+    """Generate and write one patient (a worker's task): ``(patient_id, manifest rows, lesion rows,
+    n_scans, n_lesions, seconds)``."""
+    k, seed, cfg, patient_id, out_dir, qc = job
+    t0 = time.perf_counter()
+    patient = generate_patient(k, seed, cfg, patient_id=patient_id)
+    rows = write_patient(patient, out_dir, qc=qc)
+    return (patient.patient_id, rows, patient.table, len(patient.scans), len(patient.lesions),
+            time.perf_counter() - t0)
+
+
 def synthesize_cohort(out_dir: str, n_patients: int, seed: int = 0, cfg: SynthConfig = SynthConfig(),
-                      qc: bool | None = None, log=None) -> CohortSummary:
+                      qc: bool | None = None, log=None, workers: int = 1) -> CohortSummary:
     """Generate and write ``n_patients`` patients, ``manifest.csv``, ``lesions.csv`` and ``synth.json``.
 
     Args:
@@ -331,14 +342,18 @@ def synthesize_cohort(out_dir: str, n_patients: int, seed: int = 0, cfg: SynthCo
         cfg: generator settings.
         qc: write ``qc.png`` per patient; ``None`` = only for cohorts of at most 20 patients.
         log: optional callable taking one progress line.
+        workers: patients generated at once, each in its own process (``spawn``); every patient draws
+            from its own seeded streams, so the files are the same for any number of workers.
 
     Raises:
-        SpirsInputError: ``n_patients`` ≤ 0, bad settings, or an unwritable ``out_dir``.
+        SpirsInputError: ``n_patients`` ≤ 0, ``workers`` < 1, bad settings, or an unwritable ``out_dir``.
     """
     from spirs_tf.atomic import atomic_write_text
 
     if int(n_patients) <= 0:
         raise SpirsInputError(f"the number of patients must be positive, got {n_patients}")
+    if int(workers) < 1:
+        raise SpirsInputError(f"the number of workers must be at least 1, got {workers}")
     cfg.validate()
     out_dir = check_output_dir(out_dir)
     qc = n_patients <= 20 if qc is None else bool(qc)
@@ -347,18 +362,26 @@ def synthesize_cohort(out_dir: str, n_patients: int, seed: int = 0, cfg: SynthCo
     manifest_rows, lesion_table = [], []
     start = time.perf_counter()
     n_scans = 0
-    for k in range(int(n_patients)):
-        t0 = time.perf_counter()
-        patient = generate_patient(k, seed, cfg, patient_id=f"patient_{k:0{width}d}")
-        rows = write_patient(patient, out_dir, qc=qc)
-        for row in rows:
-            row["split"] = splits[k]
-        manifest_rows.extend(rows)
-        lesion_table.extend(patient.table)
-        n_scans += len(patient.scans)
-        if log is not None:
-            log(f"{patient.patient_id}: {len(patient.scans)} time points, {len(patient.lesions)} lesions, "
-                f"{splits[k]}, {time.perf_counter() - t0:.1f} s")
+    jobs = [(k, seed, cfg, f"patient_{k:0{width}d}", out_dir, qc) for k in range(int(n_patients))]
+    pool = None
+    if int(workers) > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(min(int(workers), len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        results = pool.map(_make_patient, jobs) if pool is not None else map(_make_patient, jobs)
+        for k, (patient_id, rows, table, scans, lesions, seconds) in enumerate(results):  # in patient order
+            for row in rows:
+                row["split"] = splits[k]
+            manifest_rows.extend(rows)
+            lesion_table.extend(table)
+            n_scans += scans
+            if log is not None:
+                log(f"{patient_id}: {scans} time points, {lesions} lesions, {splits[k]}, {seconds:.1f} s")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     atomic_write_text(os.path.join(out_dir, "manifest.csv"),
                       _csv_text(manifest_rows, ("patient_id", "timepoint", "image", "mask", "split")))
     atomic_write_text(os.path.join(out_dir, "lesions.csv"), _csv_text(lesion_table, LESION_COLUMNS))
