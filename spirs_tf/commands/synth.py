@@ -5,8 +5,8 @@ Example: ``spirs synth --patients 10 --out data/synth --seed 0`` writes ``data/s
 QC picture (see :mod:`spirs_tf.synthetic`).
 
 A cohort that teaches what the registered prior is for: ``--fade-fraction 0.3`` renders 30 % of
-the micro and small lesions that were already in the prior scan faded in the new one (enhancement scaled by
-``--fade-contrast``, default 0.15-0.45), still marked in both masks, as in a clinician-edited prior;
+the micro and small lesions that were already in the prior scan faded in the new one (their contrast against
+the tissue around them scaled by ``--fade-contrast``, default 0.15-0.45), still marked in both masks, as in a clinician-edited prior;
 ``--vessel-like 0.5`` puts half of those on a small vessel, so that they look like one; ``--new-lesions``
 sets the share of lesions that appear at a later time point (no prior). The defaults change nothing: the
 same seed gives the same scans as before these options existed.
@@ -96,7 +96,7 @@ def parse_contrast(text: str) -> tuple[float, float]:
     except ValueError:
         values = []
     if len(values) not in (1, 2) or not 0.0 <= values[0] <= values[-1] < 1.0:
-        raise SpirsInputError(f"--fade-contrast must be LO,HI with 0 <= LO <= HI < 1 (relative enhancement, "
+        raise SpirsInputError(f"--fade-contrast must be LO,HI with 0 <= LO <= HI < 1 (relative contrast, "
                               f"e.g. 0.15,0.45), got {text!r}")
     return (values[0], values[-1])
 
@@ -118,8 +118,8 @@ def add_parser(subparsers) -> None:
                              "scan (per consecutive pair; micro and small lesions, see --fade-max-volume); it "
                              "stays in both masks, as in a clinician-edited prior (default 0: off)")
     parser.add_argument("--fade-contrast", default="0.15,0.45", metavar="LO,HI",
-                        help="relative enhancement of a faded lesion, drawn uniformly in [LO, HI], 0 <= LO <= HI < 1 "
-                             "(1 = its usual enhancement; default 0.15,0.45)")
+                        help="relative contrast of a faded lesion against the tissue around it, drawn uniformly in "
+                             "[LO, HI], 0 <= LO <= HI < 1 (1 = its usual contrast; default 0.15,0.45)")
     parser.add_argument("--fade-max-volume", default="125", metavar="MM3",
                         help="only lesions of at most this volume (mm³) in the new scan fade (default 125: micro "
                              "and small)")

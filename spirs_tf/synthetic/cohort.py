@@ -7,7 +7,8 @@ lesions, poses and each scan), so patient ``k`` is identical whatever the cohort
 Output layout (paths in the CSVs are relative to ``OUT``)::
 
     OUT/manifest.csv                 patient_id,timepoint,image,mask,split  (the manifest contract)
-    OUT/lesions.csv                  one row per lesion and time point (see LESION_COLUMNS)
+    OUT/lesions.csv                  one row per lesion and time point (see LESION_COLUMNS; ``contrast``:
+                                     relative contrast, < 1 where faded; ``on_vessel``: 0/1)
     OUT/synth.json                   generator settings
     OUT/patient_000/tp0/image.nii.gz     float32 post-contrast T1
     OUT/patient_000/tp0/mask.nii.gz      uint8 lesion mask
@@ -43,7 +44,8 @@ from spirs_tf.synthetic.render import PairTransform, render_scan, true_transform
 from spirs_tf.synthetic.scanner import POSES, sample_pose
 
 LESION_COLUMNS = ("patient_id", "timepoint", "lesion_id", "volume_mm3", "size_bin", "centroid_x_mm",
-                  "centroid_y_mm", "centroid_z_mm", "status", "trajectory", "target_volume_mm3", "faint", "contrast", "on_vessel")
+                  "centroid_y_mm", "centroid_z_mm", "status", "trajectory", "target_volume_mm3", "faint",
+                  "contrast", "on_vessel")
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,8 @@ class SynthConfig:
         fade_fraction: probability that a lesion present in the prior and the new scan (and at most
             ``fade_max_volume_mm3`` in the new one) is rendered faded in the new scan, per pair
             (:func:`~spirs_tf.synthetic.lesions.sample_fading`); 0 (default) = off.
-        fade_contrast: (lo, hi) relative enhancement of a faded lesion, ``0 ≤ lo ≤ hi < 1``.
+        fade_contrast: (lo, hi) relative contrast of a faded lesion against the tissue beneath,
+            ``0 ≤ lo ≤ hi < 1``.
         fade_max_volume_mm3: largest lesion that may fade (default 125: micro and small).
         vessel_like_fraction: share of faded lesions that sit on a small vessel (vessel-like).
         new_lesion_fraction: ``None`` (default: ``trajectory_weights`` as given) or the probability of the

@@ -20,9 +20,9 @@ renderer); partial volume is a linear one-voxel ramp across the surface. Some mi
 
 Fading (:func:`sample_fading`, off by default): what a clinician-edited prior adds. A lesion present in
 both the prior ``t − 1`` and the new scan ``t`` (and at most ``max_volume`` mm³ at ``t``) is, with
-probability ``fraction``, rendered at ``t`` with its enhancement scaled by ``c ~ U(lo, hi)``: the signal
-becomes ``1 + c · (I − 1)`` (white matter = 1), so it is barely visible although it is in the new mask and
-in the prior's mask. Of those, a share ``vessel_fraction`` also sits on a small vessel (a thin enhancing
+probability ``fraction``, rendered at ``t`` with its contrast against the tissue beneath scaled by
+``c ~ U(lo, hi)`` (the renderer blends it with ``c α`` instead of its partial volume ``α``), so it is barely
+visible although it is in the new mask and in the prior's mask. Of those, a share ``vessel_fraction`` also sits on a small vessel (a thin enhancing
 tube through its centre, drawn in the image only at every time point the lesion is present, see
 :func:`spirs_tf.synthetic.vessels.tube_density`): faded, it looks like a vessel's cross-section or kink.
 Lesions with trajectory ``appear`` are *new*: absent (volume 0, not in the mask) before their first time point.
@@ -168,7 +168,7 @@ class Lesion:
         ring_radius: equivalent radius (mm) above which the core appears (fully 3 mm later).
         edema_extent, edema_strength: edema radius ``r (1 + extent) + 1 mm``; darkening fraction.
         mass_kappa: mass-effect strength κ.
-        contrast: ``None`` or relative enhancement per time point (1 = as drawn; :func:`sample_fading`).
+        contrast: ``None`` or relative contrast per time point (1 = as drawn; :func:`sample_fading`).
         vessel: ``None`` or ``(direction (3,), half_length_mm, radius_mm, strength)`` of the small vessel
             the lesion sits on (:func:`spirs_tf.synthetic.vessels.tube_density`), drawn while it is present.
         faint: a low-contrast micro lesion (at every time point).
@@ -198,10 +198,11 @@ class Lesion:
         return bool(self.volumes[t] > 0)
 
     def contrast_at(self, t: int) -> float:
-        """Relative enhancement at time ``t``: 1, or the fading factor ``c`` (:func:`sample_fading`)."""
+        """Relative contrast at time ``t``: 1, or the fading factor ``c`` (:func:`sample_fading`)."""
         return 1.0 if self.contrast is None else float(self.contrast[t])
 
     def faded(self, t: int) -> bool:
+        """Whether the lesion is rendered with reduced contrast at time ``t``."""
         return self.contrast_at(t) != 1.0
 
     def radius(self, t: int) -> float:
@@ -265,14 +266,14 @@ def sample_fading(rng: np.random.Generator, lesions: list, fraction: float, cont
     ``0 < volumes[t] ≤ max_volume``, the same seven numbers are drawn whatever the settings (so raising
     ``fraction`` only adds faded instances): ``u, c, v ~ U(0, 1)``, a direction, a half length
     ``U(4, 10)`` mm, a radius ``U(0.35, 0.8)`` mm and a strength ``U(0.8, 1.8)``. The lesion fades at ``t``
-    when ``u < fraction`` (relative enhancement ``lo + c (hi − lo)``); a faded lesion sits on a vessel when
+    when ``u < fraction`` (relative contrast ``lo + c (hi − lo)``); a faded lesion sits on a vessel when
     ``v < vessel_fraction`` (the first such draw gives the vessel).
 
     Args:
         rng: the patient's fading stream (never one of the other streams, so the rest is unchanged).
         lesions: :class:`Lesion` list (placed).
         fraction: probability of fading a candidate lesion at a time point, in [0, 1].
-        contrast: ``(lo, hi)`` relative enhancement of a faded lesion, ``0 ≤ lo ≤ hi < 1``.
+        contrast: ``(lo, hi)`` relative contrast of a faded lesion, ``0 ≤ lo ≤ hi < 1``.
         vessel_fraction: share of faded instances drawn on a vessel, in [0, 1].
         max_volume: largest target volume (mm³) at ``t`` that may fade (default: micro and small).
 

@@ -8,8 +8,9 @@ Chain of coordinates for a scan at time ``t`` (all grids are the same working gr
 present at ``t`` (:func:`spirs_tf.synthetic.lesions.mass_effect`). Tissue (T1, brain mask, vessels) is read
 from the patient anatomy at ``r``; lesion ``j`` is drawn undeformed around its displaced centre
 ``c_j^t`` (solving ``c + m_t(c) = c_j``), in patient coordinates ``q``, so it moves and turns with the head.
-A lesion faded at ``t`` has its enhancement scaled by its factor ``c`` (signal ``1 + c g (I − 1)``, ``g`` the
-scan's enhancement gain); the small vessel of a vessel-like lesion is added, like the other vessels, before
+Lesions are blended over the tissue (and vessels) beneath, ``base (1 − α) + s α`` with partial volume ``α``
+and signal ``s``; a lesion faded at ``t`` is blended with ``c α``, so its contrast against that tissue,
+``α (s − base)``, is scaled by its factor ``c`` while its mask is unchanged; the small vessel of a vessel-like lesion is added, like the other vessels, before
 the lesions are drawn over the tissue (:func:`spirs_tf.synthetic.lesions.sample_fading`).
 
 True transform of a pair (prior ``t``, new ``t + 1``), for a new-scan world point ``w``::
@@ -210,8 +211,9 @@ def render_scan(anatomy: PatientAnatomy, lesions, t: int, pose: np.ndarray, fiel
         composite[box] += np.float32(vessel_gain) * tube
     for les, box, size, out in drawn:
         alpha = out["alpha"].reshape(size).astype(np.float32)
-        gain = enhancement_gain * les.contrast_at(t) if les.faded(t) else enhancement_gain
-        signal = (1.0 + (out["intensity"] - 1.0) * gain).reshape(size).astype(np.float32)
+        if les.faded(t):  # base + c α (signal − base): the contrast against the tissue beneath, × c
+            alpha = alpha * np.float32(les.contrast_at(t))
+        signal = (1.0 + (out["intensity"] - 1.0) * enhancement_gain).reshape(size).astype(np.float32)
         composite[box] = composite[box] * (1 - alpha) + signal * alpha
         view = labels[box]
         view[out["inside"].reshape(size) & (view == 0)] = les.lesion_id
