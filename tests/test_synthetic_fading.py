@@ -1,7 +1,7 @@
 """Synthetic cohort options that teach what the prior is for: faded and vessel-like lesions, new lesions.
 
 Tiny grids (32³ at 6 mm, 48³ at 4 mm). The defaults must leave every scan as it was: the hashes below were
-computed with the generator before these options existed (commit aca5301).
+computed with the generator before these options existed (commit aca5301). The options are off by default.
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import csv
 import hashlib
 import os
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -17,12 +18,13 @@ from spirs_tf.synthetic import SynthConfig, generate_patient, synthesize_cohort
 from spirs_tf.synthetic.lesions import sample_fading, sample_lesion
 from spirs_tf.synthetic.vessels import tube_density
 
-#: sha256 over (relative path, bytes) of every .nii.gz and manifest.csv, and over lesions.csv's first 12
-#: columns, of 3-patient cohorts with seed 7, computed at commit aca5301 (before fading existed).
+#: sha256 over every .nii.gz's (relative path, dtype, voxel bytes, affine) and manifest.csv's bytes, and over
+#: lesions.csv's first 12 columns, of 3-patient cohorts with seed 7, computed with the package as of commit
+#: aca5301 (before fading existed). Voxels rather than gzip bytes, so another zlib cannot change them.
 OLD_HASHES = {
-    "raw": ("f005d8abd09f0cad7bf19dd3a794373cad6ed933833de679aad03030d13bccdf",
+    "raw": ("4816e88eb72c5a5413b7fec30afeab91109b19356183a1d1a041cb5a3b9b0b9f",
             "aeca418bd79dac5c07c24feadde46493e8cc7ca5349fd661f443098dcd3a31dc"),
-    "aligned": ("f848481d27e1012ff735d39c14a01ffcaf2b548572f28691513f1a511cff176f",
+    "aligned": ("2e7cd13a34073f9a978f595872a127143b2686ab35dc99fc3353c88c99b2a795",
                 "7a1ec82c6a0847b02322affeeeeb8bd16c7826bb4b039bd96dfeb74163b2fe86"),
 }
 OLD_CONFIGS = {
@@ -38,9 +40,15 @@ def _cohort_hashes(folder: str) -> tuple[str, str]:
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(folder)):
         for f in sorted(files):
-            if f.endswith(".nii.gz") or f == "manifest.csv":
-                path = os.path.join(root, f)
+            path = os.path.join(root, f)
+            if f.endswith(".nii.gz"):
+                image = nib.load(path)
+                data = np.asarray(image.dataobj)
                 h.update(os.path.relpath(path, folder).encode())
+                h.update(str(data.dtype).encode())
+                h.update(np.ascontiguousarray(data).tobytes())
+                h.update(np.asarray(image.affine, np.float64).tobytes())
+            elif f == "manifest.csv":
                 h.update(open(path, "rb").read())
     rows = list(csv.DictReader(open(os.path.join(folder, "lesions.csv"))))
     text = "\n".join(",".join(r[c] for c in OLD_LESION_COLUMNS) for r in rows)
