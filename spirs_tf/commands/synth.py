@@ -4,12 +4,12 @@ Example: ``spirs synth --patients 10 --out data/synth --seed 0`` writes ``data/s
 ``spirs train``), ``lesions.csv``, and per patient the scans, lesion masks, instance maps, true transforms and a
 QC picture (see :mod:`spirs_tf.synthetic`).
 
-A cohort that teaches what the registered prior is for: ``--fade-fraction 0.3`` renders 30 % of
-the micro and small lesions that were already in the prior scan faded in the new one (their contrast against
-the tissue around them scaled by ``--fade-contrast``, default 0.15-0.45), still marked in both masks, as in a clinician-edited prior;
-``--vessel-like 0.5`` puts half of those on a small vessel, so that they look like one; ``--new-lesions``
-sets the share of lesions that appear at a later time point (no prior). The defaults change nothing: the
-same seed gives the same scans as before these options existed.
+A cohort that teaches what the registered prior is for: ``--fade-fraction 0.3`` renders 30 % of the micro
+and small lesions that were already in the prior scan faded in the new one (their contrast against the
+tissue around them scaled by ``--fade-contrast``, default 0.15-0.45), still marked in both masks, as in a
+clinician-edited prior; ``--vessel-like 0.5`` puts half of those on a small vessel, so that they look like
+one; ``--new-lesions`` sets the share of lesions that appear at a later time point (no prior). The
+defaults change nothing: the same seed gives the same scans as before these options existed.
 """
 from __future__ import annotations
 

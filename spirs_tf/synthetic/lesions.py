@@ -22,9 +22,10 @@ Fading (:func:`sample_fading`, off by default): what a clinician-edited prior ad
 both the prior ``t − 1`` and the new scan ``t`` (and at most ``max_volume`` mm³ at ``t``) is, with
 probability ``fraction``, rendered at ``t`` with its contrast against the tissue beneath scaled by
 ``c ~ U(lo, hi)`` (the renderer blends it with ``c α`` instead of its partial volume ``α``), so it is barely
-visible although it is in the new mask and in the prior's mask. Of those, a share ``vessel_fraction`` also sits on a small vessel (a thin enhancing
-tube through its centre, drawn in the image only at every time point the lesion is present, see
-:func:`spirs_tf.synthetic.vessels.tube_density`): faded, it looks like a vessel's cross-section or kink.
+visible although it is in the new mask and in the prior's mask. Of those, a share ``vessel_fraction`` also
+sits on a small vessel (a thin enhancing tube through its centre, drawn in the image only at every time
+point the lesion is present, see :func:`spirs_tf.synthetic.vessels.tube_density`): faded, it looks like a
+vessel's cross-section or kink.
 Lesions with trajectory ``appear`` are *new*: absent (volume 0, not in the mask) before their first time point.
 
 Mass effect (:func:`mass_effect`): a smooth radial push of surrounding tissue, as a pull-back field

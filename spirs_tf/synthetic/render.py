@@ -10,8 +10,9 @@ from the patient anatomy at ``r``; lesion ``j`` is drawn undeformed around its d
 ``c_j^t`` (solving ``c + m_t(c) = c_j``), in patient coordinates ``q``, so it moves and turns with the head.
 Lesions are blended over the tissue (and vessels) beneath, ``base (1 − α) + s α`` with partial volume ``α``
 and signal ``s``; a lesion faded at ``t`` is blended with ``c α``, so its contrast against that tissue,
-``α (s − base)``, is scaled by its factor ``c`` while its mask is unchanged; the small vessel of a vessel-like lesion is added, like the other vessels, before
-the lesions are drawn over the tissue (:func:`spirs_tf.synthetic.lesions.sample_fading`).
+``α (s − base)``, is scaled by its factor ``c`` while its mask is unchanged; the small vessel of a
+vessel-like lesion is added, like the other vessels, before the lesions are drawn over the tissue
+(:func:`spirs_tf.synthetic.lesions.sample_fading`).
 
 True transform of a pair (prior ``t``, new ``t + 1``), for a new-scan world point ``w``::
 
