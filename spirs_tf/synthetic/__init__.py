@@ -6,6 +6,14 @@ shape, enhancement, edema, mass effect and a trajectory over 3–6 time points
 (:mod:`~spirs_tf.synthetic.lesions`), and per time point a scan with its own head position, bias,
 gamma and Rician noise (:mod:`~spirs_tf.synthetic.scanner`, :mod:`~spirs_tf.synthetic.render`).
 
+Teaching the prior (off by default, :func:`~spirs_tf.synthetic.lesions.sample_fading`): with
+``SynthConfig.fade_fraction`` (``spirs synth --fade-fraction``) a lesion present in the prior and the new scan
+is rendered *faded* in the new scan (its contrast × ``fade_contrast``) while both masks still mark it, as in a
+clinician-edited prior; ``vessel_like_fraction`` puts some of them on a small vessel so that they look like
+one; ``new_lesion_fraction`` sets the share of *new* lesions, absent from every earlier scan (no prior).
+``lesions.csv`` records each lesion's ``contrast`` and ``on_vessel`` per time point. Fading draws from its
+own random stream: at the defaults every scan is what it was before these options existed.
+
 Pose modes:
 
 * ``pose="raw"`` (default): every time point gets a random head repositioning (rigid ±10°, ±10 mm plus
@@ -22,8 +30,9 @@ derivation and :mod:`~spirs_tf.synthetic.cohort` for the file layout.
 """
 from spirs_tf.synthetic.cohort import (SynthConfig, SynthPatient, assign_splits, generate_patient,
                                        synthesize_cohort, write_patient)
-from spirs_tf.synthetic.lesions import SIZE_BINS, sample_lesion_volumes, size_bin
+from spirs_tf.synthetic.lesions import SIZE_BINS, sample_fading, sample_lesion_volumes, size_bin
 from spirs_tf.synthetic.render import PairTransform, SynthScan
 
 __all__ = ["SynthConfig", "SynthPatient", "SynthScan", "PairTransform", "SIZE_BINS", "assign_splits",
-           "generate_patient", "synthesize_cohort", "write_patient", "sample_lesion_volumes", "size_bin"]
+           "generate_patient", "synthesize_cohort", "write_patient", "sample_fading", "sample_lesion_volumes",
+           "size_bin"]

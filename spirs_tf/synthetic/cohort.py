@@ -7,7 +7,8 @@ lesions, poses and each scan), so patient ``k`` is identical whatever the cohort
 Output layout (paths in the CSVs are relative to ``OUT``)::
 
     OUT/manifest.csv                 patient_id,timepoint,image,mask,split  (the manifest contract)
-    OUT/lesions.csv                  one row per lesion and time point (see LESION_COLUMNS)
+    OUT/lesions.csv                  one row per lesion and time point (see LESION_COLUMNS; ``contrast``:
+                                     relative contrast, < 1 where faded; ``on_vessel``: 0/1)
     OUT/synth.json                   generator settings
     OUT/patient_000/tp0/image.nii.gz     float32 post-contrast T1
     OUT/patient_000/tp0/mask.nii.gz      uint8 lesion mask
@@ -37,12 +38,14 @@ from spirs_tf.errors import SpirsInputError
 from spirs_tf.io import MAX_AXIS
 from spirs_tf.synthetic.anatomy import patient_anatomy, working_template
 from spirs_tf.synthetic.lesions import (PAPER_TEST_COUNTS, TRAJECTORIES, Lesion, mass_effect_grid,
-                                        place_lesions, sample_lesion, sample_lesion_volumes, size_bin)
+                                        place_lesions, sample_fading, sample_lesion, sample_lesion_volumes,
+                                        size_bin)
 from spirs_tf.synthetic.render import PairTransform, render_scan, true_transform
 from spirs_tf.synthetic.scanner import POSES, sample_pose
 
 LESION_COLUMNS = ("patient_id", "timepoint", "lesion_id", "volume_mm3", "size_bin", "centroid_x_mm",
-                  "centroid_y_mm", "centroid_z_mm", "status", "trajectory", "target_volume_mm3", "faint")
+                  "centroid_y_mm", "centroid_z_mm", "status", "trajectory", "target_volume_mm3", "faint",
+                  "contrast", "on_vessel")
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,18 @@ class SynthConfig:
         lesions_per_patient: (min, max), drawn log-uniformly.
         size_weights: relative frequency of micro, small, medium, large lesions.
         trajectory_weights: ((kind, weight), ...) over stable, grow, shrink, appear, disappear.
-        faint_fraction: share of micro lesions with low contrast.
+        faint_fraction: share of micro lesions with low contrast at every time point.
         warp_mm: RMS of each patient's elastic anatomical variation.
+        fade_fraction: probability that a lesion present in the prior and the new scan (and at most
+            ``fade_max_volume_mm3`` in the new one) is rendered faded in the new scan, per pair
+            (:func:`~spirs_tf.synthetic.lesions.sample_fading`); 0 (default) = off.
+        fade_contrast: (lo, hi) relative contrast of a faded lesion against the tissue beneath,
+            ``0 ≤ lo ≤ hi < 1``.
+        fade_max_volume_mm3: largest lesion that may fade (default 125: micro and small).
+        vessel_like_fraction: share of faded lesions that sit on a small vessel (vessel-like).
+        new_lesion_fraction: ``None`` (default: ``trajectory_weights`` as given) or the probability of the
+            ``appear`` trajectory (new lesions, absent from the earlier scans); the other kinds keep
+            their relative weights.
     """
 
     grid_size: int = 128
@@ -69,6 +82,22 @@ class SynthConfig:
     trajectory_weights: tuple = TRAJECTORIES
     faint_fraction: float = 0.3
     warp_mm: float = 2.5
+    fade_fraction: float = 0.0
+    fade_contrast: tuple = (0.15, 0.45)
+    fade_max_volume_mm3: float = 125.0
+    vessel_like_fraction: float = 0.0
+    new_lesion_fraction: float | None = None
+
+    def trajectories(self) -> tuple:
+        """``((kind, weight), ...)``: ``trajectory_weights`` with ``new_lesion_fraction`` applied."""
+        if self.new_lesion_fraction is None:
+            return tuple(self.trajectory_weights)
+        p = float(self.new_lesion_fraction)
+        others = [(k, float(w)) for k, w in self.trajectory_weights if k != "appear"]
+        rest = sum(w for _, w in others)
+        if rest <= 0 and p < 1:
+            raise SpirsInputError("a new-lesion fraction below 1 needs a trajectory other than 'appear'")
+        return tuple((k, w * (1.0 - p) / rest) for k, w in others) + (("appear", p),)
 
     def validate(self) -> None:
         """Raises SpirsInputError naming the bad setting."""
@@ -87,6 +116,17 @@ class SynthConfig:
         lo, hi = self.lesions_per_patient
         if not 0 <= lo <= hi <= 100:
             raise SpirsInputError(f"lesions per patient must satisfy 0 <= min <= max <= 100, got {lo}-{hi}")
+        for name in ("fade_fraction", "vessel_like_fraction"):
+            if not 0.0 <= float(getattr(self, name)) <= 1.0:
+                raise SpirsInputError(f"{name.replace('_', ' ')} must be between 0 and 1, got {getattr(self, name)}")
+        lo, hi = self.fade_contrast
+        if not 0.0 <= float(lo) <= float(hi) < 1.0:
+            raise SpirsInputError(f"fade contrast must satisfy 0 <= lo <= hi < 1, got {lo},{hi}")
+        if not float(self.fade_max_volume_mm3) > 0:
+            raise SpirsInputError(f"fade max volume must be positive, got {self.fade_max_volume_mm3}")
+        if self.new_lesion_fraction is not None and not 0.0 <= float(self.new_lesion_fraction) <= 1.0:
+            raise SpirsInputError(f"new-lesion fraction must be between 0 and 1, got {self.new_lesion_fraction}")
+        self.trajectories()
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,9 +143,11 @@ class SynthPatient:
 
 
 def _streams(seed: int, index: int):
+    """Anatomy, lesion, pose, scan and fading streams of patient ``index`` (the fifth was added later,
+    so the first four, and with fading off every volume, are what they always were)."""
     root = np.random.SeedSequence(int(seed), spawn_key=(int(index),))
-    anat, les, pose, scans = root.spawn(4)
-    return anat, les, pose, scans
+    anat, les, pose, scans, fade = root.spawn(5)
+    return anat, les, pose, scans, fade
 
 
 def generate_patient(index: int, seed: int, cfg: SynthConfig = SynthConfig(),
@@ -113,7 +155,7 @@ def generate_patient(index: int, seed: int, cfg: SynthConfig = SynthConfig(),
     """Generate patient ``index`` of the cohort with ``seed`` (independent of the cohort size)."""
     cfg.validate()
     template = working_template(int(cfg.grid_size), float(cfg.spacing_mm))
-    ss_anat, ss_les, ss_pose, ss_scan = _streams(seed, index)
+    ss_anat, ss_les, ss_pose, ss_scan, ss_fade = _streams(seed, index)
     rng_les, rng_pose = np.random.default_rng(ss_les), np.random.default_rng(ss_pose)
     n_tp = int(rng_les.integers(cfg.timepoints[0], cfg.timepoints[1] + 1))
     centre = template.affine[:3, :3] @ (np.array(template.shape) - 1) / 2.0 + template.affine[:3, 3]
@@ -123,13 +165,16 @@ def generate_patient(index: int, seed: int, cfg: SynthConfig = SynthConfig(),
     lo, hi = cfg.lesions_per_patient
     n_les = int(np.floor(np.exp(rng_les.uniform(np.log(lo + 1), np.log(hi + 1))))) - 1 if hi > 0 else 0
     n_les = int(np.clip(n_les, lo, hi))
-    kinds, weights = zip(*cfg.trajectory_weights)
+    kinds, weights = zip(*cfg.trajectories())
     weights = np.asarray(weights, dtype=np.float64)
     volumes = sample_lesion_volumes(rng_les, n_les, cfg.size_weights)
     drawn = [sample_lesion(rng_les, i + 1, v, n_tp, kinds[rng_les.choice(len(kinds), p=weights / weights.sum())],
                            cfg.faint_fraction) for i, v in enumerate(volumes)]
     lesions = place_lesions(rng_les, drawn, anatomy.parenchyma_depth, anatomy.gm, anatomy.wm,
                             anatomy.affine, poses)
+    if cfg.fade_fraction > 0:
+        lesions = sample_fading(np.random.default_rng(ss_fade), lesions, cfg.fade_fraction, cfg.fade_contrast,
+                                cfg.vessel_like_fraction, cfg.fade_max_volume_mm3)
 
     fields = [mass_effect_grid(lesions, t, anatomy.affine, anatomy.shape) for t in range(n_tp)]
     scan_rngs = [np.random.default_rng(s) for s in ss_scan.spawn(n_tp)]
@@ -169,7 +214,8 @@ def lesion_rows(patient: SynthPatient) -> list[dict]:
                 "centroid_x_mm": round(float(centroid[0]), 2), "centroid_y_mm": round(float(centroid[1]), 2),
                 "centroid_z_mm": round(float(centroid[2]), 2), "status": _status(les, t),
                 "trajectory": les.trajectory, "target_volume_mm3": round(float(les.volumes[t]), 3),
-                "faint": int(les.faint)})
+                "faint": int(les.faint), "contrast": round(les.contrast_at(t), 4),
+                "on_vessel": int(les.vessel is not None and les.present(t))})
     return rows
 
 
@@ -277,8 +323,19 @@ def check_output_dir(out_dir: str) -> str:
     return out_dir
 
 
+def _make_patient(job: tuple) -> tuple:
+    """Generate and write one patient (a worker's task): ``(patient_id, manifest rows, lesion rows,
+    n_scans, n_lesions, seconds)``."""
+    k, seed, cfg, patient_id, out_dir, qc = job
+    t0 = time.perf_counter()
+    patient = generate_patient(k, seed, cfg, patient_id=patient_id)
+    rows = write_patient(patient, out_dir, qc=qc)
+    return (patient.patient_id, rows, patient.table, len(patient.scans), len(patient.lesions),
+            time.perf_counter() - t0)
+
+
 def synthesize_cohort(out_dir: str, n_patients: int, seed: int = 0, cfg: SynthConfig = SynthConfig(),
-                      qc: bool | None = None, log=None) -> CohortSummary:
+                      qc: bool | None = None, log=None, workers: int = 1) -> CohortSummary:
     """Generate and write ``n_patients`` patients, ``manifest.csv``, ``lesions.csv`` and ``synth.json``.
 
     Args:
@@ -288,14 +345,18 @@ def synthesize_cohort(out_dir: str, n_patients: int, seed: int = 0, cfg: SynthCo
         cfg: generator settings.
         qc: write ``qc.png`` per patient; ``None`` = only for cohorts of at most 20 patients.
         log: optional callable taking one progress line.
+        workers: patients generated at once, each in its own process (``spawn``); every patient draws
+            from its own seeded streams, so the files are the same for any number of workers.
 
     Raises:
-        SpirsInputError: ``n_patients`` ≤ 0, bad settings, or an unwritable ``out_dir``.
+        SpirsInputError: ``n_patients`` ≤ 0, ``workers`` < 1, bad settings, or an unwritable ``out_dir``.
     """
     from spirs_tf.atomic import atomic_write_text
 
     if int(n_patients) <= 0:
         raise SpirsInputError(f"the number of patients must be positive, got {n_patients}")
+    if int(workers) < 1:
+        raise SpirsInputError(f"the number of workers must be at least 1, got {workers}")
     cfg.validate()
     out_dir = check_output_dir(out_dir)
     qc = n_patients <= 20 if qc is None else bool(qc)
@@ -304,18 +365,26 @@ def synthesize_cohort(out_dir: str, n_patients: int, seed: int = 0, cfg: SynthCo
     manifest_rows, lesion_table = [], []
     start = time.perf_counter()
     n_scans = 0
-    for k in range(int(n_patients)):
-        t0 = time.perf_counter()
-        patient = generate_patient(k, seed, cfg, patient_id=f"patient_{k:0{width}d}")
-        rows = write_patient(patient, out_dir, qc=qc)
-        for row in rows:
-            row["split"] = splits[k]
-        manifest_rows.extend(rows)
-        lesion_table.extend(patient.table)
-        n_scans += len(patient.scans)
-        if log is not None:
-            log(f"{patient.patient_id}: {len(patient.scans)} time points, {len(patient.lesions)} lesions, "
-                f"{splits[k]}, {time.perf_counter() - t0:.1f} s")
+    jobs = [(k, seed, cfg, f"patient_{k:0{width}d}", out_dir, qc) for k in range(int(n_patients))]
+    pool = None
+    if int(workers) > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(min(int(workers), len(jobs)), mp_context=multiprocessing.get_context("spawn"))
+    try:
+        results = pool.map(_make_patient, jobs) if pool is not None else map(_make_patient, jobs)
+        for k, (patient_id, rows, table, scans, lesions, seconds) in enumerate(results):  # in patient order
+            for row in rows:
+                row["split"] = splits[k]
+            manifest_rows.extend(rows)
+            lesion_table.extend(table)
+            n_scans += scans
+            if log is not None:
+                log(f"{patient_id}: {scans} time points, {lesions} lesions, {splits[k]}, {seconds:.1f} s")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     atomic_write_text(os.path.join(out_dir, "manifest.csv"),
                       _csv_text(manifest_rows, ("patient_id", "timepoint", "image", "mask", "split")))
     atomic_write_text(os.path.join(out_dir, "lesions.csv"), _csv_text(lesion_table, LESION_COLUMNS))

@@ -16,7 +16,17 @@ texture) when small; above a per-lesion radius (4–7 mm) an irregular necrotic 
 ``core_fraction`` grows in over 3 mm of radius (ring enhancement); T1-hypointense edema out to
 ``r (1 + edema_extent) + 1 mm`` with its own irregular shape, strongest in white matter (applied by the
 renderer); partial volume is a linear one-voxel ramp across the surface. Some micro lesions are *faint*
-(enhancement only 0–15 % above white matter).
+(enhancement only 0–15 % above white matter) at every time point.
+
+Fading (:func:`sample_fading`, off by default): what a clinician-edited prior adds. A lesion present in
+both the prior ``t − 1`` and the new scan ``t`` (and at most ``max_volume`` mm³ at ``t``) is, with
+probability ``fraction``, rendered at ``t`` with its contrast against the tissue beneath scaled by
+``c ~ U(lo, hi)`` (the renderer blends it with ``c α`` instead of its partial volume ``α``), so it is barely
+visible although it is in the new mask and in the prior's mask. Of those, a share ``vessel_fraction`` also
+sits on a small vessel (a thin enhancing tube through its centre, drawn in the image only at every time
+point the lesion is present, see :func:`spirs_tf.synthetic.vessels.tube_density`): faded, it looks like a
+vessel's cross-section or kink.
+Lesions with trajectory ``appear`` are *new*: absent (volume 0, not in the mask) before their first time point.
 
 Mass effect (:func:`mass_effect`): a smooth radial push of surrounding tissue, as a pull-back field
 ``m(q)`` (mm) so that tissue seen at deformed position ``q`` came from reference position ``q + m(q)``::
@@ -159,7 +169,10 @@ class Lesion:
         ring_radius: equivalent radius (mm) above which the core appears (fully 3 mm later).
         edema_extent, edema_strength: edema radius ``r (1 + extent) + 1 mm``; darkening fraction.
         mass_kappa: mass-effect strength κ.
-        faint: a low-contrast micro lesion.
+        contrast: ``None`` or relative contrast per time point (1 = as drawn; :func:`sample_fading`).
+        vessel: ``None`` or ``(direction (3,), half_length_mm, radius_mm, strength)`` of the small vessel
+            the lesion sits on (:func:`spirs_tf.synthetic.vessels.tube_density`), drawn while it is present.
+        faint: a low-contrast micro lesion (at every time point).
         texture: (3, 4) rows ``(k_x, k_y, k_z, phase)``: enhancement × ``1 + 0.08 Σ cos(k·v + φ)``.
     """
 
@@ -179,9 +192,19 @@ class Lesion:
     edema_strength: float
     mass_kappa: float
     faint: bool
+    contrast: np.ndarray | None = None
+    vessel: tuple | None = None
 
     def present(self, t: int) -> bool:
         return bool(self.volumes[t] > 0)
+
+    def contrast_at(self, t: int) -> float:
+        """Relative contrast at time ``t``: 1, or the fading factor ``c`` (:func:`sample_fading`)."""
+        return 1.0 if self.contrast is None else float(self.contrast[t])
+
+    def faded(self, t: int) -> bool:
+        """Whether the lesion is rendered with reduced contrast at time ``t``."""
+        return self.contrast_at(t) != 1.0
 
     def radius(self, t: int) -> float:
         """Equivalent radius ``r`` (mm) giving ``volumes[t]``: ``(3 V / (4π F))^(1/3)``."""
@@ -234,6 +257,52 @@ def sample_lesion(rng: np.random.Generator, lesion_id: int, volume: float, n_tp:
         necrosis=float(rng.uniform(0.3, 0.5)), core_fraction=float(rng.uniform(0.45, 0.75)),
         ring_radius=float(rng.uniform(4.0, 7.0)), edema_extent=float(rng.uniform(0.5, 2.0) * big),
         edema_strength=float(rng.uniform(0.25, 0.5)), mass_kappa=float(rng.uniform(0.15, 0.4)), faint=faint)
+
+
+def sample_fading(rng: np.random.Generator, lesions: list, fraction: float, contrast=(0.15, 0.45),
+                  vessel_fraction: float = 0.0, max_volume: float = BIN_EDGES_MM3[1]) -> list:
+    """Fade persisting lesions in the later scan of a pair (module docstring, "Fading").
+
+    For each lesion (in order) and each time point ``t ≥ 1`` with ``0 < volumes[t − 1]``,
+    ``0 < volumes[t] ≤ max_volume``, the same seven numbers are drawn whatever the settings (so raising
+    ``fraction`` only adds faded instances): ``u, c, v ~ U(0, 1)``, a direction, a half length
+    ``U(4, 10)`` mm, a radius ``U(0.35, 0.8)`` mm and a strength ``U(0.8, 1.8)``. The lesion fades at ``t``
+    when ``u < fraction`` (relative contrast ``lo + c (hi − lo)``); a faded lesion sits on a vessel when
+    ``v < vessel_fraction`` (the first such draw gives the vessel).
+
+    Args:
+        rng: the patient's fading stream (never one of the other streams, so the rest is unchanged).
+        lesions: :class:`Lesion` list (placed).
+        fraction: probability of fading a candidate lesion at a time point, in [0, 1].
+        contrast: ``(lo, hi)`` relative contrast of a faded lesion, ``0 ≤ lo ≤ hi < 1``.
+        vessel_fraction: share of faded instances drawn on a vessel, in [0, 1].
+        max_volume: largest target volume (mm³) at ``t`` that may fade (default: micro and small).
+
+    Returns:
+        the lesions, with ``contrast`` (and ``vessel``) set where something faded (others unchanged).
+    """
+    import dataclasses
+
+    lo, hi = float(contrast[0]), float(contrast[1])
+    out = []
+    for les in lesions:
+        factors = np.ones(len(les.volumes))
+        vessel = None
+        for t in range(1, len(les.volumes)):
+            if not (les.volumes[t - 1] > 0 and 0 < les.volumes[t] <= max_volume):
+                continue
+            u, c, v = rng.random(3)
+            direction = rng.standard_normal(3)
+            half_length, radius, strength = rng.uniform(4.0, 10.0), rng.uniform(0.35, 0.8), rng.uniform(0.8, 1.8)
+            if u < fraction:
+                factors[t] = lo + c * (hi - lo)
+                if v < vessel_fraction and vessel is None:
+                    vessel = (direction / np.linalg.norm(direction), float(half_length), float(radius),
+                              float(strength))
+        changed = bool(np.any(factors != 1.0))
+        out.append(dataclasses.replace(les, contrast=factors if changed else None, vessel=vessel) if changed
+                   else les)
+    return out
 
 
 def render_lesion(lesion: Lesion, t: int, offsets: np.ndarray, voxel_mm: float) -> dict:

@@ -70,6 +70,8 @@ def qc_figure(patient, path: str) -> None:
                     spine.set_edgecolor("yellow")
                 vol = float(np.sum(scan.lesions == les.lesion_id)) * abs(np.linalg.det(scan.affine[:3, :3]))
                 title += f"  L{les.lesion_id} {vol:.0f} mm³ {les.trajectory}" + (" faint" if les.faint else "")
+                if les.faded(t):
+                    title += f" faded ×{les.contrast_at(t):.2f}" + (" on vessel" if les.vessel is not None else "")
             ax.set_title(title, color="white", fontsize=7)
     fig.suptitle(f"{patient.patient_id}: {len(patient.lesions)} lesions", color="white", fontsize=9)
     fig.tight_layout()

@@ -8,6 +8,11 @@ Chain of coordinates for a scan at time ``t`` (all grids are the same working gr
 present at ``t`` (:func:`spirs_tf.synthetic.lesions.mass_effect`). Tissue (T1, brain mask, vessels) is read
 from the patient anatomy at ``r``; lesion ``j`` is drawn undeformed around its displaced centre
 ``c_j^t`` (solving ``c + m_t(c) = c_j``), in patient coordinates ``q``, so it moves and turns with the head.
+Lesions are blended over the tissue (and vessels) beneath, ``base (1 − α) + s α`` with partial volume ``α``
+and signal ``s``; a lesion faded at ``t`` is blended with ``c α``, so its contrast against that tissue,
+``α (s − base)``, is scaled by its factor ``c`` while its mask is unchanged; the small vessel of a
+vessel-like lesion is added, like the other vessels, before the lesions are drawn over the tissue
+(:func:`spirs_tf.synthetic.lesions.sample_fading`).
 
 True transform of a pair (prior ``t``, new ``t + 1``), for a new-scan world point ``w``::
 
@@ -27,6 +32,7 @@ import numpy as np
 from spirs_tf.synthetic.anatomy import PatientAnatomy, sample
 from spirs_tf.synthetic.lesions import deformed_centre, render_lesion
 from spirs_tf.synthetic.scanner import acquire
+from spirs_tf.synthetic.vessels import tube_density
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,6 +132,21 @@ def _pullback(q: np.ndarray | None, field: np.ndarray, support: np.ndarray) -> t
     return r, sub
 
 
+def _tube(vessel: tuple, centre: np.ndarray, g: np.ndarray, pose: np.ndarray, shape, spacing: float):
+    """``(box, float32 enhancement)`` of a lesion's vessel (:func:`~spirs_tf.synthetic.vessels.tube_density`)
+    around its patient-space ``centre``, on the scanner grid ``g`` under ``pose``."""
+    direction, half_length, radius, strength = vessel
+    sigma = np.sqrt((0.65 * spacing) ** 2 + (0.5 * radius) ** 2)
+    centre_vox = np.linalg.solve(g, np.linalg.solve(pose, np.append(centre, 1.0)))[:3]
+    half = (half_length + spacing + 4.0 * sigma) / spacing * 1.04 + 1
+    lo = np.maximum(np.floor(centre_vox - half).astype(int), 0)
+    hi = np.maximum(np.minimum(np.ceil(centre_vox + half).astype(int) + 1, np.array(shape)), lo)
+    idx = np.indices(hi - lo, dtype=np.float64).reshape(3, -1) + lo[:, None]
+    patient = (pose[:3, :3] @ (g[:3, :3] @ idx + g[:3, 3:4]) + pose[:3, 3:4]).T
+    density = tube_density(patient - centre, direction, half_length, radius, strength, spacing)
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), density.reshape(hi - lo).astype(np.float32)
+
+
 def render_scan(anatomy: PatientAnatomy, lesions, t: int, pose: np.ndarray, field: np.ndarray,
                 support: np.ndarray, rng: np.random.Generator) -> SynthScan:
     """Render time point ``t`` of a patient (module docstring).
@@ -156,11 +177,13 @@ def render_scan(anatomy: PatientAnatomy, lesions, t: int, pose: np.ndarray, fiel
     vessel_gain = rng.uniform(0.6, 1.4)
 
     labels = np.zeros(shape, dtype=np.int16)
-    drawn = []
+    drawn, tubes = [], []
     for les in lesions:
         if not les.present(t):
             continue
         centre = deformed_centre(les, lesions, t)
+        if les.vessel is not None:
+            tubes.append(_tube(les.vessel, centre, g, pose, shape, spacing))
         radius = les.radius(t)
         reach = max(radius * les.shape.max_extent(),
                     (radius * (1 + les.edema_extent) + 1.0) * les.edema_shape.max_extent())
@@ -185,8 +208,12 @@ def render_scan(anatomy: PatientAnatomy, lesions, t: int, pose: np.ndarray, fiel
             t1[box] *= darken.reshape(hi - lo).astype(np.float32)
 
     composite = t1 + np.float32(vessel_gain) * vessels
+    for box, tube in tubes:  # the small vessels that vessel-like lesions sit on (lesions are drawn over them)
+        composite[box] += np.float32(vessel_gain) * tube
     for les, box, size, out in drawn:
         alpha = out["alpha"].reshape(size).astype(np.float32)
+        if les.faded(t):  # base + c α (signal − base): the contrast against the tissue beneath, × c
+            alpha = alpha * np.float32(les.contrast_at(t))
         signal = (1.0 + (out["intensity"] - 1.0) * enhancement_gain).reshape(size).astype(np.float32)
         composite[box] = composite[box] * (1 - alpha) + signal * alpha
         view = labels[box]

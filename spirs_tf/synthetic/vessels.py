@@ -14,6 +14,9 @@ patient gets (all in patient space, stable over time; their brightness varies pe
 Thin tubes (radius below the voxel size) are splatted as partial-volume line densities (contrast ×
 π r² × step / voxel volume, trilinear) and blurred by a Gaussian point-spread function of σ = 0.5
 voxel; thick tubes are drawn with a one-voxel linear partial-volume edge.
+
+:func:`tube_density` draws one straight thin vessel analytically (the small vessel a *vessel-like* lesion
+sits on, :func:`spirs_tf.synthetic.lesions.sample_fading`), with the same line-density model.
 """
 from __future__ import annotations
 
@@ -199,3 +202,27 @@ def vessel_map(rng: np.random.Generator, inside: np.ndarray, brain_depth_mm: np.
         out += ndimage.gaussian_filter(_splat_thin(shape, np.concatenate(thin_pts), np.concatenate(thin_w)), 0.5)
     out *= inside
     return out
+
+
+def tube_density(offsets: np.ndarray, direction: np.ndarray, half_length: float, radius_mm: float,
+                 strength: float, voxel_mm: float) -> np.ndarray:
+    """Additive enhancement of a straight thin vessel through the origin, at offsets ``offsets`` (m, 3) mm.
+
+    The line density of :func:`vessel_map` (``strength · π r²`` per unit length, white-matter units)
+    spread by a Gaussian across the axis, ``σ² = (0.65 voxel)² + (r/2)²`` (the splat and the σ = 0.5 voxel
+    blur of :func:`vessel_map`), with ends that fade linearly over one voxel::
+
+        e(v) = strength · π r² / (2π σ²) · exp(−ρ² / 2σ²) · clip(0.5 + (L − |s|) / voxel, 0, 1),
+
+    ``s = v · n`` (along the unit ``direction`` n), ``ρ = |v − s n|``, ``L`` = ``half_length``.
+
+    Returns:
+        float64 (m,) ≥ 0.
+    """
+    v = np.asarray(offsets, dtype=np.float64)
+    n = np.asarray(direction, dtype=np.float64) / np.linalg.norm(direction)
+    s = v @ n
+    rho2 = np.einsum("ij,ij->i", v, v) - s * s
+    sigma2 = (0.65 * voxel_mm) ** 2 + (0.5 * radius_mm) ** 2
+    ends = np.clip(0.5 + (half_length - np.abs(s)) / voxel_mm, 0.0, 1.0)
+    return strength * radius_mm ** 2 / (2.0 * sigma2) * np.exp(-0.5 * np.maximum(rho2, 0.0) / sigma2) * ends
