@@ -11,8 +11,9 @@ Prints, measured in this one process:
   convolution; FLOPs counted from the layer shapes);
 * with ``--compare``: the forward + backward of the network alone (trivial loss: the mean of every
   output) and a whole training step (three optimisers, losses, warps), before and after the CPU
-  speed-ups — the plain ``Conv3D`` opening convolutions and op-by-op losses (``old``) against
-  :class:`spirs_tf.layers.OpeningConv3D` and ``train.xla_losses`` (``new``) — timed interleaved so
+  speed-ups that can be switched in one process — the plain ``Conv3D`` opening convolutions and
+  op-by-op losses (``old``) against :class:`spirs_tf.layers.OpeningConv3D` and ``train.xla_losses``
+  (``new``; both share the other changes, e.g. the slice-based ×2 upsampler) — timed interleaved so
   that a shared machine's load hits both alike (wall and process CPU seconds, min and median);
 * the op-by-op profile of one training step (``tf.profiler`` trace, read back from its XSpace
   protobuf): op time summed over threads, by part of the model and by op type.

@@ -239,18 +239,28 @@ def _shift_stacked(x, kernel, axis: int, padding: str):
         pads = [[0, 0]] * 5
         pads[spatial_axis] = [before, k - 1 - before]
         x = ops.pad(x, pads)
-    n_out = int(x.shape[spatial_axis]) - k + 1
-
-    def shifted(c):
-        index = [slice(None)] * 5
-        index[spatial_axis] = slice(c, c + n_out)
-        return x[tuple(index)]
-
-    stacked = ops.concatenate([shifted(c) for c in range(k)], axis=-1)
+    stacked = _stack_shifts(x, k, spatial_axis)
     order = [a for a in range(3) if a != axis] + [axis, 3, 4]  # (other, other, axis, C, F)
     k_s = ops.reshape(ops.transpose(kernel, order), [int(kernel.shape[a]) for a in order[:2]] + [k * c_in, filters])
     k_s = ops.expand_dims(k_s, axis)  # size 1 along ``axis``
     return ops.conv(stacked, k_s, strides=1, padding=padding, data_format="channels_last")
+
+
+def _stack_shifts(x, k: int, axis: int):
+    """``concat([x[.., c : c + n, ..] for c in 0..k−1], channels)`` along ``axis``, ``n = size − k + 1``.
+
+    The copies are ``ops.slice`` (TensorFlow ``Slice``, whose gradient is a ``Pad``), not Python
+    slicing (``StridedSlice``, whose gradient ``StridedSliceGrad`` is slow on a CPU: about a fifth of
+    a stage-3 step when the opening convolutions used it).
+    """
+    from spirs_tf._compat import ops
+
+    shape = [int(d) if d is not None else -1 for d in x.shape]
+    n = shape[axis] - k + 1
+    sizes = list(shape)
+    sizes[axis] = n
+    starts = [[c if a == axis else 0 for a in range(5)] for c in range(k)]
+    return ops.concatenate([ops.slice(x, start, sizes) for start in starts], axis=-1)
 
 
 @_register
@@ -261,15 +271,16 @@ class OpeningConv3D(keras.layers.Conv3D):
     same result to float rounding), whose convolution is evaluated on TensorFlow CPUs as a convolution
     of ``K`` shifted copies of the input stacked into channels (:func:`_shift_stacked`): TensorFlow's
     CPU kernels serve a ``7³`` convolution with 2 input channels poorly (its input gradient runs at
-    a few GFLOP/s), while a ``7×7×1`` one with 14 input channels runs at matmul-like rates
-    (``experiments/benchmark.py --profile``). Elsewhere (another backend, a visible GPU, strides,
+    a few GFLOP/s), a ``1×7×7`` one with 14 input channels better (7³, 2 → 8 channels, 64³, batch 2,
+    forward and both gradients: 0.41 s instead of 0.97 s on a loaded 2-core machine;
+    ``experiments/train_profile.py``). Elsewhere (another backend, a visible GPU, strides,
     dilation, groups, ``channels_first``, a kernel of size 1 along the stacking axis) it is plain
     ``Conv3D``.
 
     Class attribute ``stack_axis`` (0, 1, 2 = D, H, W; ``None`` = never) picks the shifted axis.
     """
 
-    stack_axis = 2
+    stack_axis = 0
 
     def _fast(self) -> bool:
         from spirs_tf._compat import BACKEND, tf
@@ -284,6 +295,7 @@ class OpeningConv3D(keras.layers.Conv3D):
         return not tf.config.list_logical_devices("GPU")
 
     def convolution_op(self, inputs, kernel):
-        if self._fast():
-            return _shift_stacked(inputs, kernel, type(self).stack_axis, self.padding)
+        axis = type(self).stack_axis
+        if self._fast() and inputs.shape[1 + axis] is not None:
+            return _shift_stacked(inputs, kernel, axis, self.padding)
         return super().convolution_op(inputs, kernel)

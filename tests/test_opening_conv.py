@@ -89,7 +89,9 @@ def test_layer_config_round_trips():
 def test_plain_path_for_strides_and_one_tap_axis(rng):
     """Strided convolutions and kernels of size 1 along the stacking axis fall back to Conv3D."""
     strided = L.OpeningConv3D(3, 3, strides=2, padding="same")
-    flat = L.OpeningConv3D(3, (3, 3, 1), padding="same")
+    one_tap = [3, 3, 3]
+    one_tap[L.OpeningConv3D.stack_axis] = 1
+    flat = L.OpeningConv3D(3, tuple(one_tap), padding="same")
     x = tf.constant(rng.normal(size=(1, 6, 6, 6, 2)).astype(np.float32))
     for layer in (strided, flat):
         layer(x)
