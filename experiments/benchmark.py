@@ -2,7 +2,7 @@
 
 Usage::
 
-    python experiments/benchmark.py [--parts flops,forward,predict,ants,train] [--pairs 3] [--repeats 3]
+    python experiments/benchmark.py [--parts flops,forward,predict,ants,train] [--pairs 3] [--repeats 3] [--profile]
                                     [--run RUN] [--ants-paper] [--train-paper [--train-paper-stage3]]
                                     [--variants fp32,xla,xla-warp,bf16] [--work DIR] [--json OUT.json]
 
@@ -31,7 +31,9 @@ Parts (each measurement runs in its own subprocess, so its peak resident memory,
              ``compare_registration.find_ants_python`` finds (``$SPIRS_ANTS_PYTHON``, this
              interpreter, or ``../venv-ants`` beside the repository; skipped with a message if none).
 ``train``    training steps per second on a fixed batch (augmentation excluded, measured apart),
-             one warm-up step then ``--repeats`` steps, every stage of ``cpu-small``; paper width
+             one warm-up step then ``--repeats`` steps, every stage of ``cpu-small``, each as a ratio
+             to its FLOP floor at the matmul rate measured in the same process (with ``--profile``
+             also where one step's time goes, op by op: ``experiments/train_profile.py``); paper width
              with ``--train-paper`` (stage 1 at batch ``--paper-stage1-batch``: the paper's 32 was
              killed for memory here; stage 2 30–65 s per step) and ``--train-paper-stage3``.
 
@@ -177,9 +179,16 @@ def worker_train(spec: dict) -> dict:
         batch = next(iter(ds))
         loader_s = time.perf_counter() - start
         first, times = _timed(lambda: float(trainer._train_step(batch)["total"]), spec["repeats"])
+        sys.path.insert(0, HERE)
+        import flops as flops_lib  # experiments/flops.py
+        import train_profile  # experiments/train_profile.py
+
+        # the floor of this step at the matmul rate measured now, in this process
+        floor = train_profile.training_floor(cfg, st.levels, st.batch_size, flops_lib.matmul_gflops(2048, 3)["tf_gflops"])
+        prof = train_profile.profile_step(lambda: trainer._train_step(batch)) if spec.get("profile") else None
     return {"levels": st.levels, "batch": st.batch_size, "input_size": cfg.level_grid(st.levels),
             "first_step_s": first, "times_s": times, "loader_batch_s": loader_s,
-            "loader_workers": cfg.train.loader_workers}
+            "loader_workers": cfg.train.loader_workers, "floor": floor, "profile": prof}
 
 
 def worker_flops(spec: dict) -> dict:
@@ -255,93 +264,9 @@ def machine_info() -> dict:
 
 
 # ------------------------------------------------------------------------------------------- data
-def make_pairs(work: str, n: int, seed: int) -> list[dict]:
-    """``n`` synthetic 128³ (prior, new) pairs as NIfTI files (cached), with the true warped prior mask."""
-    from scipy import ndimage
-
-    from spirs_tf.io import write_volume
-    from spirs_tf.synthetic import SynthConfig, generate_patient
-
-    scfg = SynthConfig(grid_size=128, spacing_mm=1.5, pose="raw", timepoints=(2, 2), lesions_per_patient=(4, 10),
-                       size_weights=(1, 2, 3, 2))
-    pairs = []
-    for k in range(n):
-        folder = os.path.join(work, "pairs", f"seed{seed}_pair{k}")
-        files = {name: os.path.join(folder, f"{name}.nii.gz")
-                 for name in ("prior_image", "prior_mask", "new_image", "new_mask")}
-        files["truth"] = os.path.join(folder, "true_warped_prior_mask.npy")
-        if not all(os.path.isfile(p) for p in files.values()):
-            patient = generate_patient(k, seed, scfg)
-            prior, new = patient.scans[0], patient.scans[1]
-            os.makedirs(folder, exist_ok=True)
-            write_volume(files["prior_image"], prior.image, prior.affine)
-            write_volume(files["prior_mask"], prior.mask.astype(np.uint8), prior.affine)
-            write_volume(files["new_image"], new.image, new.affine)
-            write_volume(files["new_mask"], new.mask.astype(np.uint8), new.affine)
-            coords = patient.transforms[0].prior_voxel_coords()
-            truth = ndimage.map_coordinates(prior.mask.astype(np.float32), coords, order=1) >= 0.5
-            np.save(files["truth"], truth.astype(np.uint8))
-        pairs.append({"name": f"pair{k}", **files})
-    return pairs
-
-
-def _read(path, kind="image") -> tuple[np.ndarray, np.ndarray]:
-    from spirs_tf.io import read_volume
-
-    v = read_volume(path, kind=kind)
-    return np.asarray(v.data), np.asarray(v.affine)
-
-
-def quality(pair: dict, warped_image: np.ndarray | None, warped_mask: np.ndarray) -> dict:
-    """Dice(warped prior mask, new mask) and brain LNCC(new, warped prior), on the new scan's grid."""
-    from spirs_tf import metrics
-    from spirs_tf.preprocess import normalize_intensity
-
-    new_mask = _read(pair["new_mask"], "mask")[0] > 0
-    out = {"dice": metrics.dice(new_mask, np.asarray(warped_mask) >= 0.5)}
-    if warped_image is not None:
-        fixed = normalize_intensity(_read(pair["new_image"])[0].astype(np.float32))
-        moving = normalize_intensity(np.asarray(warped_image, np.float32))
-        out["lncc"] = metrics.lncc(fixed, moving, 9, mask=metrics.lncc_mask(fixed, moving))
-    return out
-
-
-def model_inputs(pair: dict, config: str, work: str) -> str:
-    """``spirs predict``'s network inputs for one pair and config, saved as .npz (cached)."""
-    path = os.path.join(work, "inputs", f"{config}_{os.path.basename(os.path.dirname(pair['new_image']))}.npz")
-    if not os.path.isfile(path):
-        from spirs_tf import config as config_lib, data as data_lib
-        from spirs_tf.io import read_volume
-
-        cfg = config_lib.get_config(config)
-        arrays, _ = data_lib.prediction_inputs(read_volume(pair["prior_image"]),
-                                               read_volume(pair["prior_mask"], kind="mask"),
-                                               read_volume(pair["new_image"]), cfg)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path, **arrays)
-    return path
-
-
-def train_arrays(pairs: list[dict], config: str, work: str) -> str:
-    """Pre-aligned training arrays (new grid) of every pair for one config, saved as .npz (cached)."""
-    path = os.path.join(work, "inputs", f"train_{config}_{len(pairs)}.npz")
-    if not os.path.isfile(path):
-        from spirs_tf import config as config_lib, data as data_lib
-        from spirs_tf.io import read_volume
-        from spirs_tf.preprocess import preprocess_scan
-
-        cfg = config_lib.get_config(config)
-        out = {"n": len(pairs)}
-        for k, pair in enumerate(pairs):
-            pre = preprocess_scan(read_volume(pair["new_image"]), read_volume(pair["new_mask"], kind="mask"), cfg.data)
-            image, mask = data_lib.prior_onto_new(read_volume(pair["prior_image"]),
-                                                  read_volume(pair["prior_mask"], kind="mask"),
-                                                  pre.mapping, cfg.data.clip_sigma)
-            out.update({f"fixed{k}": pre.image, f"fixed_mask{k}": pre.mask, f"moving{k}": image,
-                        f"moving_mask{k}": mask})
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path, **out)
-    return path
+sys.path.insert(0, HERE)
+from bench_data import _read, make_pairs, model_inputs, quality, train_arrays  # noqa: E402  (experiments/)
+from train_profile import format_profile  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ parts
@@ -454,7 +379,8 @@ def part_train(args, res, pairs):
                 out[key] = {"skipped": "128³ × batch 2 training: --train-paper-stage3"}
                 continue
             print(f"  train {config} stage {stage} ...", flush=True)
-            spec = {"config": config, "stage": stage, "arrays": arrays, "repeats": args.repeats}
+            spec = {"config": config, "stage": stage, "arrays": arrays, "repeats": args.repeats,
+                    "profile": args.profile}
             if config == "paper" and stage == 1:
                 spec["batch"] = args.paper_stage1_batch
             out[key] = run_worker("train", spec, timeout=args.timeout)
@@ -572,16 +498,23 @@ def summarize(res: dict, pairs: list[dict]) -> list[str]:
     if tr:
         lines.append("Training throughput (fixed batch, augmentation excluded; one warm-up step, median of the repeats)")
         lines.append(f"  {'config/stage':18s} {'levels':>6s} {'input':>6s} {'batch':>5s} {'step s':>8s} {'pairs/s':>8s} "
-                     f"{'loader pairs/s':>15s} {'peak GiB':>9s}")
+                     f"{'floor s':>8s} {'× floor':>8s} {'loader pairs/s':>15s} {'peak GiB':>9s}")
+        profiles = []
         for key, t in tr.items():
             if "skipped" in t or "error" in t:
                 lines.append(f"  {key:18s} {t.get('skipped') or 'failed: ' + t['error']}")
                 continue
-            step = _median(t["times_s"])
+            step, floor = _median(t["times_s"]), t["floor"]["floor_s"]
             lines.append(f"  {key:18s} {t['levels']:>6d} {t['input_size']:>5d}³ {t['batch']:>5d} {step:8.2f} "
-                         f"{t['batch'] / step:8.3f} {t['batch'] / t['loader_batch_s']:15.2f} {t['peak_rss_gib']:9.2f}")
+                         f"{t['batch'] / step:8.3f} {floor:8.3f} {step / floor:8.1f} "
+                         f"{t['batch'] / t['loader_batch_s']:15.2f} {t['peak_rss_gib']:9.2f}")
+            if t.get("profile"):
+                profiles += [f"Profile of one {key} training step (tf.profiler)"] + format_profile(t["profile"])
         lines.append("  loader pairs/s: augmentation of one batch with train.loader_workers threads (first batch, "
                      "includes tf.data start-up)")
+        lines.append("  floor: 3 × forward FLOPs (layer shapes, experiments/flops.py) × batch at the float32 matmul rate "
+                     "measured in the same process; × floor = step / floor")
+        lines += profiles
     return lines
 
 
@@ -608,6 +541,8 @@ def main(argv=None) -> int:
     parser.add_argument("--paper-stage1-batch", type=int, default=4,
                         help="paper stage-1 batch for --train-paper (the paper's 32 needs > 20 GB; default 4)")
     parser.add_argument("--train-paper-stage3", action="store_true", help="with --train-paper: also stage 3 (128³, batch 2)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with the train part: the op-by-op profile of one step of every stage (experiments/train_profile.py)")
     parser.add_argument("--work", default=os.path.join("/tmp", "spirs-benchmark"), help="cache and output folder")
     parser.add_argument("--json", default=None, help="result JSON (default WORK/benchmark.json)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per measurement process")

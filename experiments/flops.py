@@ -49,7 +49,7 @@ def node_flops(layer, node) -> tuple[int, str]:
     ins = [t.shape for t in node.input_tensors]
     outs = [t.shape for t in node.output_tensors]
     out = _numel(outs[0]) if outs else 0
-    if cls == "Conv3D":
+    if cls in ("Conv3D", "OpeningConv3D"):
         k = math.prod(layer.kernel_size)
         c_in, c_out = int(ins[0][-1]), int(outs[0][-1])
         voxels = out // c_out
@@ -151,7 +151,7 @@ def cross_check(model, cfg, levels: int) -> dict:
     coarsest = cfg.level_grid(1)
     graph = 0
     for layer in model._operations:
-        if layer.name.startswith("enc_") and type(layer).__name__ == "Conv3D":
+        if layer.name.startswith("enc_") and type(layer).__name__ in ("Conv3D", "OpeningConv3D"):
             graph += sum(node_flops(layer, n)[0] for n in layer._inbound_nodes)
     extras = [i - 1 for i in range(1, levels + 1)] * 2 + [levels - 1]
     closed = sum(encoder_closed_form(cfg.model.base_filters, cfg.model.opening_filters, coarsest, e)

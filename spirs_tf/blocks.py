@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from spirs_tf._compat import keras
 from spirs_tf.geometry import IDENTITY_PARAMS
-from spirs_tf.layers import AffineMatrix, GaussianBlur3D, Upsample2x
+from spirs_tf.layers import AffineMatrix, GaussianBlur3D, OpeningConv3D, Upsample2x
 
 MAX_EXTRA_POOLS = 2  #: the FACTS describe levels whose grid is at most 4× the coarsest grid
 
@@ -108,9 +108,13 @@ class _BlockMaker:
 
 
 def opening_conv(name: str, filters: int, kernel: int):
-    """A task's opening convolution: plain Conv3D (no BN/ReLU before it, no bias, he_normal, 'same')."""
-    return keras.layers.Conv3D(filters, kernel, strides=1, padding="same", use_bias=False,
-                               kernel_initializer="he_normal", name=name)
+    """A task's opening convolution: a Conv3D (no BN/ReLU before it, no bias, he_normal, 'same').
+
+    It is an :class:`spirs_tf.layers.OpeningConv3D`: the same layer, variable and result as
+    ``keras.layers.Conv3D``, evaluated fast on a CPU (large kernel, few input channels).
+    """
+    return OpeningConv3D(filters, kernel, strides=1, padding="same", use_bias=False,
+                         kernel_initializer="he_normal", name=name)
 
 
 def widths(base_filters: int) -> dict[str, int]:

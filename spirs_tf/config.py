@@ -187,6 +187,9 @@ class TrainConfig:
     bn_recalibration_modules: str = "seg"
     mixed_precision: bool = False
     xla_warp: bool = True  #: compile only the warp (fast on CPU); the network stays un-compiled
+    #: compile the loss terms of a training/validation step with XLA (TensorFlow; same values to float
+    #: rounding, ~4× faster LNCC and bending energy on a CPU); the network stays un-compiled
+    xla_losses: bool = True
     distribute: str = "none"  #: "none", "mirrored" or "multi_worker"
     loader_workers: int = 2
 

@@ -1,4 +1,5 @@
-"""Keras layers: thin adapters over :mod:`spirs_tf.transforms` (one call each, no weights).
+"""Keras layers: thin adapters over :mod:`spirs_tf.transforms` (one call each, no weights), and
+:class:`OpeningConv3D`, a ``Conv3D`` evaluated fast on a CPU.
 
 Every layer is registered for serialization (``package="spirs_tf"``) and round-trips through
 ``get_config`` / ``from_config`` and ``model.save(...)`` / ``keras.models.load_model(...)``.
@@ -18,6 +19,7 @@ __all__ = [
     "ComposeAffines",
     "ComposeDVF",
     "GaussianBlur3D",
+    "OpeningConv3D",
     "ScaleTranslation",
     "SpatialTransformer",
     "Subsample",
@@ -213,3 +215,87 @@ class Subsample(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "factor": self.factor}
+
+
+def _shift_stacked(x, kernel, axis: int, padding: str):
+    """``conv(x, kernel)`` computed as a convolution of ``K`` shifted copies of ``x`` stacked into channels.
+
+    For ``kernel`` ``(K_d, K_h, K_w, C, F)`` and spatial ``axis`` (0 = D, 1 = H, 2 = W) of size ``K``:
+    ``x_s[..., c·C + i] = x_pad[..., n + c (along axis), i]`` for ``c = 0..K−1`` (``x_pad`` padded along
+    ``axis`` as the convolution's ``padding`` does), and the kernel moves its ``axis`` next to the
+    input channels, ``k_s[.., 1 (axis), .., c·C + i, f] = kernel[.., c (axis), .., i, f]``. Then
+    ``y = conv(x_s, k_s)`` with a kernel of size 1 along ``axis``:
+    ``y[n] = Σ_c Σ_i Σ_(other taps) x_pad[n + c] · kernel[c]``, the same sum as ``conv(x, kernel)``,
+    added in another order (equal to float rounding). ``padding`` is ``"same"`` (TensorFlow's
+    convention: ``(K − 1) // 2`` before, the rest after) or ``"valid"``.
+    """
+    from spirs_tf._compat import ops
+
+    k = int(kernel.shape[axis])
+    c_in, filters = int(kernel.shape[3]), int(kernel.shape[4])
+    spatial_axis = axis + 1  # in (B, D, H, W, C)
+    if padding == "same":
+        before = (k - 1) // 2
+        pads = [[0, 0]] * 5
+        pads[spatial_axis] = [before, k - 1 - before]
+        x = ops.pad(x, pads)
+    stacked = _stack_shifts(x, k, spatial_axis)
+    order = [a for a in range(3) if a != axis] + [axis, 3, 4]  # (other, other, axis, C, F)
+    k_s = ops.reshape(ops.transpose(kernel, order), [int(kernel.shape[a]) for a in order[:2]] + [k * c_in, filters])
+    k_s = ops.expand_dims(k_s, axis)  # size 1 along ``axis``
+    return ops.conv(stacked, k_s, strides=1, padding=padding, data_format="channels_last")
+
+
+def _stack_shifts(x, k: int, axis: int):
+    """``concat([x[.., c : c + n, ..] for c in 0..k−1], channels)`` along ``axis``, ``n = size − k + 1``.
+
+    The copies are ``ops.slice`` (TensorFlow ``Slice``, whose gradient is a ``Pad``), not Python
+    slicing (``StridedSlice``, whose gradient ``StridedSliceGrad`` is slow on a CPU: about a fifth of
+    a stage-3 step when the opening convolutions used it).
+    """
+    from spirs_tf._compat import ops
+
+    shape = [int(d) if d is not None else -1 for d in x.shape]
+    n = shape[axis] - k + 1
+    sizes = list(shape)
+    sizes[axis] = n
+    starts = [[c if a == axis else 0 for a in range(5)] for c in range(k)]
+    return ops.concatenate([ops.slice(x, start, sizes) for start in starts], axis=-1)
+
+
+@_register
+class OpeningConv3D(keras.layers.Conv3D):
+    """``keras.layers.Conv3D`` for large kernels on few input channels, computed fast on a CPU.
+
+    The same layer as ``Conv3D`` (same ``kernel`` variable ``(K_d, K_h, K_w, C_in, F)``, same config,
+    same result to float rounding), whose convolution is evaluated on TensorFlow CPUs as a convolution
+    of ``K`` shifted copies of the input stacked into channels (:func:`_shift_stacked`): TensorFlow's
+    CPU kernels serve a ``7³`` convolution with 2 input channels poorly (its input gradient runs at
+    a few GFLOP/s), a ``1×7×7`` one with 14 input channels better (7³, 2 → 8 channels, 64³, batch 2,
+    forward and both gradients: 0.41 s instead of 0.97 s on a loaded 2-core machine;
+    ``experiments/train_profile.py``). Elsewhere (another backend, a visible GPU, strides,
+    dilation, groups, ``channels_first``, a kernel of size 1 along the stacking axis) it is plain
+    ``Conv3D``.
+
+    Class attribute ``stack_axis`` (0, 1, 2 = D, H, W; ``None`` = never) picks the shifted axis.
+    """
+
+    stack_axis = 0
+
+    def _fast(self) -> bool:
+        from spirs_tf._compat import BACKEND, tf
+
+        axis = type(self).stack_axis
+        if BACKEND != "tensorflow" or axis is None or self.data_format != "channels_last":
+            return False
+        if self.groups != 1 or any(s != 1 for s in self.strides) or any(d != 1 for d in self.dilation_rate):
+            return False
+        if self.padding not in ("same", "valid") or self.kernel_size[axis] < 2:
+            return False
+        return not tf.config.list_logical_devices("GPU")
+
+    def convolution_op(self, inputs, kernel):
+        axis = type(self).stack_axis
+        if self._fast() and inputs.shape[1 + axis] is not None:
+            return _shift_stacked(inputs, kernel, axis, self.padding)
+        return super().convolution_op(inputs, kernel)

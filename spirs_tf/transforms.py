@@ -290,12 +290,18 @@ def compiled_warp(moving, matrix=None, dvf=None):
 # pyramid operators
 # --------------------------------------------------------------------------------------------
 def _shift_down(x, axis: int):
-    """``y[i] = x[i + 1]`` along ``axis`` with ``y[N − 1] = 0`` (the authors' end padding)."""
-    rest = [slice(None)] * 5
-    rest[axis] = slice(1, None)
-    first = [slice(None)] * 5
-    first[axis] = slice(0, 1)
-    return ops.concatenate([x[tuple(rest)], ops.zeros_like(x[tuple(first)])], axis=axis)
+    """``y[i] = x[i + 1]`` along ``axis`` with ``y[N − 1] = 0`` (the authors' end padding).
+
+    ``ops.slice`` + ``ops.pad`` (gradients: a pad and a slice) rather than Python slicing, whose
+    TensorFlow gradient (``StridedSliceGrad``) is slow on a CPU.
+    """
+    sizes = [d if d is not None else -1 for d in x.shape]
+    sizes[axis] = _dim(x, axis) - 1
+    starts = [0] * 5
+    starts[axis] = 1
+    pads = [[0, 0]] * 5
+    pads[axis] = [0, 1]
+    return ops.pad(ops.slice(x, starts, sizes), pads)
 
 
 def _interleave(even, odd, axis: int):
