@@ -224,6 +224,8 @@ class Trainer:
     def _compute_losses(self, batch, training: bool):
         outputs = self.model(self._inputs(batch), training=training)
         if not training:
+            from spirs_tf import losses as losses_lib
+
             # validation numbers are logged (history, provenance, best.npz): their LNCC terms use exact
             # float64 box sums, op by op; training keeps the compiled float32 ones (masked, ~1e-7 off)
             return outputs, losses_lib.spirs_losses(outputs, batch, self.cfg, self.levels, exact_lncc=True)
