@@ -476,11 +476,13 @@ def _json_safe(x):
 
 #: A test-time refinement: ``refine(predictor, case, outputs) -> dict | None``. ``outputs`` is the
 #: case's network outputs (:data:`OUTPUT_NAMES`, one case, working grid ``S``). The callable returns
-#: ``None`` (keep the network's registration) or a dict with ``"affine"`` (3×4 ``[M | t]``, working
+#: ``None`` or ``{"rejected": True, "info": ..., "warnings": [...]}`` (keep the network's
+#: registration) or a dict with ``"affine"`` (3×4 ``[M | t]``, working
 #: voxels, centre ``S/2``) and/or ``"dvf"``: ``(S, S, S, 3)`` in working voxels, or ``(kS, kS, kS, 3)``
 #: on the k-times finer grid in ITS voxels (fine voxel ``k·i`` = working voxel ``i``; world affine
 #: ``W_n·diag(1/k)``), used as such for the outputs on the native grid; plus optional ``"info"``
-#: (JSON-safe, stored in ``report.json``).
+#: (JSON-safe, stored in ``report.json``) and ``"keep_network_p2": True`` (a predictor without
+#: ``p2_fn`` keeps the network's P2 instead of refusing, with a warning).
 Refine = Callable[["Predictor", "PreparedCase", dict], "dict | None"]
 
 
@@ -509,12 +511,18 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
         ValueError: ``refine`` returned arrays of the wrong shape, or the predictor cannot
             recompute P2 (a SavedModel: it exposes only the whole model).
     """
+    from spirs_tf import metrics
+    from spirs_tf.refinement import P2_FALLBACK_WARNING
+
     if refine is None:
         return outputs, None
     t0 = time.perf_counter()
     result = refine(predictor, case, outputs)
     if not result:
         return outputs, {"applied": False, "seconds": time.perf_counter() - t0}
+    if result.get("rejected"):  # the refinement ran but is not used (e.g. it lowered the LNCC)
+        return outputs, {"applied": False, "seconds": time.perf_counter() - t0, "info": result.get("info"),
+                         "warnings": list(result.get("warnings", []))}
     s = case.new_image.shape[0]
     matrix = np.asarray(result.get("affine", outputs["affine"]), np.float32).reshape(3, 4)
     dvf = np.asarray(result.get("dvf", outputs["dvf"]), np.float32)
@@ -522,16 +530,23 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
     if k < 1 or dvf.shape != (k * s,) * 3 + (3,):
         raise ValueError(f"refined dvf must have shape (kS, kS, kS, 3) with S = {s} and an integer k >= 1, "
                          f"got {dvf.shape}")
-    if predictor.p2_fn is None:
+    keep_p2 = predictor.p2_fn is None
+    if keep_p2 and not result.get("keep_network_p2"):
         raise ValueError("this model cannot recompute P2 from a refined registration (a SavedModel); "
                          "use a run directory or checkpoint")
     on_working = dvf[::k, ::k, ::k] / k if k > 1 else dvf  # exact: fine voxel k·i = working voxel i
     warped = warp_working(case.prior_image, matrix, on_working)[..., None]
     warped_mask = warp_working(case.prior_mask, matrix, on_working)[..., None]
-    p2 = predictor.p2_fn(case.new_image[None, ..., None], warped[None], warped_mask[None])[0]
+    p2 = outputs["p2_prob"] if keep_p2 else \
+        predictor.p2_fn(case.new_image[None, ..., None], warped[None], warped_mask[None])[0]
     out = dict(outputs, affine=matrix, dvf=dvf, dvf_factor=k, prior_warped=warped, prior_mask_warped=warped_mask,
                p2_prob=p2)
+    window = predictor.cfg.loss.lncc_window
     info = {"applied": True, "seconds": time.perf_counter() - t0, "info": result.get("info"),
+            "lncc_before": metrics.lncc(case.new_image, np.asarray(outputs["prior_warped"])[..., 0], window),
+            "lncc_after": metrics.lncc(case.new_image, warped[..., 0], window),
+            "p2_from": "network registration" if keep_p2 else "refined registration",
+            "warnings": [P2_FALLBACK_WARNING] if keep_p2 else [],
             "network_affine_voxel": np.asarray(outputs["affine"], float).reshape(3, 4).tolist()}
     return out, info
 
@@ -641,13 +656,17 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
         registration["affine_scales"], registration["affine_rotation_deg"] = scales.tolist(), angle
         if refinement is not None:
             registration["refinement"] = refinement
-        warnings = list(inputs.warnings) + registration_warnings(registration, transform.world_affine())
+        warnings = (list(inputs.warnings) + list((refinement or {}).get("warnings", []))
+                    + registration_warnings(registration, transform.world_affine()))
         if verbose:
             for text in warnings:
                 print(f"spirs: warning: {case_id}: {text}", file=sys.stderr)
         timings = {"read": inputs.read_s, "preprocess": case.preprocess_s, "network": network_s}
         if refinement is not None:
             timings["refine"] = refinement["seconds"]
+            stages = (refinement.get("info") or {}).get("seconds")
+            if isinstance(stages, dict):  # spirs_tf.refinement: per-stage seconds
+                timings.update({f"refine_{k}": v for k, v in stages.items()})
         report = {
             "case_id": case_id, "note": NOT_FOR_CLINICAL_USE,
             "inputs": {"new": new.path, "prior": inputs.prior.path, "prior_mask": inputs.prior_mask.path},
@@ -693,8 +712,21 @@ def run_network(predictor: Predictor, cases: list[PreparedCase]) -> tuple[list[d
     return [_one(out, b) for b in range(len(cases))], time.perf_counter() - t0
 
 
+def refine_case(predictor: Predictor, case: PreparedCase, outputs: dict, refine: Refine | None,
+                mode: str | None) -> tuple[dict, dict | None]:
+    """:func:`apply_refinement` with the mode (:func:`spirs_tf.refinement.resolve`) in its report
+    block; ``mode="off"`` gives ``{"mode": "off", "applied": False, "seconds": 0.0}`` and the
+    network's outputs unchanged."""
+    if mode == "off":
+        return outputs, {"mode": "off", "applied": False, "seconds": 0.0}
+    outputs, refinement = apply_refinement(predictor, case, outputs, refine)
+    if refinement is not None:
+        refinement = {"mode": mode, **refinement}
+    return outputs, refinement
+
+
 def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, overwrite: bool = False,
-                 case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | None = None,
+                 case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | str | None = None,
                  verbose: bool = True) -> CaseResult:
     """Predict one (prior, new) pair and write its case folder (see the module docstring).
 
@@ -705,25 +737,31 @@ def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, 
         overwrite: replace an existing case folder.
         case_id: name in the report and the QC title (default: the folder name).
         transforms: which transform files to write (:data:`TRANSFORMS`; module docstring).
-        refine: optional test-time refinement (:data:`Refine`, :func:`apply_refinement`).
-        verbose: print warnings (``spirs: warning: <case>: …``) on stderr.
+        refine: test-time refinement: ``None`` (default: the network alone), a mode ``"off"``,
+            ``"affine"`` or ``"full"`` (:mod:`spirs_tf.refinement`; ``"off"`` is recorded in
+            ``report.json``), or a callable (:data:`Refine`, :func:`apply_refinement`).
+        verbose: print warnings (``spirs: warning: <case>: …``) and the refinement's progress on stderr.
 
     Raises:
         SpirsInputError: every input problem of :func:`read_case_inputs`, an output folder that
-            exists (without ``overwrite``) or contains an input. Nothing is written then.
+            exists (without ``overwrite``) or contains an input, an unknown refinement mode.
+            Nothing is written then.
     """
     return run_case(predictor, read_case_inputs(new, prior, prior_mask), out_dir, overwrite=overwrite,
                     case_id=case_id, transforms=transforms, refine=refine, verbose=verbose)
 
 
 def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrite: bool = False,
-             case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | None = None,
+             case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | str | None = None,
              verbose: bool = True) -> CaseResult:
     """:func:`predict_case` for inputs already read and validated by :func:`read_case_inputs`."""
+    from spirs_tf.refinement import resolve
+
     check_out_dir(out_dir, _input_paths(inputs), overwrite)
+    refine_fn, mode = resolve(refine, verbose)
     case = prepare_case(inputs, predictor)
     (outputs,), network_s = run_network(predictor, [case])
-    outputs, refinement = apply_refinement(predictor, case, outputs, refine)
+    outputs, refinement = refine_case(predictor, case, outputs, refine_fn, mode)
     return write_case(predictor, case, outputs, out_dir, overwrite=overwrite, case_id=case_id,
                       network_s=network_s, transforms=transforms, refinement=refinement, verbose=verbose)
 
@@ -731,7 +769,7 @@ def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrit
 # -------------------------------------------------------------------------------------------- cohort
 SUMMARY_COLUMNS = ("case_id", "patient_id", "prior_timepoint", "new_timepoint", "status", "lncc",
                    "lncc_identity", "folding_percent", "p2_lesions", "new_lesions", "seconds", "message",
-                   "warnings")
+                   "warnings", "refine", "lncc_network")
 
 
 def case_name(pair) -> str:
@@ -758,7 +796,9 @@ def _summary_row(pair, cid, status, report=None, seconds=None, message="") -> di
             "new_timepoint": str(pair.new.timepoint), "status": status, "lncc": reg.get("lncc"),
             "lncc_identity": reg.get("lncc_identity"), "folding_percent": reg.get("folding_percent"),
             "p2_lesions": les.get("p2_lesions"), "new_lesions": les.get("changes", {}).get("new"),
-            "seconds": seconds, "message": message, "warnings": len((report or {}).get("warnings", []))}
+            "seconds": seconds, "message": message, "warnings": len((report or {}).get("warnings", [])),
+            "refine": (reg.get("refinement") or {}).get("mode"),
+            "lncc_network": (reg.get("refinement") or {}).get("lncc_before", reg.get("lncc"))}
 
 
 class _Progress:
@@ -780,7 +820,7 @@ class _Progress:
 
 def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: str, *,
                    pairing: str = "consecutive", batch_size: int = 1, verbose: bool = True,
-                   transforms: str = TRANSFORMS[0], refine: Refine | None = None) -> list[dict]:
+                   transforms: str = TRANSFORMS[0], refine: Refine | str | None = None) -> list[dict]:
     """Predict every (prior, new) pair of a manifest split into ``out_dir/<case_name>/``.
 
     Resumable: a pair whose ``report.json`` exists is skipped; ``.tmp-spirs-*`` folders left by a
@@ -797,7 +837,8 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
         batch_size: cases per forward pass.
         verbose: progress bar, warnings and the final cases-per-minute line.
         transforms: which transform files to write per case (:data:`TRANSFORMS`).
-        refine: optional test-time refinement per case (:data:`Refine`).
+        refine: test-time refinement per case, as in :func:`predict_case` (no per-iteration
+            progress here: the cohort's progress bar counts cases).
 
     Returns:
         the summary rows (:data:`SUMMARY_COLUMNS`).
@@ -811,6 +852,9 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
 
     from spirs_tf.manifest import Manifest, load_manifest, make_pairs
 
+    from spirs_tf.refinement import resolve
+
+    refine_fn, refine_mode = resolve(refine, verbose=False)
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     pairs = make_pairs(m, split, pairing)
     if not pairs:
@@ -861,7 +905,8 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
                     rows[cid] = _summary_row(pair, cid, "error", message=str(case))
                 else:
                     try:
-                        outputs, refinement = apply_refinement(predictor, case, results[cid], refine)
+                        outputs, refinement = refine_case(predictor, case, results[cid], refine_fn,
+                                                          refine_mode)
                         res = write_case(predictor, case, outputs, os.path.join(out_dir, cid),
                                          overwrite=True, case_id=cid, network_s=network_s / len(ready),
                                          transforms=transforms, refinement=refinement, verbose=verbose)
