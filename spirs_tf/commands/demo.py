@@ -33,11 +33,12 @@ def add_parser(subparsers) -> None:
 
 
 def run_demo(out: str, seed: int = 7, model: str | None = None, grid: int = 128, spacing: float = 1.5,
-             overwrite: bool = False, stream=sys.stdout, refine: str = "full", verbose: bool = True) -> dict:
+             overwrite: bool = False, stream=None, refine: str = "full", verbose: bool = True) -> dict:
     """Synthesise a two-time-point patient (head repositioned between scans), predict, return a summary.
 
     ``refine``: ``"off"``, ``"affine"`` or ``"full"`` (:mod:`spirs_tf.refinement`); ``verbose``: the
-    refinement's progress line on stderr."""
+    refinement's progress line on stderr; ``stream``: where the summary goes (default: ``sys.stdout``
+    at call time)."""
     import numpy as np
 
     from spirs_tf import inference, io, metrics
@@ -46,7 +47,7 @@ def run_demo(out: str, seed: int = 7, model: str | None = None, grid: int = 128,
     from spirs_tf.synthetic.cohort import SynthConfig, generate_patient, write_patient
 
     def say(text: str) -> None:
-        print(text, file=stream, flush=True)
+        print(text, file=stream if stream is not None else sys.stdout, flush=True)  # the current stdout
 
     check_mode(refine)
     prediction_dir = os.path.join(out, "prediction")
