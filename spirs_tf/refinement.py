@@ -24,7 +24,7 @@ A SavedModel predictor cannot recompute P2: the registration outputs (warped pri
 transform files, lesion matching) still use the refined registration, P2 stays the network's, and
 ``report.json`` / the terminal carry a warning saying so.
 
-Cost: XLA compiles the optimisation steps once per grid shape and process (about 20–30 s for the
+Cost: XLA compiles the optimisation steps once per grid shape and process (10–25 s for the
 first case on a 2-core CPU, a few seconds with the on-disk cache of :mod:`spirs_tf.xla_cache`, which
 the CLI enables), then about 5 s per 64³ case.
 """

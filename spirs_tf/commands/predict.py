@@ -16,7 +16,7 @@ suspect registration or input; each is also printed as ``spirs: warning: ...``).
 ``--refine`` (default ``full``) refines the network's registration on this very pair before the
 outputs are written (test-time optimisation, beyond the paper): ``affine`` optimises the 12 affine
 parameters (masked LNCC), ``full`` then a smooth dense displacement field; ``off`` is the paper's pure
-network. It costs about 5 s per case on a CPU, plus XLA's compilation once per process (20-30 s; cached
+network. It costs about 5-10 s per case on a CPU, plus XLA's compilation for the first case (10-20 s; cached
 on disk in ~/.cache/spirs-tf/xla, relocate or turn off with SPIRS_XLA_CACHE=DIR|off). report.json
 records the mode, seconds per stage and the LNCC before/after the refinement.
 
