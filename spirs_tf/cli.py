@@ -7,6 +7,12 @@ Errors in user input are printed as a single line ``spirs: error: <file>: <probl
 code 2; no traceback is shown (set ``SPIRS_DEBUG=1`` to see one). The same holds for what the file
 system refuses (``OSError``: an output path under a file, a full disk, no permission) and for running
 out of memory. See docs/troubleshooting.md.
+
+XLA compile cache: before anything imports TensorFlow, :func:`main` keeps XLA's compiled code (the
+test-time refinement's optimisation steps, :mod:`spirs_tf.refine`) in ``~/.cache/spirs-tf/xla``
+(``$XDG_CACHE_HOME/spirs-tf/xla``), so a later ``spirs predict`` skips the compilation. The
+environment variable ``SPIRS_XLA_CACHE`` relocates it (a folder) or turns it off (``off``, ``0``,
+``none``, ``false`` or empty).
 """
 from __future__ import annotations
 
@@ -75,7 +81,25 @@ def _quiet_file_readers() -> None:
     logging.getLogger("nibabel").setLevel(logging.CRITICAL)
 
 
+#: ``SPIRS_XLA_CACHE`` values that turn the XLA compile cache off.
+XLA_CACHE_OFF = ("", "0", "off", "none", "false", "no")
+
+
+def _enable_xla_cache() -> str | None:
+    """Enable :func:`spirs_tf.xla_cache.enable_compile_cache` unless ``SPIRS_XLA_CACHE`` turns it off
+    (module docstring); a no-op once TensorFlow is imported. Returns the folder in use or None."""
+    from spirs_tf.xla_cache import enable_compile_cache
+
+    value = os.environ.get("SPIRS_XLA_CACHE")
+    if value is not None and value.strip().lower() in XLA_CACHE_OFF:
+        return None
+    if "tensorflow" in sys.modules:
+        return None
+    return enable_compile_cache(value or None)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _enable_xla_cache()  # before TensorFlow is imported
     _tolerate_undecodable_paths()
     _quiet_file_readers()
     parser = build_parser()

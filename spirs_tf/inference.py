@@ -42,9 +42,17 @@ LNCC before, folding above 0.5 %, an affine whose scales leave 0.7–1.4 or whos
 45°, and input intensities whose dynamic range collapsed (a constant image is refused); the checks
 and thresholds are in :mod:`spirs_tf.qc`.
 
-**Test-time refinement hook.** ``refine`` (see :data:`Refine`) may replace the working-grid affine
-and displacement field between the network and the resampling; the prior is then re-warped on the
-working grid and P2 recomputed from it (:func:`apply_refinement`).
+**Test-time refinement.** ``refine=`` of :func:`predict_case`, :func:`run_case` and
+:func:`predict_cohort` takes a mode, ``"off"``, ``"affine"`` or ``"full"`` (:mod:`spirs_tf.refinement`;
+``spirs predict --refine``, default ``full`` on the command line), or any callable (:data:`Refine`)
+that may replace the working-grid affine and displacement field between the network and the
+resampling; the prior is then re-warped on the working grid and P2 recomputed from it
+(:func:`apply_refinement`). ``report.json`` records the mode, the seconds per stage and the LNCC
+before/after under ``registration.refinement``; the QC warnings judge the final transform.
+
+**Modules.** This module writes a case; the model side is :mod:`spirs_tf.predictor`, reading and
+preparing a case :mod:`spirs_tf.case_inputs`, cohort mode :mod:`spirs_tf.cohort_predict`; every name
+is re-exported here.
 
 **Brain overlap rule.** Before anything runs, the axis-aligned world (RAS mm) bounding boxes of the
 non-zero voxels of the new and the prior image are intersected. If they do not intersect at all the
@@ -69,201 +77,30 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from spirs_tf import __version__
-from spirs_tf import config as config_lib
 from spirs_tf.atomic import atomic_write_text
 from spirs_tf.errors import SpirsInputError
-from spirs_tf.io import Volume, check_same_grid, read_volume, write_volume
-from spirs_tf.preprocess import GridMapping, from_working, preprocess_scan, subsample
+from spirs_tf.case_inputs import (LOW_OVERLAP, CaseInputs, PreparedCase, brain_box, brain_overlap,  # noqa: F401
+                                   prepare_case, read_case_inputs)
+from spirs_tf.io import Volume, write_volume  # noqa: F401
+from spirs_tf.predictor import (LOGIT_CLIP, OUTPUT_NAMES, Predictor, _checkpoint_predictor,  # noqa: F401
+                                find_run_checkpoint, import_runtime, keras_predictor, serving_outputs)
+from spirs_tf.preprocess import from_working
 from spirs_tf.qc import (FOLDING_WARN_PERCENT, MAX_ROTATION_DEG, MIN_DISTINCT, MIN_RELATIVE_RANGE,  # noqa: F401
                          SCALE_RANGE, affine_scales_rotation, intensity_problems, registration_warnings)
 
-OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
-LOGIT_CLIP = 50.0
-LOW_OVERLAP = 0.3
 #: ``--transforms`` choices (module docstring); the first is the default.
 TRANSFORMS = ("itk", "all", "none")
-TMP_PREFIX = ".tmp-spirs-"
+TMP_PREFIX = ".tmp-spirs-"  # also spirs_tf.cohort_predict.TMP_PREFIX
 NOT_FOR_CLINICAL_USE = ("Research software, not for clinical use: outputs have not been validated for "
                         "diagnosis or treatment decisions.")
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DEMO_NAME = "cpu-small"
-
-
-# ------------------------------------------------------------------------------------------ predictor
-def serving_outputs(raw: dict, levels: int) -> dict:
-    """Model output dict → the six inference outputs (float32 tensors) of :data:`OUTPUT_NAMES`.
-
-    ``p*_prob = σ(clip(p*_logits, ±50))`` (B, S, S, S, 1); ``affine = affine_{levels}`` (B, 3, 4);
-    ``dvf = dvf_{levels}`` (B, S, S, S, 3); ``prior_warped``/``prior_mask_warped`` = the finest
-    ``warped_image``/``warped_mask`` (soft, trilinear) on the new scan's working grid.
-    """
-    from spirs_tf._compat import ops
-
-    def prob(x):
-        return ops.sigmoid(ops.clip(ops.cast(x, "float32"), -LOGIT_CLIP, LOGIT_CLIP))
-
-    f32 = lambda x: ops.cast(x, "float32")  # noqa: E731
-    return {"p1_prob": prob(raw["p1_logits"]), "p2_prob": prob(raw["p2_logits"]),
-            "affine": f32(raw[f"affine_{levels}"]), "dvf": f32(raw[f"dvf_{levels}"]),
-            "prior_warped": f32(raw[f"warped_image_{levels}"]),
-            "prior_mask_warped": f32(raw[f"warped_mask_{levels}"])}
-
-
-@dataclass(eq=False)
-class Predictor:
-    """A model ready for inference.
-
-    Attributes:
-        cfg: the run's config (working grid, spacing, clipping, LNCC window).
-        levels: pyramid levels of the model; its inputs are ``S = cfg.level_grid(levels)`` voxels.
-        run_fn: ``(new, prior, prior_mask) → {name: array}`` on batches ``(B, S, S, S, 1)``, returning
-            :data:`OUTPUT_NAMES`.
-        info: description for reports (``kind``, ``path``, ``checkpoint``, ``stage``, ``config``).
-        p2_fn: ``(new, warped_prior, warped_prior_mask) → p2_prob`` on batches ``(B, S, S, S, 1)``:
-            P2 recomputed from a replaced warped prior (test-time refinement); ``None`` when the
-            model cannot provide it (a SavedModel).
-    """
-
-    cfg: config_lib.SpirsConfig
-    levels: int
-    run_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], dict]
-    info: dict = field(default_factory=dict)
-    p2_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
-
-    @property
-    def size(self) -> int:
-        return self.cfg.level_grid(self.levels)
-
-    @property
-    def subsample_factor(self) -> int:
-        """Working grid (``cfg.data.grid_size``) voxels per model-input voxel."""
-        return self.cfg.data.grid_size // self.size
-
-    def predict(self, new: np.ndarray, prior: np.ndarray, prior_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the model on a batch ``(B, S, S, S, 1)`` each → NumPy outputs (:data:`OUTPUT_NAMES`)."""
-        arrays = [np.asarray(a, dtype=np.float32) for a in (new, prior, prior_mask)]
-        s = self.size
-        for a in arrays:
-            if a.ndim != 5 or a.shape[1:] != (s, s, s, 1):
-                raise ValueError(f"model inputs must be (B, {s}, {s}, {s}, 1), got {a.shape}")
-        out = self.run_fn(*arrays)
-        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES}
-
-
-def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict | None = None) -> Predictor:
-    """Wrap a SPIRS Keras model (``training=False``) in a predictor.
-
-    The first call runs eagerly: for one case that is faster than tracing a graph (measured with
-    cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls go through
-    one ``tf.function`` whose signature has a free batch axis, traced once for every batch size;
-    ``run_fn.use_graph()`` (called by :func:`predict_cohort` for more than one case) skips the eager
-    call. Both compute the same model.
-    """
-    from spirs_tf._compat import tf
-
-    s = cfg.level_grid(levels)
-    spec = tf.TensorSpec((None, s, s, s, 1), tf.float32)
-
-    def forward(new, prior, mask):
-        raw = model({"fixed_image": new, "moving_image": prior, "moving_mask": mask}, training=False)
-        return serving_outputs(raw, levels)
-
-    infer = tf.function(forward, input_signature=[spec, spec, spec])
-    calls = []
-
-    def run(new, prior, mask):
-        fn = infer if calls else forward
-        calls.append(1)
-        args = [tf.convert_to_tensor(a) for a in (new, prior, mask)]
-        return {k: np.asarray(v) for k, v in fn(*args).items()}
-
-    run.model = model  # keep the model reachable for export and tests
-    run.use_graph = lambda: calls.append(0)  # a cohort: trace from the first batch on
-    p2_model = []
-
-    def p2(new, warped, warped_mask):
-        """P2 from the fixed image and a (replaced) warped prior: the model's own layers, from its
-        ``fixed_image`` input and ``warped_image_{levels}``/``warped_mask_{levels}`` outputs."""
-        from spirs_tf._compat import keras
-
-        if not p2_model:
-            p2_model.append(keras.Model(
-                [model.get_layer("fixed_image").output, model.get_layer(f"warped_image_{levels}").output,
-                 model.get_layer(f"warped_mask_{levels}").output], model.get_layer("p2_logits").output))
-        logits = p2_model[0]([tf.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)],
-                             training=False)
-        x = tf.clip_by_value(tf.cast(logits, tf.float32), -LOGIT_CLIP, LOGIT_CLIP)
-        return np.asarray(tf.sigmoid(x))
-
-    return Predictor(cfg, levels, run, dict(info or {}), p2)
-
-
-def import_runtime() -> None:
-    """Import Keras/TensorFlow and the network code, without Keras' optional scikit-learn wrappers.
-
-    Keras imports scikit-learn (~1 s of the ~5 s start-up on this CPU) only for its sklearn
-    wrappers, which spirs never uses: a ``None`` entry in ``sys.modules`` makes that import fail
-    fast and Keras carries on without them; the entry is removed afterwards, so a later
-    ``import sklearn`` works as usual. Nothing happens when Keras is already imported.
-    """
-    if "keras" in sys.modules:
-        return
-    block = "sklearn" not in sys.modules
-    if block:
-        sys.modules["sklearn"] = None
-    try:
-        import spirs_tf.networks  # noqa: F401
-    finally:
-        if block and "sklearn" in sys.modules and sys.modules["sklearn"] is None:
-            del sys.modules["sklearn"]
-
-
-def _checkpoint_predictor(checkpoint: str, config_path: str, stage: int | None = None) -> Predictor:
-    import_runtime()
-    from spirs_tf import networks
-    from spirs_tf.train import load_checkpoint
-
-    cfg = config_lib.get_config(config_path)
-    state, _, meta = load_checkpoint(checkpoint)
-    stage = meta.get("stage", stage)
-    levels = meta.get("levels") or (cfg.train.stages[stage - 1].levels if stage else cfg.model.num_levels)
-    model = networks.build_spirs(cfg, int(levels), bn_trainable=False)
-    try:
-        networks.load_model_state(model, state)
-    except SpirsInputError as exc:
-        raise SpirsInputError(f"checkpoint does not fit its config {config_path}: {exc.problem}", checkpoint) \
-            from None
-    info = {"kind": "checkpoint", "checkpoint": os.path.abspath(checkpoint), "config_file": os.path.abspath(config_path),
-            "config": cfg.name, "stage": stage, "levels": int(levels), "epoch": meta.get("epoch")}
-    return keras_predictor(model, cfg, int(levels), info)
-
-
-def find_run_checkpoint(run_dir: str) -> tuple[str, str, int | None]:
-    """``(checkpoint, config.json, stage)`` of a run directory: the highest ``stageN`` that holds a
-    checkpoint, its ``best.npz`` else ``latest.npz``. A single stage folder is accepted too.
-
-    Raises:
-        SpirsInputError: no stage with a checkpoint and a config.
-    """
-    stages = []
-    for name in os.listdir(run_dir):
-        if name.startswith("stage") and name[5:].isdigit():
-            stages.append((int(name[5:]), os.path.join(run_dir, name)))
-    candidates = sorted(stages, reverse=True) + [(None, run_dir)]
-    for stage, folder in candidates:
-        for ckpt in ("best.npz", "latest.npz"):
-            path = os.path.join(folder, "checkpoints", ckpt)
-            cfg = os.path.join(folder, "config.json")
-            if os.path.isfile(path) and os.path.isfile(cfg):
-                return path, cfg, stage
-    raise SpirsInputError("not a run directory (no stageN/checkpoints/best.npz or latest.npz with "
-                          "stageN/config.json) and not a SavedModel (no saved_model.pb)", run_dir)
 
 
 def load_predictor(model: str | os.PathLike | None) -> Predictor:
@@ -305,106 +142,6 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
         if os.path.isfile(cfg):
             return _checkpoint_predictor(path, cfg)
     raise SpirsInputError("no config.json beside the checkpoint or one folder up", path)
-
-
-# ---------------------------------------------------------------------------------------- case inputs
-@dataclass(eq=False)
-class CaseInputs:
-    """Validated volumes of one case, their brain overlap and the reading time."""
-
-    new: Volume
-    prior: Volume
-    prior_mask: Volume
-    overlap: dict
-    read_s: float = 0.0
-    warnings: list = field(default_factory=list)
-
-
-def brain_box(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """Axis-aligned RAS box (lo, hi) in mm around the non-zero voxels (voxel corners included)."""
-    nonzero = np.asarray(volume.data) != 0
-    lo, hi = np.zeros(3), np.zeros(3)
-    for axis in range(3):  # projections instead of np.nonzero: no index arrays for millions of voxels
-        hit = np.flatnonzero(np.any(nonzero, axis=tuple(a for a in range(3) if a != axis)))
-        lo[axis], hi[axis] = hit[0] - 0.5, hit[-1] + 0.5
-    corners = np.array([[(hi if b else lo)[a] for a, b in enumerate(bits)] + [1.0]
-                        for bits in np.ndindex(2, 2, 2)]).T
-    world = (np.asarray(volume.affine, float) @ corners)[:3]
-    return world.min(axis=1), world.max(axis=1)
-
-
-def brain_overlap(new: Volume, prior: Volume) -> dict:
-    """Overlap of the two brain boxes (:func:`brain_box`): intersection volume / smaller box volume.
-
-    Raises:
-        SpirsInputError: (naming the prior) when the boxes do not intersect.
-    """
-    (lo_n, hi_n), (lo_p, hi_p) = brain_box(new), brain_box(prior)
-    inter = np.minimum(hi_n, hi_p) - np.maximum(lo_n, lo_p)
-    fmt = lambda lo, hi: "[" + ", ".join(f"{a:.0f}..{b:.0f}" for a, b in zip(lo, hi)) + "] mm"  # noqa: E731
-    if np.any(inter <= 0):
-        raise SpirsInputError(
-            f"its brain does not overlap the brain of {new.path or 'the new scan'} in world coordinates "
-            f"(RAS boxes {fmt(lo_p, hi_p)} vs {fmt(lo_n, hi_n)}); both scans must be of the same patient "
-            "with real-world (scanner) geometry in their headers", prior.path or "<prior>")
-    fraction = float(np.prod(inter) / min(np.prod(hi_n - lo_n), np.prod(hi_p - lo_p)))
-    return {"box_overlap_fraction": fraction, "new_box_mm": [lo_n.tolist(), hi_n.tolist()],
-            "prior_box_mm": [lo_p.tolist(), hi_p.tolist()], "low_overlap_warning": fraction < LOW_OVERLAP}
-
-
-def read_case_inputs(new, prior, prior_mask) -> CaseInputs:
-    """Read (paths) or accept (Volumes) the three inputs and validate them.
-
-    Raises:
-        SpirsInputError: unreadable/missing file, not 3-D, several volumes, NaN/inf, mask not
-            binary, mask not on the prior's grid, brains that do not overlap (:func:`brain_overlap`),
-            an image that is (effectively) constant (:func:`intensity_problems`).
-    """
-    t0 = time.perf_counter()
-    new = new if isinstance(new, Volume) else read_volume(new, "image")
-    prior = prior if isinstance(prior, Volume) else read_volume(prior, "image")
-    prior_mask = prior_mask if isinstance(prior_mask, Volume) else read_volume(prior_mask, "mask")
-    check_same_grid(prior_mask, prior)
-    problems = intensity_problems(new) + intensity_problems(prior)
-    overlap = brain_overlap(new, prior)
-    if overlap["low_overlap_warning"]:
-        problems.append(f"brains of {new.path} and {prior.path} overlap little "
-                        f"({100 * overlap['box_overlap_fraction']:.0f} % of the smaller box)")
-    return CaseInputs(new, prior, prior_mask, overlap, time.perf_counter() - t0, problems)
-
-
-@dataclass(eq=False)
-class PreparedCase:
-    """Model inputs of one case on the model grid ``S`` and the mappings back to the originals."""
-
-    inputs: CaseInputs
-    new_image: np.ndarray
-    prior_image: np.ndarray
-    prior_mask: np.ndarray
-    new_mapping: GridMapping
-    prior_mapping: GridMapping
-    preprocess_s: float
-
-
-def _model_grid(image, mask, mapping: GridMapping, factor: int):
-    """Strided subsample of the working grid to the model's input grid (corner aligned)."""
-    if factor == 1:
-        return image, mask, mapping
-    affine = mapping.working_affine @ np.diag([factor, factor, factor, 1.0])
-    shape = tuple(n // factor for n in mapping.working_shape)
-    return (subsample(image, factor), None if mask is None else subsample(mask, factor),
-            GridMapping(affine, shape, mapping.original_affine, mapping.original_shape))
-
-
-def prepare_case(inputs: CaseInputs, predictor: Predictor) -> PreparedCase:
-    """Preprocess the new scan and the prior (image + mask) onto their own working grids."""
-    t0 = time.perf_counter()
-    f = predictor.subsample_factor
-    n = preprocess_scan(inputs.new, None, predictor.cfg.data)
-    p = preprocess_scan(inputs.prior, inputs.prior_mask, predictor.cfg.data)
-    new_img, _, new_map = _model_grid(n.image, None, n.mapping, f)
-    prior_img, prior_mask, prior_map = _model_grid(p.image, p.mask, p.mapping, f)
-    return PreparedCase(inputs, new_img, prior_img, prior_mask, new_map, prior_map, time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------- case output
@@ -476,11 +213,13 @@ def _json_safe(x):
 
 #: A test-time refinement: ``refine(predictor, case, outputs) -> dict | None``. ``outputs`` is the
 #: case's network outputs (:data:`OUTPUT_NAMES`, one case, working grid ``S``). The callable returns
-#: ``None`` (keep the network's registration) or a dict with ``"affine"`` (3×4 ``[M | t]``, working
+#: ``None`` or ``{"rejected": True, "info": ..., "warnings": [...]}`` (keep the network's
+#: registration) or a dict with ``"affine"`` (3×4 ``[M | t]``, working
 #: voxels, centre ``S/2``) and/or ``"dvf"``: ``(S, S, S, 3)`` in working voxels, or ``(kS, kS, kS, 3)``
 #: on the k-times finer grid in ITS voxels (fine voxel ``k·i`` = working voxel ``i``; world affine
 #: ``W_n·diag(1/k)``), used as such for the outputs on the native grid; plus optional ``"info"``
-#: (JSON-safe, stored in ``report.json``).
+#: (JSON-safe, stored in ``report.json``) and ``"keep_network_p2": True`` (a predictor without
+#: ``p2_fn`` keeps the network's P2 instead of refusing, with a warning).
 Refine = Callable[["Predictor", "PreparedCase", dict], "dict | None"]
 
 
@@ -509,12 +248,18 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
         ValueError: ``refine`` returned arrays of the wrong shape, or the predictor cannot
             recompute P2 (a SavedModel: it exposes only the whole model).
     """
+    from spirs_tf import metrics
+    from spirs_tf.refinement import P2_FALLBACK_WARNING
+
     if refine is None:
         return outputs, None
     t0 = time.perf_counter()
     result = refine(predictor, case, outputs)
     if not result:
         return outputs, {"applied": False, "seconds": time.perf_counter() - t0}
+    if result.get("rejected"):  # the refinement ran but is not used (e.g. it lowered the LNCC)
+        return outputs, {"applied": False, "seconds": time.perf_counter() - t0, "info": result.get("info"),
+                         "warnings": list(result.get("warnings", []))}
     s = case.new_image.shape[0]
     matrix = np.asarray(result.get("affine", outputs["affine"]), np.float32).reshape(3, 4)
     dvf = np.asarray(result.get("dvf", outputs["dvf"]), np.float32)
@@ -522,16 +267,23 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
     if k < 1 or dvf.shape != (k * s,) * 3 + (3,):
         raise ValueError(f"refined dvf must have shape (kS, kS, kS, 3) with S = {s} and an integer k >= 1, "
                          f"got {dvf.shape}")
-    if predictor.p2_fn is None:
+    keep_p2 = predictor.p2_fn is None
+    if keep_p2 and not result.get("keep_network_p2"):
         raise ValueError("this model cannot recompute P2 from a refined registration (a SavedModel); "
                          "use a run directory or checkpoint")
     on_working = dvf[::k, ::k, ::k] / k if k > 1 else dvf  # exact: fine voxel k·i = working voxel i
     warped = warp_working(case.prior_image, matrix, on_working)[..., None]
     warped_mask = warp_working(case.prior_mask, matrix, on_working)[..., None]
-    p2 = predictor.p2_fn(case.new_image[None, ..., None], warped[None], warped_mask[None])[0]
+    p2 = outputs["p2_prob"] if keep_p2 else \
+        predictor.p2_fn(case.new_image[None, ..., None], warped[None], warped_mask[None])[0]
     out = dict(outputs, affine=matrix, dvf=dvf, dvf_factor=k, prior_warped=warped, prior_mask_warped=warped_mask,
                p2_prob=p2)
+    window = predictor.cfg.loss.lncc_window
     info = {"applied": True, "seconds": time.perf_counter() - t0, "info": result.get("info"),
+            "lncc_before": metrics.lncc(case.new_image, np.asarray(outputs["prior_warped"])[..., 0], window),
+            "lncc_after": metrics.lncc(case.new_image, warped[..., 0], window),
+            "p2_from": "network registration" if keep_p2 else "refined registration",
+            "warnings": [P2_FALLBACK_WARNING] if keep_p2 else [],
             "network_affine_voxel": np.asarray(outputs["affine"], float).reshape(3, 4).tolist()}
     return out, info
 
@@ -641,13 +393,17 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
         registration["affine_scales"], registration["affine_rotation_deg"] = scales.tolist(), angle
         if refinement is not None:
             registration["refinement"] = refinement
-        warnings = list(inputs.warnings) + registration_warnings(registration, transform.world_affine())
+        warnings = (list(inputs.warnings) + list((refinement or {}).get("warnings", []))
+                    + registration_warnings(registration, transform.world_affine()))
         if verbose:
             for text in warnings:
                 print(f"spirs: warning: {case_id}: {text}", file=sys.stderr)
         timings = {"read": inputs.read_s, "preprocess": case.preprocess_s, "network": network_s}
         if refinement is not None:
             timings["refine"] = refinement["seconds"]
+            stages = (refinement.get("info") or {}).get("seconds")
+            if isinstance(stages, dict):  # spirs_tf.refinement: per-stage seconds
+                timings.update({f"refine_{k}": v for k, v in stages.items()})
         report = {
             "case_id": case_id, "note": NOT_FOR_CLINICAL_USE,
             "inputs": {"new": new.path, "prior": inputs.prior.path, "prior_mask": inputs.prior_mask.path},
@@ -693,8 +449,21 @@ def run_network(predictor: Predictor, cases: list[PreparedCase]) -> tuple[list[d
     return [_one(out, b) for b in range(len(cases))], time.perf_counter() - t0
 
 
+def refine_case(predictor: Predictor, case: PreparedCase, outputs: dict, refine: Refine | None,
+                mode: str | None) -> tuple[dict, dict | None]:
+    """:func:`apply_refinement` with the mode (:func:`spirs_tf.refinement.resolve`) in its report
+    block; ``mode="off"`` gives ``{"mode": "off", "applied": False, "seconds": 0.0}`` and the
+    network's outputs unchanged."""
+    if mode == "off":
+        return outputs, {"mode": "off", "applied": False, "seconds": 0.0}
+    outputs, refinement = apply_refinement(predictor, case, outputs, refine)
+    if refinement is not None:
+        refinement = {"mode": mode, **refinement}
+    return outputs, refinement
+
+
 def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, overwrite: bool = False,
-                 case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | None = None,
+                 case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | str | None = None,
                  verbose: bool = True) -> CaseResult:
     """Predict one (prior, new) pair and write its case folder (see the module docstring).
 
@@ -705,183 +474,36 @@ def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, 
         overwrite: replace an existing case folder.
         case_id: name in the report and the QC title (default: the folder name).
         transforms: which transform files to write (:data:`TRANSFORMS`; module docstring).
-        refine: optional test-time refinement (:data:`Refine`, :func:`apply_refinement`).
-        verbose: print warnings (``spirs: warning: <case>: …``) on stderr.
+        refine: test-time refinement: ``None`` (default: the network alone), a mode ``"off"``,
+            ``"affine"`` or ``"full"`` (:mod:`spirs_tf.refinement`; ``"off"`` is recorded in
+            ``report.json``), or a callable (:data:`Refine`, :func:`apply_refinement`).
+        verbose: print warnings (``spirs: warning: <case>: …``) and the refinement's progress on stderr.
 
     Raises:
         SpirsInputError: every input problem of :func:`read_case_inputs`, an output folder that
-            exists (without ``overwrite``) or contains an input. Nothing is written then.
+            exists (without ``overwrite``) or contains an input, an unknown refinement mode.
+            Nothing is written then.
     """
     return run_case(predictor, read_case_inputs(new, prior, prior_mask), out_dir, overwrite=overwrite,
                     case_id=case_id, transforms=transforms, refine=refine, verbose=verbose)
 
 
 def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrite: bool = False,
-             case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | None = None,
+             case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | str | None = None,
              verbose: bool = True) -> CaseResult:
     """:func:`predict_case` for inputs already read and validated by :func:`read_case_inputs`."""
+    from spirs_tf.refinement import resolve
+
     check_out_dir(out_dir, _input_paths(inputs), overwrite)
+    refine_fn, mode = resolve(refine, verbose)
     case = prepare_case(inputs, predictor)
     (outputs,), network_s = run_network(predictor, [case])
-    outputs, refinement = apply_refinement(predictor, case, outputs, refine)
+    outputs, refinement = refine_case(predictor, case, outputs, refine_fn, mode)
     return write_case(predictor, case, outputs, out_dir, overwrite=overwrite, case_id=case_id,
                       network_s=network_s, transforms=transforms, refinement=refinement, verbose=verbose)
 
 
 # -------------------------------------------------------------------------------------------- cohort
-SUMMARY_COLUMNS = ("case_id", "patient_id", "prior_timepoint", "new_timepoint", "status", "lncc",
-                   "lncc_identity", "folding_percent", "p2_lesions", "new_lesions", "seconds", "message",
-                   "warnings")
-
-
-def case_name(pair) -> str:
-    """``<patient>_<priorTP>_to_<newTP>`` with characters other than letters, digits, ``-._`` → ``_``."""
-    text = f"{pair.patient_id}_{pair.prior.timepoint}_to_{pair.new.timepoint}"
-    return "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in text)
-
-
-def clean_stale_temp(out_dir: str) -> list[str]:
-    """Remove ``.tmp-spirs-*`` folders left in ``out_dir`` by a crashed run; return their names."""
-    removed = []
-    for name in sorted(os.listdir(out_dir)):
-        path = os.path.join(out_dir, name)
-        if name.startswith(TMP_PREFIX) and os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(name)
-    return removed
-
-
-def _summary_row(pair, cid, status, report=None, seconds=None, message="") -> dict:
-    reg = (report or {}).get("registration", {})
-    les = (report or {}).get("lesions", {})
-    return {"case_id": cid, "patient_id": pair.patient_id, "prior_timepoint": str(pair.prior.timepoint),
-            "new_timepoint": str(pair.new.timepoint), "status": status, "lncc": reg.get("lncc"),
-            "lncc_identity": reg.get("lncc_identity"), "folding_percent": reg.get("folding_percent"),
-            "p2_lesions": les.get("p2_lesions"), "new_lesions": les.get("changes", {}).get("new"),
-            "seconds": seconds, "message": message, "warnings": len((report or {}).get("warnings", []))}
-
-
-class _Progress:
-    """A one-line text progress bar on stderr (no dependency)."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.done, self.enabled, self.t0 = total, 0, enabled and total > 0, time.perf_counter()
-
-    def step(self, label: str) -> None:
-        self.done += 1
-        if self.enabled:
-            filled = int(30 * self.done / self.total)
-            rate = self.done / max(time.perf_counter() - self.t0, 1e-9) * 60
-            print(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} {rate:5.1f} cases/min "
-                  f"{label[:40]:<40}", end="", file=sys.stderr, flush=True)
-            if self.done == self.total:
-                print(file=sys.stderr)
-
-
-def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: str, *,
-                   pairing: str = "consecutive", batch_size: int = 1, verbose: bool = True,
-                   transforms: str = TRANSFORMS[0], refine: Refine | None = None) -> list[dict]:
-    """Predict every (prior, new) pair of a manifest split into ``out_dir/<case_name>/``.
-
-    Resumable: a pair whose ``report.json`` exists is skipped; ``.tmp-spirs-*`` folders left by a
-    crash are removed first. A prefetch thread reads and preprocesses the next batch while the
-    current one runs through the network and is written. A pair with bad input (e.g. a prior
-    without a mask) is recorded as ``error`` and the cohort goes on.
-
-    Args:
-        predictor: from :func:`load_predictor`.
-        manifest: a manifest path or :class:`spirs_tf.manifest.Manifest`.
-        split: the split to predict (``None``: all).
-        out_dir: cohort folder; also receives ``cohort_summary.csv`` (one row per pair).
-        pairing: ``consecutive`` or ``all`` (:func:`spirs_tf.manifest.make_pairs`).
-        batch_size: cases per forward pass.
-        verbose: progress bar, warnings and the final cases-per-minute line.
-        transforms: which transform files to write per case (:data:`TRANSFORMS`).
-        refine: optional test-time refinement per case (:data:`Refine`).
-
-    Returns:
-        the summary rows (:data:`SUMMARY_COLUMNS`).
-
-    Raises:
-        SpirsInputError: bad manifest, unknown split, no pairs.
-    """
-    import concurrent.futures
-    import csv
-    import io as _io
-
-    from spirs_tf.manifest import Manifest, load_manifest, make_pairs
-
-    m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
-    pairs = make_pairs(m, split, pairing)
-    if not pairs:
-        raise SpirsInputError(f"no (prior, new) pairs in split {split!r}", m.path)
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    clean_stale_temp(out_dir)
-    rows: dict[str, dict] = {}
-    todo = []
-    for pair in pairs:
-        cid = case_name(pair)
-        report_path = os.path.join(out_dir, cid, "report.json")
-        if os.path.isfile(report_path):
-            with open(report_path, encoding="utf-8") as fh:
-                rows[cid] = _summary_row(pair, cid, "skipped", json.load(fh), message="already done")
-        else:
-            todo.append((pair, cid))
-    batches = [todo[i:i + max(1, batch_size)] for i in range(0, len(todo), max(1, batch_size))]
-
-    def load(batch):
-        loaded = []
-        for pair, cid in batch:
-            try:
-                if pair.prior.mask is None:
-                    raise SpirsInputError("the prior scan has no lesion mask in the manifest", pair.prior.image)
-                inputs = read_case_inputs(pair.new.image, pair.prior.image, pair.prior.mask)
-                loaded.append((pair, cid, prepare_case(inputs, predictor)))
-            except SpirsInputError as exc:
-                loaded.append((pair, cid, exc))
-        return loaded
-
-    if len(todo) > 1 and hasattr(predictor.run_fn, "use_graph"):
-        predictor.run_fn.use_graph()  # trace once and reuse, instead of one eager case first
-    progress = _Progress(len(todo), verbose)
-    t_start, n_done = time.perf_counter(), 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(load, batches[0]) if batches else None
-        for k in range(len(batches)):
-            loaded = future.result()
-            if k + 1 < len(batches):
-                future = pool.submit(load, batches[k + 1])
-            ready = [item for item in loaded if isinstance(item[2], PreparedCase)]
-            outputs, network_s = run_network(predictor, [c for _, _, c in ready]) if ready else ([], 0.0)
-            results = dict(zip([cid for _, cid, _ in ready], outputs))
-            for pair, cid, case in loaded:
-                t0 = time.perf_counter()
-                if isinstance(case, SpirsInputError):
-                    rows[cid] = _summary_row(pair, cid, "error", message=str(case))
-                else:
-                    try:
-                        outputs, refinement = apply_refinement(predictor, case, results[cid], refine)
-                        res = write_case(predictor, case, outputs, os.path.join(out_dir, cid),
-                                         overwrite=True, case_id=cid, network_s=network_s / len(ready),
-                                         transforms=transforms, refinement=refinement, verbose=verbose)
-                        n_done += 1
-                        rows[cid] = _summary_row(pair, cid, "done", res.report, time.perf_counter() - t0
-                                                 + case.preprocess_s + case.inputs.read_s + network_s / len(ready))
-                    except SpirsInputError as exc:
-                        rows[cid] = _summary_row(pair, cid, "error", message=str(exc))
-                progress.step(cid)
-    ordered = [rows[case_name(p)] for p in pairs]
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in ordered])
-    atomic_write_text(os.path.join(out_dir, "cohort_summary.csv"), buf.getvalue())
-    minutes = (time.perf_counter() - t_start) / 60
-    if verbose:
-        counts = {s: sum(r["status"] == s for r in ordered) for s in ("done", "skipped", "error")}
-        rate = f"{n_done / minutes:.1f} cases/min" if n_done and minutes > 0 else "no case predicted"
-        print(f"spirs: {counts['done']} predicted, {counts['skipped']} skipped (already done), "
-              f"{counts['error']} failed; {rate}; summary: {os.path.join(out_dir, 'cohort_summary.csv')}",
-              file=sys.stderr)
-    return ordered
+# at the end: spirs_tf.cohort_predict uses this module's names (imported inside its functions)
+from spirs_tf.cohort_predict import (SUMMARY_COLUMNS, _Progress, _summary_row, case_name,  # noqa: E402,F401
+                                     clean_stale_temp, predict_cohort)
