@@ -27,27 +27,9 @@ import time
 import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-
-def offset_loop_cc_map(fixed, moving, window: int = 9, eps: float = 1e-7) -> np.ndarray:
-    """Exact cc map: per voxel, the covariance form over its zero-padded window (float64, offset loop)."""
-    r = window // 2
-    fi, mi = np.pad(fixed.astype(np.float64), r), np.pad(moving.astype(np.float64), r)
-    shape = fixed.shape
-    offsets = list(np.ndindex(window, window, window))
-
-    def view(a, o):
-        return a[o[0]:o[0] + shape[0], o[1]:o[1] + shape[1], o[2]:o[2] + shape[2]]
-
-    mean_i = sum(view(fi, o) for o in offsets) / len(offsets)
-    mean_j = sum(view(mi, o) for o in offsets) / len(offsets)
-    var_i, var_j, cross = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-    for o in offsets:
-        di, dj = view(fi, o) - mean_i, view(mi, o) - mean_j
-        var_i += di * di
-        var_j += dj * dj
-        cross += di * dj
-    return np.maximum(cross, eps) ** 2 / (np.maximum(var_i, eps) * np.maximum(var_j, eps))
+# the exact reference is the one the tests use (tests/lncc_reference.py), not a second copy
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from lncc_reference import offset_loop_cc_map  # noqa: E402
 
 
 def _median_ms(fn, repeats: int) -> float:

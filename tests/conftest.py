@@ -12,3 +12,19 @@ import pytest  # noqa: E402
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A fake run: a randomly initialised test-config model (identity affine, zero DVF) in stage3/."""
+    from cohort import make_fake_run
+
+    return make_fake_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def predictor(run_dir):
+    """The :class:`spirs_tf.inference.Predictor` of :func:`run_dir`."""
+    from spirs_tf import inference
+
+    return inference.load_predictor(run_dir)

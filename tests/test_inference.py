@@ -50,19 +50,6 @@ def brain_and_lesions(shape, seed=0):
 NEW_AFFINE = oblique_affine((0.3, -0.2, 0.25), SPACING, (5.0, -3.0, 8.0), flip=(-1, 1, 1), perm=(1, 0, 2))
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A fake run: randomly initialised test-config model (identity affine, zero DVF) in stage3/."""
-    from cohort import make_fake_run
-
-    return make_fake_run(tmp_path_factory.mktemp("run"))
-
-
-@pytest.fixture(scope="module")
-def predictor(run_dir):
-    return inference.load_predictor(run_dir)
-
-
 @pytest.fixture
 def scans(tmp_path):
     """new.nii.gz (oblique, anisotropic, permuted/flipped storage) with the prior = the same scan as

@@ -52,18 +52,6 @@ def moved(tmp_path):
     return write_moved(tmp_path, BIG, BIG_AFFINE)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from cohort import make_fake_run
-
-    return make_fake_run(tmp_path_factory.mktemp("run"))
-
-
-@pytest.fixture(scope="module")
-def predictor(run_dir):
-    return inference.load_predictor(run_dir)
-
-
 def predict_args(paths, out, run_dir, *extra):
     return ["predict", "--new", paths["new"], "--prior", paths["prior"], "--prior-mask", paths["mask"],
             "--out", str(out), "--model", run_dir, *extra]

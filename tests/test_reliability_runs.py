@@ -43,19 +43,13 @@ from spirs_tf.io import write_volume
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
-from cohort import make_cohort, make_fake_run  # noqa: E402
+from cohort import make_cohort  # noqa: E402
 
 #: A case folder written with the default ``--transforms itk`` (``all`` adds transform_total.nii.gz:
 #: tests/test_inference.py).
 CASE_FILES = ("affine.tfm", "deformation.nii.gz", "lesions.csv", "p1_mask.nii.gz", "p1_prob.nii.gz",
               "p2_mask.nii.gz", "p2_prob.nii.gz", "prior_labels_warped.nii.gz", "prior_mask_warped.nii.gz",
               "prior_warped.nii.gz", "qc.png", "report.json")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A run folder with a randomly initialised test-config model (stage 3, all levels)."""
-    return make_fake_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
