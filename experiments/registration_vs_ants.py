@@ -329,6 +329,14 @@ def summarise(rows: dict, seconds: dict, selfres: dict, info: dict) -> tuple[dic
                   f"- Affine masked LNCC, ANTs Affine − SPIRS network affine (means): {gap:.3f} (target ≤ 0.05).",
                   f"- ANTs whole process (Affine + SyN loop, import and reads included): "
                   f"{info['ants_wall_s'] / info['pairs']:.1f} s per pair."]
+    for m in ("SPIRS", "SPIRS + refinement"):
+        sec = [x["report_seconds"] for x in rows[m].values()]
+        table[m]["report_seconds_per_pair_mean"] = float(np.mean(sec))
+        lines.append(f"- {m}: {np.mean(sec):.1f} s per pair inside the process (sum of report.json `timings_s`: read, "
+                     "preprocess, network, refinement, resample + write; the first case's refinement includes XLA's compilation, "
+                     "and reading overlaps the previous case, so this can exceed the wall time / pairs).")
+    lines.append("- Warnings in report.json: " + ", ".join(
+        f"{m} {sum(len(x['warnings']) for x in rows[m].values())}" for m in ("SPIRS", "SPIRS + refinement")) + ".")
     if selfres:
         ok = all(s["pass"] for s in selfres.values())
         lines.append(f"- Self check ({len(selfres)} pairs registered to themselves, default `spirs predict`): "
