@@ -23,21 +23,23 @@ SHAPE = (177, 247, 140)
 SPACING = (1.0, 0.95, 1.1)
 
 
-def native_affine(src_affine: np.ndarray, src_shape, angles_deg) -> np.ndarray:
-    """Oblique 4×4 affine of a :data:`SHAPE` grid centred on the centre of the source grid."""
+def native_affine(src_affine: np.ndarray, src_shape, angles_deg, shape=SHAPE, spacing=SPACING) -> np.ndarray:
+    """Oblique 4×4 affine of a ``shape`` grid (default :data:`SHAPE`, voxel size ``spacing`` mm) centred on
+    the centre of the source grid."""
     rx, ry, rz = rotation_matrices(np.deg2rad(np.asarray(angles_deg, float)))
     rot = rx @ ry @ rz
-    lin = rot @ np.diag(SPACING)
+    lin = rot @ np.diag(spacing)
     centre = src_affine[:3, :3] @ ((np.asarray(src_shape) - 1) / 2) + src_affine[:3, 3]
     out = np.eye(4)
     out[:3, :3] = lin
-    out[:3, 3] = centre - lin @ ((np.asarray(SHAPE) - 1) / 2)
+    out[:3, 3] = centre - lin @ ((np.asarray(shape) - 1) / 2)
     return out
 
 
-def resample(vol, affine, order):
+def resample(vol, affine, order, shape=SHAPE):
+    """``vol`` (a :class:`spirs_tf.io.Volume`) resampled onto the grid ``(shape, affine)``, zeros outside."""
     m = np.linalg.inv(vol.affine) @ affine
-    return ndimage.affine_transform(vol.data.astype(np.float32), m[:3, :3], m[:3, 3], output_shape=SHAPE,
+    return ndimage.affine_transform(vol.data.astype(np.float32), m[:3, :3], m[:3, 3], output_shape=tuple(shape),
                                     order=order, mode="constant", cval=0.0)
 
 
