@@ -382,6 +382,8 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
             "lncc_window": window,
             "lncc_identity": metrics.lncc(new_w, case.prior_image, window),
             "lncc": metrics.lncc(new_w, warped_w, window),
+            "lncc_identity_masked": metrics.lncc(new_w, case.prior_image, window, mask=metrics.lncc_mask(
+                new_w, case.prior_image, np.asarray(outputs["p2_prob"])[..., 0] >= 0.5, case.prior_mask >= 0.5)),
             "lncc_masked": metrics.lncc(new_w, warped_w, window, mask=lncc_mask),
             "folding_percent": metrics.folding_percent(transform.dvf),
             "affine_voxel": transform.matrix.tolist(),

@@ -39,6 +39,9 @@ PRIOR_COLOUR = "yellow"
 FOLDING_WARN_PERCENT = 0.5
 SCALE_RANGE = (0.7, 1.4)
 MAX_ROTATION_DEG = 45.0
+#: Registration QC: the LNCC may fall by this much before "lowered the similarity" is said (a pair
+#: registered to itself loses ~0.004 of its unmasked working-grid LNCC to interpolation)
+LNCC_DROP_TOLERANCE = 0.005
 #: Intensity QC: a relative range (max − min) / max |value| below this is a collapsed dynamic range.
 MIN_RELATIVE_RANGE = 1e-3
 #: Intensity QC: fewer distinct voxel values than this cannot carry anatomy.
@@ -118,13 +121,19 @@ def affine_scales_rotation(linear: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def registration_warnings(registration: dict, world_affine: np.ndarray) -> list[str]:
-    """Warnings for a suspect registration (thresholds :data:`FOLDING_WARN_PERCENT`,
-    :data:`SCALE_RANGE`, :data:`MAX_ROTATION_DEG`); ``registration`` is the report's block."""
+    """Warnings for a suspect registration (thresholds :data:`LNCC_DROP_TOLERANCE`,
+    :data:`FOLDING_WARN_PERCENT`, :data:`SCALE_RANGE`, :data:`MAX_ROTATION_DEG`); ``registration`` is
+    the report's block. The LNCC compared is the brain-masked one when the block has it before and
+    after (``lncc_identity_masked``, ``lncc_masked``), else the unmasked one."""
     out = []
-    before, after = registration.get("lncc_identity"), registration.get("lncc")
+    # brain-masked LNCC when the report has both (the unmasked one is mostly background windows)
+    masked = registration.get("lncc_identity_masked") is not None and registration.get("lncc_masked") is not None
+    before, after = ((registration["lncc_identity_masked"], registration["lncc_masked"]) if masked else
+                     (registration.get("lncc_identity"), registration.get("lncc")))
     if before is not None and after is not None and math.isfinite(before) and math.isfinite(after) \
-            and after < before:
-        out.append(f"registration lowered the similarity to the new scan (LNCC {after:.3f} after, "
+            and after < before - LNCC_DROP_TOLERANCE:
+        kind = "masked LNCC" if masked else "LNCC"
+        out.append(f"registration lowered the similarity to the new scan ({kind} {after:.3f} after, "
                    f"{before:.3f} before)")
     folding = registration.get("folding_percent")
     if folding is not None and folding > FOLDING_WARN_PERCENT:

@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from spirs_tf import cli, config, geometry, inference
+from spirs_tf import cli, config, geometry, inference, qc
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.io import Volume, write_volume
 
@@ -54,6 +54,15 @@ def test_registration_warnings_thresholds():
     assert inference.registration_warnings(good, np.eye(4)) == []
     lowered = inference.registration_warnings({**good, "lncc": 0.4}, np.eye(4))
     assert len(lowered) == 1 and "LNCC 0.400 after, 0.500 before" in lowered[0]
+    # a drop within the tolerance (a pair registered to itself) is not suspect
+    tol = qc.LNCC_DROP_TOLERANCE
+    assert inference.registration_warnings({**good, "lncc": 0.5 - 0.8 * tol}, np.eye(4)) == []
+    assert len(inference.registration_warnings({**good, "lncc": 0.5 - 1.2 * tol}, np.eye(4))) == 1
+    # the brain-masked pair, when present, decides (not the background-dominated unmasked one)
+    masked = {**good, "lncc": 0.4, "lncc_identity_masked": 0.3, "lncc_masked": 0.9}
+    assert inference.registration_warnings(masked, np.eye(4)) == []
+    worse = inference.registration_warnings({**masked, "lncc_masked": 0.2}, np.eye(4))
+    assert len(worse) == 1 and "masked LNCC 0.200 after, 0.300 before" in worse[0]
     folded = inference.registration_warnings({**good, "folding_percent": 0.6}, np.eye(4))
     assert len(folded) == 1 and "folds 0.60 %" in folded[0]
     assert inference.registration_warnings({**good, "folding_percent": 0.5}, np.eye(4)) == []
