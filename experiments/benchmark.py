@@ -509,7 +509,7 @@ def summarize(res: dict, pairs: list[dict]) -> list[str]:
                          f"{t['batch'] / step:8.3f} {floor:8.3f} {step / floor:8.1f} "
                          f"{t['batch'] / t['loader_batch_s']:15.2f} {t['peak_rss_gib']:9.2f}")
             if t.get("profile"):
-                profiles += [f"Profile of one {key} training step (tf.profiler)"] + format_profile(t["profile"])
+                profiles += ["", f"Profile of one {key} training step (tf.profiler)"] + format_profile(t["profile"])
         lines.append("  loader pairs/s: augmentation of one batch with train.loader_workers threads (first batch, "
                      "includes tf.data start-up)")
         lines.append("  floor: 3 × forward FLOPs (layer shapes, experiments/flops.py) × batch at the float32 matmul rate "

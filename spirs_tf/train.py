@@ -229,8 +229,8 @@ class Trainer:
             # validation numbers are logged (history, provenance, best.npz): their LNCC terms use exact
             # float64 box sums, op by op; training keeps the compiled float32 ones (masked, ~1e-7 off)
             return outputs, losses_lib.spirs_losses(outputs, batch, self.cfg, self.levels, exact_lncc=True)
-        if self._losses is None:
-            self._losses = loss_function(self.cfg, self.levels)
+        if self._losses is None:  # not compiled under a strategy (XLA there is untested)
+            self._losses = loss_function(self.cfg, self.levels, compile=self.strategy is None)
         return outputs, self._losses(outputs, batch)
 
     def _build_steps(self):
@@ -540,7 +540,7 @@ class Trainer:
         self._tb.flush()
 
 
-def loss_function(cfg: config_lib.SpirsConfig, levels: int):
+def loss_function(cfg: config_lib.SpirsConfig, levels: int, compile: bool = True):
     """``(outputs, batch) → spirs_losses(outputs, batch, cfg, levels)``, XLA-compiled with ``train.xla_losses``.
 
     Under TensorFlow with ``cfg.train.xla_losses`` the loss terms run as one
@@ -548,6 +548,7 @@ def loss_function(cfg: config_lib.SpirsConfig, levels: int):
     rounding (``tests/test_train.py``), and on a CPU the LNCC box sums and the bending energy run
     about 4× faster than op by op. The network and its convolutions stay un-compiled (XLA makes
     3-D convolutions slower on a CPU). Only the batch keys the losses read are passed in.
+    ``compile=False`` (the trainer under a ``tf.distribute`` strategy) always gives the plain losses.
     """
     from spirs_tf import losses as losses_lib
     from spirs_tf._compat import BACKEND, tf
@@ -555,7 +556,7 @@ def loss_function(cfg: config_lib.SpirsConfig, levels: int):
     def plain(outputs, batch):
         return losses_lib.spirs_losses(outputs, batch, cfg, levels)
 
-    if BACKEND != "tensorflow" or not cfg.train.xla_losses:
+    if BACKEND != "tensorflow" or not cfg.train.xla_losses or not compile:
         return plain
     compiled = tf.function(plain, jit_compile=True, autograph=False)
 
