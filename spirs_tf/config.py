@@ -301,6 +301,12 @@ def _cpu_medium() -> SpirsConfig:
     bottleneck, 256 numbers), the affine term is the mean squared displacement error over the brain
     (``loss.affine_supervision = "displacement"``, at 1/48: stable at 32³),
     and the finest level (64³) trains for the whole of stage 2.
+
+    EXPERIMENTAL, no shipped weights: its first stage-1 run (17 of 30 epochs, 493 steps at batch 4,
+    synthetic cohort ``--pose aligned --grid 64 --spacing 3 --seed 2026 --lesion-sizes 0,1,1,1``) did
+    not learn the affine: the training displacement error fell from 43 to 30 voxels² and the
+    validation one stayed at 40–45, while the LNCC improved. At 1/48 the translation gradient is 4×
+    weaker than Eq. 1's at weight 1; the next step is a stronger weight with gradient clipping.
     """
     cfg = _cpu_small()
     cfg.name = "cpu-medium"
