@@ -91,7 +91,8 @@ class AffineRefinement:
     Attributes:
         matrix: ``(3, 4)`` float32 ``[M | t]``, voxels of the input grid (same convention as the network's).
         losses: per level ``(factor, array of the loss before each iteration)``; loss = −masked LNCC.
-        lncc_before, lncc_after: the optimised masked LNCC on the finest level for ``matrix0`` and ``matrix``.
+        lncc_before, lncc_after: the optimised masked LNCC on the finest level for ``matrix0`` and ``matrix``;
+            ``lncc_after >= lncc_before`` always (keep-best, :func:`refine_affine`).
         seconds: wall time, compilation included.
     """
 
@@ -351,6 +352,11 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
     parameter moves a point at distance ``R`` from the centre by about one voxel; Adam per level with a
     learning rate ``learning_rate·factor`` voxels, cosine-decayed to 5 % within the level.
 
+    Keep-best: each level ends at its best iterate by that level's loss (the last one included; on a
+    revert Adam's moments restart from 0), and the result is ``matrix0`` itself unless it raises the
+    masked LNCC of the finest level, so an optimiser that overshoots (too high a learning rate, a
+    step out of the basin) never returns a matrix worse than its start.
+
     Args:
         fixed: ``(D, H, W)`` (or ``(D, H, W, 1)``) new scan, background exactly 0.
         moving: prior scan on the same grid.
@@ -394,28 +400,41 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
     for factor, n_iter in plan:
         if n_iter == 0:
             continue
-        fixed_t, mean_i, var_i, keep, moving_t = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window,
-                                                               _cache)
+        inputs = _level_inputs(fixed, moving, fixed_mask, moving_mask, factor, window, _cache)
+        fixed_t, mean_i, var_i, keep, moving_t = inputs
         grid = transforms.identity_grid(fixed_t.shape[1:4])
-        losses = []
+        losses, best_loss, best_theta = [], math.inf, theta
         for k in range(n_iter):
             lr = _t(schedule(lr0 * factor, k, n_iter, WARMUP if done < WARMUP else 0))
-            theta, m, v, loss = step_fn(theta, m, v, _t(done + 1), lr, base_t, grid, _t(factor), centre, radius,
-                                        fixed_t, mean_i, var_i, keep, moving_t, window)
-            losses.append(float(loss))
+            new_theta, m, v, loss = step_fn(theta, m, v, _t(done + 1), lr, base_t, grid, _t(factor), centre, radius,
+                                            fixed_t, mean_i, var_i, keep, moving_t, window)
+            losses.append(float(loss))  # the loss of ``theta``, before this update
+            if losses[-1] < best_loss:
+                best_loss, best_theta = losses[-1], theta
+            theta = new_theta
             done += 1
             _notify(progress, "affine", done, total, loss)
+        last = -_lncc_level(inputs, factor, fixed.shape, _theta_matrix(base, theta, radius), None, window)
+        if not last <= best_loss:  # keep the level's best iterate (an overshoot, a NaN)
+            theta, m, v = best_theta, tf.zeros_like(theta), tf.zeros_like(theta)
         traces.append((factor, np.asarray(losses)))
-    th = theta.numpy().astype(np.float64)
-    matrix = base.copy()
-    matrix[:, :3] += th[:9].reshape(3, 3) / float(radius)
-    matrix[:, 3] += th[9:]
-    matrix = matrix.astype(np.float32)
+    matrix = _theta_matrix(base, theta, radius)
     finest = min(f for f, _ in plan)
     inputs = _level_inputs(fixed, moving, fixed_mask, moving_mask, finest, window, _cache)
     before = _lncc_level(inputs, finest, fixed.shape, base.astype(np.float32), None, window)
     after = _lncc_level(inputs, finest, fixed.shape, matrix, None, window)
+    if not after >= before:  # never worse than the start on the finest level
+        matrix, after = base.astype(np.float32), before
     return AffineRefinement(matrix, traces, before, after, time.perf_counter() - t_start)
+
+
+def _theta_matrix(base: np.ndarray, theta, radius) -> np.ndarray:
+    """``[M0 + ΔM/R | t0 + Δt]`` (float32) from the 12 optimised offsets ``theta``."""
+    th = np.asarray(theta, np.float64)
+    matrix = np.array(base, np.float64)
+    matrix[:, :3] += th[:9].reshape(3, 3) / float(radius)
+    matrix[:, 3] += th[9:]
+    return matrix.astype(np.float32)
 
 
 def _pairs(levels, width: int, what: str):
