@@ -195,7 +195,8 @@ def _timing(predictor, pairs, args, deform_opts) -> int:
     data_cfg = config_lib.DataConfig(**{**predictor.cfg.data.__dict__, "grid_size": args.grid,
                                         "spacing_mm": args.spacing or predictor.cfg.data.spacing_mm})
     print(f"SYNTHETIC timing on a {args.grid}³ grid at {data_cfg.spacing_mm} mm (network at {predictor.size}³), "
-          f"refine(mode='full') with its defaults: levels {refine.default_levels((args.grid,) * 3)}")
+          f"refine(mode='full'): affine levels {refine.default_levels((args.grid,) * 3)[0]}, deformable "
+          f"{deform_opts or 'defaults ' + str(refine.default_levels((args.grid,) * 3)[1])}")
     seconds, figures = [], []
     for k, pair in enumerate(pairs):
         case, (new, new_mask, prior, prior_mask), mapping = _load(pair, predictor, data_cfg)
