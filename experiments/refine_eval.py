@@ -22,14 +22,22 @@ the LNCC drop from 1.
 
 ``--grid 128 --spacing 1.5``: instead, per pair, the network on its own grid, its affine moved onto a
 128³ 1.5 mm working grid (:func:`spirs_tf.refine.grid_relation`, :func:`spirs_tf.refine.matrix_to_grid`),
-then ``refine(mode="full")`` with its defaults there: seconds, and LNCC / Dice before (network
-affine) and after, on that grid. ``--compile-cache DIR`` keeps XLA's compiled code between runs.
+then ``refine(mode="full")`` with its defaults there (or ``--deformable-levels``, e.g. ``2,1,40;1,1,8``
+for a dense stage on the 1.5 mm grid itself): seconds, and LNCC / Dice before (network affine) and
+after, on that grid. ``--compile-cache DIR`` keeps XLA's compiled code between runs.
 
 Usage::
 
     spirs synth --patients 6 --timepoints 3 --lesions 3-8 --lesion-sizes 0,1,1,1 --pose raw --seed 11 \\
         --no-qc --out /tmp/synth
     python experiments/refine_eval.py --data /tmp/synth [--pairs 12] [--self 4]
+    python experiments/refine_eval.py --demo-seeds 1-8   # the demo patients, with the true-transform ceiling
+
+``--demo-seeds A-B``: the patients of ``spirs demo --seed N`` (128³ at 1.5 mm, head moved), each
+predicted with ``--refine off``, ``affine`` and ``full``, the warped prior mask scored on the native
+grid as the demo does, next to the **ceiling**: the Dice of the prior mask moved by the true transform
+(and by its affine part alone). Lesions change between time points, so the ceiling is below 1 (far
+below on a patient whose lesions grow or shrink a lot).
 """
 from __future__ import annotations
 
@@ -87,13 +95,19 @@ def _network(predictor, new, prior, prior_mask):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="a spirs synth cohort folder (manifest.csv)")
+    parser.add_argument("--data", default=None, help="a spirs synth cohort folder (manifest.csv)")
+    parser.add_argument("--demo-seeds", default=None, metavar="A-B",
+                        help="instead: the `spirs demo` patients of these seeds, Dice on the native grid per "
+                             "refinement mode next to the ceiling of the true transform")
     parser.add_argument("--model", default=None, help="model (default: the shipped cpu-small weights)")
     parser.add_argument("--pairs", type=int, default=12, help="pairs to evaluate (default 12)")
     parser.add_argument("--self", dest="self_pairs", type=int, default=4, help="self-registration checks (default 4)")
     parser.add_argument("--grid", type=int, default=None, help="refine on this working grid instead (timing)")
     parser.add_argument("--spacing", type=float, default=None, help="spacing (mm) of --grid")
     parser.add_argument("--bending", type=float, default=None, help="bending weight λ (default: refine's)")
+    parser.add_argument("--deformable-levels", default=None, metavar="F,S,N[;F,S,N...]",
+                        help="deformable levels (factor, control factor, iterations), coarse to fine, e.g. "
+                             "'2,1,40;1,1,8' (default: refine's, on at most 64³)")
     parser.add_argument("--compile-cache", default=None, metavar="DIR",
                         help="keep XLA's compiled code in DIR (spirs_tf.xla_cache)")
     args = parser.parse_args(argv)
@@ -104,11 +118,20 @@ def main(argv=None) -> int:
 
     from spirs_tf import refine
     from spirs_tf.inference import load_predictor
+
+    if args.demo_seeds:
+        lo, _, hi = args.demo_seeds.partition("-")
+        return _demo_seeds(load_predictor(args.model), range(int(lo), int(hi or lo) + 1))
+    if not args.data:
+        parser.error("--data or --demo-seeds is required")
     from spirs_tf.manifest import load_manifest, make_pairs
 
     predictor = load_predictor(args.model)
     pairs = make_pairs(load_manifest(os.path.join(args.data, "manifest.csv")), None, "consecutive")[:args.pairs]
     deform_opts = {} if args.bending is None else {"bending_weight": args.bending}
+    if args.deformable_levels:
+        deform_opts["levels"] = tuple(tuple(int(v) for v in level.split(","))
+                                      for level in args.deformable_levels.split(";"))
     if args.grid:
         return _timing(predictor, pairs, args, deform_opts)
     print(f"SYNTHETIC pairs: {len(pairs)} from {args.data}; grid: network working grid "
@@ -172,7 +195,8 @@ def _timing(predictor, pairs, args, deform_opts) -> int:
     data_cfg = config_lib.DataConfig(**{**predictor.cfg.data.__dict__, "grid_size": args.grid,
                                         "spacing_mm": args.spacing or predictor.cfg.data.spacing_mm})
     print(f"SYNTHETIC timing on a {args.grid}³ grid at {data_cfg.spacing_mm} mm (network at {predictor.size}³), "
-          f"refine(mode='full') with its defaults: levels {refine.default_levels((args.grid,) * 3)}")
+          f"refine(mode='full'): affine levels {refine.default_levels((args.grid,) * 3)[0]}, deformable "
+          f"{deform_opts or 'defaults ' + str(refine.default_levels((args.grid,) * 3)[1])}")
     seconds, figures = [], []
     for k, pair in enumerate(pairs):
         case, (new, new_mask, prior, prior_mask), mapping = _load(pair, predictor, data_cfg)
@@ -198,6 +222,65 @@ def _timing(predictor, pairs, args, deform_opts) -> int:
     f = np.asarray(figures)
     print(f"medians: masked LNCC network affine {np.median(f[:, 0]):.3f} -> refined {np.median(f[:, 1]):.3f}; "
           f"Dice {np.median(f[:, 2]):.3f} -> {np.median(f[:, 3]):.3f}; folding max {f[:, 4].max():.3f} %")
+    return 0
+
+
+def ceiling_dice(patient) -> tuple[float, float]:
+    """Dice of the prior mask moved by the TRUE transform (affine + displacement; affine alone) with the
+    new mask, native grid (trilinear, ≥ 0.5): the best any registration can do when lesions change."""
+    from scipy import ndimage
+
+    from spirs_tf import metrics
+
+    prior, new = (np.asarray(s.mask, np.float32) for s in patient.scans[:2])
+    tr = patient.transforms[0]
+    g, shape = np.asarray(tr.grid_affine, np.float64), prior.shape
+    world = g[:3, :3] @ np.indices(shape, dtype=np.float64).reshape(3, -1) + g[:3, 3:4]
+    affine_only = tr.world_affine[:3, :3] @ world + tr.world_affine[:3, 3:4]
+    out = []
+    for coords in (tr.prior_voxel_coords(), np.linalg.solve(g[:3, :3], affine_only - g[:3, 3:4]).reshape((3,) + shape)):
+        warped = ndimage.map_coordinates(prior, coords, order=1, mode="constant") >= 0.5
+        out.append(float(metrics.dice(warped, new >= 0.5)))
+    return out[0], out[1]
+
+
+def _demo_seeds(predictor, seeds) -> int:
+    """Per `spirs demo` seed: the warped-prior-mask Dice on the native grid (as the demo scores it) for
+    ``--refine off / affine / full``, next to the ceiling of the true transform."""
+    import tempfile
+
+    from spirs_tf import inference, io, metrics
+    from spirs_tf.refinement import make_refine
+    from spirs_tf.synthetic.cohort import SynthConfig, generate_patient, write_patient
+
+    cfg = SynthConfig(grid_size=128, spacing_mm=1.5, timepoints=(2, 2), pose="raw", lesions_per_patient=(6, 12))
+    modes = ("off", "affine", "full")
+    table, seconds = [], {m: [] for m in modes}
+    print("SYNTHETIC: the `spirs demo` patients; Dice of the warped prior mask with the new mask, native grid")
+    with tempfile.TemporaryDirectory() as root:
+        for seed in seeds:
+            patient = generate_patient(0, seed, cfg, patient_id="demo_patient")
+            rows = write_patient(patient, os.path.join(root, str(seed)), qc=False)
+            path = lambda r, k: os.path.join(root, str(seed), r[k])  # noqa: E731
+            truth = io.read_volume(path(rows[1], "mask"), kind="mask").data
+            row = {"seed": seed, "lesion voxels": int(truth.sum())}
+            row["ceiling"], row["true affine"] = ceiling_dice(patient)
+            for mode in modes:
+                out = os.path.join(root, str(seed), mode)
+                res = inference.predict_case(predictor, path(rows[1], "image"), path(rows[0], "image"),
+                                             path(rows[0], "mask"), out, refine=make_refine(mode), verbose=False)
+                warped = io.read_volume(os.path.join(out, "prior_mask_warped.nii.gz"), kind="mask").data
+                row[mode] = float(metrics.dice(warped, truth))
+                seconds[mode].append(res.report.get("timings_s", {}).get("refine", 0.0))
+            table.append(row)
+            print("  " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+                  flush=True)
+    for key in ("ceiling", "true affine") + modes:
+        v = np.asarray([r[key] for r in table])
+        print(f"{key:<12} median {np.median(v):.3f} mean {v.mean():.3f}")
+    for mode in modes[1:]:
+        print(f"seconds --refine {mode}: median {np.median(seconds[mode][1:] or seconds[mode]):.2f} "
+              f"(first seed, with compilation: {seconds[mode][0]:.2f})")
     return 0
 
 

@@ -12,8 +12,9 @@ The optimisation runs on the model's input grid of the new scan (64³ at 3 mm fo
 exactly the arrays the network sees: fixed = the new scan, moving = the prior, ``moving_mask`` = the
 prior's lesion mask (its lesion voxels leave the LNCC, FACTS decision on the masked LNCC). No
 ``fixed_mask`` is passed: the new scan's lesions are what P1/P2 are about to find, and the refinement
-was measured without one (``experiments/refine_eval.py``: median warped-prior-mask Dice 0.34 → 0.87
-on 12 synthetic raw-pose pairs). The refined affine and field replace the network's; the prior is
+was measured without one (``experiments/refine_eval.py``: median warped-prior-mask Dice 0.34 → 0.84
+on 12 synthetic raw-pose pairs scored on the 3 mm grid; ``--demo-seeds 1-8``: the 8 demo patients
+scored on their native 1.5 mm grid). The refined affine and field replace the network's; the prior is
 re-warped and P2 recomputed from it (:func:`spirs_tf.inference.apply_refinement`).
 
 **Guard.** The refinement optimises LNCC on this pair; should it end with a masked LNCC

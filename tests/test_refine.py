@@ -43,6 +43,11 @@ def smooth_field(n: int, amplitude: float, seed: int = 1) -> np.ndarray:
     return u.astype(np.float32)
 
 
+def lncc_exact_masked(fixed, warped) -> float:
+    """The exact float64 masked LNCC of :mod:`spirs_tf.metrics` (non-zero voxels of either image)."""
+    return metrics.lncc(fixed, warped, 9, mask=metrics.lncc_mask(fixed, warped))
+
+
 # ---------------------------------------------------------------------------------------------- pieces
 def test_masked_lncc_matches_exact_float64_reference_next_to_zero_background():
     """Where every window has texture the smooth objective equals the authors' LNCC (metrics.lncc)."""
@@ -108,7 +113,8 @@ def test_matrix_to_grid_and_field_offset_map_points_consistently(rng):
 def test_default_levels_keep_the_optimised_grid_at_most_64():
     assert R.default_levels((64, 64, 48)) == (R.DEFAULT_AFFINE_LEVELS, R.DEFAULT_DEFORMABLE_LEVELS)
     affine, deformable = R.default_levels((128, 128, 128))
-    assert affine == ((8, 40), (4, 30), (2, 10)) and deformable == ((4, 1, 40), (2, 1, 8))
+    assert affine == ((8, 40), (4, 30), (2, 10))
+    assert deformable == tuple((2 * f, s, n) for f, s, n in R.DEFAULT_DEFORMABLE_LEVELS)
     assert R.default_levels((200, 160, 160))[0][-1][0] == 4
 
 
@@ -174,6 +180,29 @@ def test_refine_affine_recovers_a_known_rotation_and_translation():
     assert res.lncc_after > 0.99 > res.lncc_before + 0.3
     assert [f for f, _ in res.losses] == [2, 1] and len(res.losses[0][1]) == 40
     assert calls[-1][:3] == ("affine", 70, 70) and len(calls) == 70
+
+
+def test_refine_affine_keeps_its_best_iterate_when_the_optimiser_overshoots():
+    n = 32
+    moving = blob(n, 0)
+    params = G.IDENTITY_PARAMS.copy()
+    params[:3] = [1.0, -0.5, 0.5]
+    params[3:6] = np.deg2rad([3.0, -2.0, 2.0])
+    true = G.params_to_matrix(params)
+    fixed = warp(moving, true)
+    fixed[np.abs(fixed) < 1e-6] = 0
+    start = true.copy()
+    start[:, 3] += [0.3, -0.2, 0.2]  # close to the truth: Adam's steps of 40 voxels throw it out of the basin
+    res = R.refine_affine(fixed, moving, start, levels=((2, 6), (1, 6)), learning_rate=20.0)
+    before = R.refine_affine(fixed, moving, start, levels=((1, 0),))  # 0 iterations: the start's LNCC
+    assert res.lncc_before == pytest.approx(before.lncc_before, abs=1e-6)
+    assert res.lncc_after >= res.lncc_before
+    # the returned matrix really has that LNCC: recompute it from scratch with the exact float64 metric
+    warped = warp(moving, res.matrix.astype(np.float64))
+    lncc_ref = lncc_exact_masked(fixed, warped)
+    assert lncc_ref >= lncc_exact_masked(fixed, warp(moving, start)) - 1e-3
+    # the start, or a matrix at least as close to the truth (not one thrown tens of voxels away)
+    assert np.abs(res.matrix[:, 3] - true[:, 3]).max() <= np.abs(start[:, 3] - true[:, 3]).max() + 0.2
 
 
 def test_identity_in_identity_out_for_identical_images():
