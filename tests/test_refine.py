@@ -162,15 +162,20 @@ def test_gradients_are_finite_and_match_finite_differences():
 
 
 # ------------------------------------------------------------------------------------------ behaviour
-def test_refine_affine_recovers_a_known_rotation_and_translation():
-    n = 32
+def moved_blob(translation, angles_deg, n: int = 32):
+    """A 32³ blob, the same blob moved by a known rigid affine (background exactly 0), and that affine."""
     moving = blob(n, 0)
     params = G.IDENTITY_PARAMS.copy()
-    params[:3] = [1.5, -1.0, 0.8]
-    params[3:6] = np.deg2rad([6.0, -4.0, 5.0])
+    params[:3] = translation
+    params[3:6] = np.deg2rad(angles_deg)
     true = G.params_to_matrix(params)
     fixed = warp(moving, true)
     fixed[np.abs(fixed) < 1e-6] = 0
+    return moving, fixed, true
+
+
+def test_refine_affine_recovers_a_known_rotation_and_translation():
+    moving, fixed, true = moved_blob([1.5, -1.0, 0.8], [6.0, -4.0, 5.0])
     calls = []
     res = R.refine_affine(fixed, moving, np.eye(3, 4), levels=((2, 40), (1, 30)),
                           progress=lambda *a: calls.append(a))
@@ -183,14 +188,7 @@ def test_refine_affine_recovers_a_known_rotation_and_translation():
 
 
 def test_refine_affine_keeps_its_best_iterate_when_the_optimiser_overshoots():
-    n = 32
-    moving = blob(n, 0)
-    params = G.IDENTITY_PARAMS.copy()
-    params[:3] = [1.0, -0.5, 0.5]
-    params[3:6] = np.deg2rad([3.0, -2.0, 2.0])
-    true = G.params_to_matrix(params)
-    fixed = warp(moving, true)
-    fixed[np.abs(fixed) < 1e-6] = 0
+    moving, fixed, true = moved_blob([1.0, -0.5, 0.5], [3.0, -2.0, 2.0])
     start = true.copy()
     start[:, 3] += [0.3, -0.2, 0.2]  # close to the truth: Adam's steps of 40 voxels throw it out of the basin
     res = R.refine_affine(fixed, moving, start, levels=((2, 6), (1, 6)), learning_rate=20.0)
