@@ -228,7 +228,7 @@ def cohort_summary(cohort_dir: str) -> dict:
 # ------------------------------------------------------------------------------------------ outputs
 def _model_only(src: str, dst: str) -> None:
     """Copy a checkpoint without its optimiser state (half the size; what evaluation and stage hand-off read)."""
-    from spirs_tf.train import load_checkpoint, save_checkpoint
+    from spirs_tf.checkpoints import load_checkpoint, save_checkpoint
 
     state, _, meta = load_checkpoint(src)
     save_checkpoint(dst, state, {}, meta)
@@ -256,7 +256,7 @@ def write_outputs(run_dir: str, out: str, provenance: dict, done_stages: list[in
     Raises:
         RuntimeError: a file over :data:`FILE_LIMIT` (the device would not return it).
     """
-    from spirs_tf.train import StagePaths, stage_dir
+    from spirs_tf.checkpoints import StagePaths, stage_dir
 
     os.makedirs(out, exist_ok=True)
     written = []
@@ -308,7 +308,8 @@ def stage_deadlines(now: float, end: float, shares: list[float], stage: int) -> 
 def train_stages(cfg, train_source, val_source, run_dir: str, train_end: float, shares: list[float],
                  provenance: dict, after_stage, verbose: int = 1) -> list[int]:
     """Train stages 1..3 (each from the previous stage's best) until ``train_end``; returns the stages done."""
-    from spirs_tf.train import StagePaths, Trainer, stage_dir
+    from spirs_tf.checkpoints import StagePaths, stage_dir
+    from spirs_tf.train import Trainer
 
     done: list[int] = []
     stages = provenance.setdefault("stages", {})
