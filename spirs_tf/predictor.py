@@ -82,32 +82,37 @@ class Predictor:
 def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict | None = None) -> Predictor:
     """Wrap a SPIRS Keras model (``training=False``) in a predictor.
 
-    The first call runs eagerly: for one case that is faster than tracing a graph (measured with
-    cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls go through
-    one ``tf.function`` whose signature has a free batch axis, traced once for every batch size;
-    ``run_fn.use_graph()`` (called by :func:`predict_cohort` for more than one case) skips the eager
-    call. Both compute the same model.
+    Under TensorFlow the first call runs eagerly: for one case that is faster than tracing a graph
+    (measured with cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls
+    go through one ``tf.function`` whose signature has a free batch axis, traced once for every batch
+    size; ``run_fn.use_graph()`` (called by :func:`predict_cohort` for more than one case) skips the
+    eager call. Under JAX every call is one ``jax.jit`` of ``model.stateless_call`` (compiled once per
+    batch size), with the variables' current values passed in. All compute the same model.
     """
-    from spirs_tf._compat import tf
-
-    s = cfg.level_grid(levels)
-    spec = tf.TensorSpec((None, s, s, s, 1), tf.float32)
+    from spirs_tf._compat import BACKEND, ops
 
     def forward(new, prior, mask):
         raw = model({"fixed_image": new, "moving_image": prior, "moving_mask": mask}, training=False)
         return serving_outputs(raw, levels)
 
-    infer = tf.function(forward, input_signature=[spec, spec, spec])
-    calls = []
+    if BACKEND == "jax":
+        run = _jax_run(model, levels)
+    else:
+        from spirs_tf._compat import tf
 
-    def run(new, prior, mask):
-        fn = infer if calls else forward
-        calls.append(1)
-        args = [tf.convert_to_tensor(a) for a in (new, prior, mask)]
-        return {k: np.asarray(v) for k, v in fn(*args).items()}
+        s = cfg.level_grid(levels)
+        spec = tf.TensorSpec((None, s, s, s, 1), tf.float32)
+        infer = tf.function(forward, input_signature=[spec, spec, spec])
+        calls = []
 
+        def run(new, prior, mask):
+            fn = infer if calls else forward
+            calls.append(1)
+            args = [tf.convert_to_tensor(a) for a in (new, prior, mask)]
+            return {k: np.asarray(v) for k, v in fn(*args).items()}
+
+        run.use_graph = lambda: calls.append(0)  # a cohort: trace from the first batch on
     run.model = model  # keep the model reachable for export and tests
-    run.use_graph = lambda: calls.append(0)  # a cohort: trace from the first batch on
     p2_model = []
 
     def p2(new, warped, warped_mask):
@@ -119,12 +124,32 @@ def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict 
             p2_model.append(keras.Model(
                 [model.get_layer("fixed_image").output, model.get_layer(f"warped_image_{levels}").output,
                  model.get_layer(f"warped_mask_{levels}").output], model.get_layer("p2_logits").output))
-        logits = p2_model[0]([tf.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)],
+        logits = p2_model[0]([ops.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)],
                              training=False)
-        x = tf.clip_by_value(tf.cast(logits, tf.float32), -LOGIT_CLIP, LOGIT_CLIP)
-        return np.asarray(tf.sigmoid(x))
+        x = ops.clip(ops.cast(logits, "float32"), -LOGIT_CLIP, LOGIT_CLIP)
+        return np.asarray(ops.convert_to_numpy(ops.sigmoid(x)))
 
     return Predictor(cfg, levels, run, dict(info or {}), p2)
+
+
+def _jax_run(model, levels: int):
+    """``run_fn`` under JAX: ``jax.jit`` of ``model.stateless_call(…, training=False)`` → :data:`OUTPUT_NAMES`."""
+    import jax
+
+    @jax.jit
+    def infer(trainable, non_trainable, new, prior, mask):
+        raw, _ = model.stateless_call(trainable, non_trainable,
+                                      {"fixed_image": new, "moving_image": prior, "moving_mask": mask},
+                                      training=False)
+        return serving_outputs(raw, levels)
+
+    def run(new, prior, mask):
+        out = infer([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                    new, prior, mask)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    run.use_graph = lambda: None  # always compiled
+    return run
 
 
 def import_runtime() -> None:
