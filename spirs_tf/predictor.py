@@ -113,21 +113,22 @@ def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict 
 
         run.use_graph = lambda: calls.append(0)  # a cohort: trace from the first batch on
     run.model = model  # keep the model reachable for export and tests
-    p2_model = []
+    p2_parts = []
 
     def p2(new, warped, warped_mask):
         """P2 from the fixed image and a (replaced) warped prior: the model's own layers, from its
         ``fixed_image`` input and ``warped_image_{levels}``/``warped_mask_{levels}`` outputs."""
         from spirs_tf._compat import keras
 
-        if not p2_model:
-            p2_model.append(keras.Model(
+        if not p2_parts:
+            sub = keras.Model(
                 [model.get_layer("fixed_image").output, model.get_layer(f"warped_image_{levels}").output,
-                 model.get_layer(f"warped_mask_{levels}").output], model.get_layer("p2_logits").output))
-        logits = p2_model[0]([ops.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)],
-                             training=False)
-        x = ops.clip(ops.cast(logits, "float32"), -LOGIT_CLIP, LOGIT_CLIP)
-        return np.asarray(ops.convert_to_numpy(ops.sigmoid(x)))
+                 model.get_layer(f"warped_mask_{levels}").output], model.get_layer("p2_logits").output)
+            p2_parts.append(_jax_p2(sub) if BACKEND == "jax" else
+                            lambda x: ops.sigmoid(ops.clip(ops.cast(sub(x, training=False), "float32"),
+                                                           -LOGIT_CLIP, LOGIT_CLIP)))
+        prob = p2_parts[0]([ops.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)])
+        return np.asarray(ops.convert_to_numpy(prob))
 
     return Predictor(cfg, levels, run, dict(info or {}), p2)
 
@@ -150,6 +151,20 @@ def _jax_run(model, levels: int):
 
     run.use_graph = lambda: None  # always compiled
     return run
+
+
+def _jax_p2(sub):
+    """``[new, warped, warped_mask] → σ(clip(p2_logits))`` of the P2 sub-model, one ``jax.jit``."""
+    import jax
+    from spirs_tf._compat import ops
+
+    @jax.jit
+    def infer(trainable, non_trainable, inputs):
+        logits, _ = sub.stateless_call(trainable, non_trainable, inputs, training=False)
+        return ops.sigmoid(ops.clip(ops.cast(logits, "float32"), -LOGIT_CLIP, LOGIT_CLIP))
+
+    return lambda inputs: infer([v.value for v in sub.trainable_variables],
+                                [v.value for v in sub.non_trainable_variables], inputs)
 
 
 def import_runtime() -> None:
