@@ -97,7 +97,7 @@ def _timed(fn, repeats: int) -> tuple[float, list[float]]:
 
 def _build(spec):
     """Config, levels and a SPIRS model with the spec's weights (or seeded random ones, saved)."""
-    from spirs_tf import config as config_lib, networks, train
+    from spirs_tf import checkpoints, config as config_lib, networks
     from spirs_tf._compat import keras
 
     cfg = config_lib.get_config(spec["config"])
@@ -108,11 +108,11 @@ def _build(spec):
     model = networks.build_spirs(cfg, levels, bn_trainable=False)
     weights = spec["weights"]
     if os.path.isfile(weights):
-        state = train.load_checkpoint(weights)[0]
+        state = checkpoints.load_checkpoint(weights)[0]
         networks.load_model_state(model, state)
     else:  # untrained: save a checkpoint + config that `spirs predict --model` can load
         os.makedirs(os.path.dirname(weights), exist_ok=True)
-        train.save_checkpoint(weights, networks.model_state(model), {},
+        checkpoints.save_checkpoint(weights, networks.model_state(model), {},
                               {"stage": len(cfg.train.stages), "levels": levels, "epoch": 0, "untrained": True})
         config_lib.save_config(cfg, os.path.join(os.path.dirname(weights), "config.json"))
     return cfg, levels, model
@@ -173,19 +173,19 @@ def worker_train(spec: dict) -> dict:
     source = data_lib.PairSource.from_arrays(pairs)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = train.Trainer(cfg, stage, source, None, tmp, verbose=0)
-        trainer._build_steps()
+        trainer.build_steps()
         ds = data_lib.make_dataset(source, cfg, st.levels, batch_size=st.batch_size, training=True, seed=0, steps=1)
         start = time.perf_counter()
         batch = next(iter(ds))
         loader_s = time.perf_counter() - start
-        first, times = _timed(lambda: float(trainer._train_step(batch)["total"]), spec["repeats"])
+        first, times = _timed(lambda: float(trainer.train_step(batch)["total"]), spec["repeats"])
         sys.path.insert(0, HERE)
         import flops as flops_lib  # experiments/flops.py
         import train_profile  # experiments/train_profile.py
 
         # the floor of this step at the matmul rate measured now, in this process
         floor = train_profile.training_floor(cfg, st.levels, st.batch_size, flops_lib.matmul_gflops(2048, 3)["tf_gflops"])
-        prof = train_profile.profile_step(lambda: trainer._train_step(batch)) if spec.get("profile") else None
+        prof = train_profile.profile_step(lambda: trainer.train_step(batch)) if spec.get("profile") else None
     return {"levels": st.levels, "batch": st.batch_size, "input_size": cfg.level_grid(st.levels),
             "first_step_s": first, "times_s": times, "loader_batch_s": loader_s,
             "loader_workers": cfg.train.loader_workers, "floor": floor, "profile": prof}

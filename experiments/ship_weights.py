@@ -18,7 +18,7 @@ import sys
 from spirs_tf import __version__
 from spirs_tf.atomic import atomic_write_text
 from spirs_tf.inference import DEMO_NAME, WEIGHTS_DIR, find_run_checkpoint
-from spirs_tf.train import load_checkpoint, save_checkpoint
+from spirs_tf.checkpoints import load_checkpoint, save_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:

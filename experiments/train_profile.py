@@ -207,10 +207,10 @@ def compare(config: str, stage: int, repeats: int) -> dict:
         for name, cfg, enabled in (("old", cfg_old, False), ("new", cfg_new, True)):
             with speedups(enabled):
                 trainer = train.Trainer(cfg, stage, source, None, os.path.join(tmp, name), verbose=0)
-                trainer._build_steps()
-                trainer._train_step(batch)
+                trainer.build_steps()
+                trainer.train_step(batch)
             trainers.append(trainer)
-            fns[name] = lambda t=trainer: float(t._train_step(batch)["total"])
+            fns[name] = lambda t=trainer: float(t.train_step(batch)["total"])
         results["train_step"] = _interleaved(fns, repeats)
     return results
 
@@ -248,11 +248,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         source = smooth_source(cfg)
         trainer = train.Trainer(cfg, args.stage, source, None, tmp, verbose=0)
-        trainer._build_steps()
+        trainer.build_steps()
         batch = next(iter(data_lib.make_dataset(source, cfg, st.levels, batch_size=st.batch_size, training=True,
                                                 seed=0, steps=1)))
-        trainer._train_step(batch)
-        prof = profile_step(lambda: trainer._train_step(batch))
+        trainer.train_step(batch)
+        prof = profile_step(lambda: trainer.train_step(batch))
     print("\n".join(format_profile(prof)))
     return 0
 

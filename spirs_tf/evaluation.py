@@ -51,6 +51,7 @@ import numpy as np
 from spirs_tf import config as config_lib
 from spirs_tf import metrics
 from spirs_tf.atomic import atomic_write_text
+from spirs_tf.checkpoints import load_checkpoint, resolve_run
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.geometry import sample_locations, scale_translation
 from spirs_tf.stats import median_iqr
@@ -178,21 +179,7 @@ def load_run(path: str | os.PathLike) -> Run:
     Raises:
         SpirsInputError: missing path, no checkpoint/config, unreadable checkpoint.
     """
-    from spirs_tf.inference import find_run_checkpoint
-    from spirs_tf.train import load_checkpoint
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise SpirsInputError("run not found", path)
-    if os.path.isdir(path):
-        checkpoint, config_path, _ = find_run_checkpoint(path)
-    else:
-        folder = os.path.dirname(os.path.abspath(path))
-        candidates = [os.path.join(folder, "config.json"), os.path.join(os.path.dirname(folder), "config.json")]
-        config_path = next((c for c in candidates if os.path.isfile(c)), None)
-        if config_path is None:
-            raise SpirsInputError("no config.json beside the checkpoint or one folder up", path)
-        checkpoint = path
+    checkpoint, config_path, _ = resolve_run(path)
     key = tuple((os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in (checkpoint, config_path))
     if key in _RUNS:
         return _RUNS[key]

@@ -84,6 +84,7 @@ import numpy as np
 
 from spirs_tf import __version__
 from spirs_tf.atomic import atomic_write_text
+from spirs_tf.checkpoints import checkpoint_config
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.case_inputs import (LOW_OVERLAP, CaseInputs, PreparedCase, brain_box, brain_overlap,  # noqa: F401
                                    prepare_case, read_case_inputs)
@@ -137,11 +138,7 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
         return _checkpoint_predictor(*find_run_checkpoint(path))
     if not path.endswith(".npz"):
         raise SpirsInputError("a model must be a run directory, a checkpoint .npz or a SavedModel folder", path)
-    folder = os.path.dirname(os.path.abspath(path))
-    for cfg in (os.path.join(folder, "config.json"), os.path.join(os.path.dirname(folder), "config.json")):
-        if os.path.isfile(cfg):
-            return _checkpoint_predictor(path, cfg)
-    raise SpirsInputError("no config.json beside the checkpoint or one folder up", path)
+    return _checkpoint_predictor(path, checkpoint_config(path))
 
 
 # ---------------------------------------------------------------------------------------- case output

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from spirs_tf import config as config_lib
+from spirs_tf.checkpoints import find_run_checkpoint, load_checkpoint  # noqa: F401 (re-exported)
 from spirs_tf.errors import SpirsInputError
 
 OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
@@ -190,7 +191,6 @@ def import_runtime() -> None:
 def _checkpoint_predictor(checkpoint: str, config_path: str, stage: int | None = None) -> Predictor:
     import_runtime()
     from spirs_tf import networks
-    from spirs_tf.train import load_checkpoint
 
     cfg = config_lib.get_config(config_path)
     state, _, meta = load_checkpoint(checkpoint)
@@ -205,25 +205,3 @@ def _checkpoint_predictor(checkpoint: str, config_path: str, stage: int | None =
     info = {"kind": "checkpoint", "checkpoint": os.path.abspath(checkpoint), "config_file": os.path.abspath(config_path),
             "config": cfg.name, "stage": stage, "levels": int(levels), "epoch": meta.get("epoch")}
     return keras_predictor(model, cfg, int(levels), info)
-
-
-def find_run_checkpoint(run_dir: str) -> tuple[str, str, int | None]:
-    """``(checkpoint, config.json, stage)`` of a run directory: the highest ``stageN`` that holds a
-    checkpoint, its ``best.npz`` else ``latest.npz``. A single stage folder is accepted too.
-
-    Raises:
-        SpirsInputError: no stage with a checkpoint and a config.
-    """
-    stages = []
-    for name in os.listdir(run_dir):
-        if name.startswith("stage") and name[5:].isdigit():
-            stages.append((int(name[5:]), os.path.join(run_dir, name)))
-    candidates = sorted(stages, reverse=True) + [(None, run_dir)]
-    for stage, folder in candidates:
-        for ckpt in ("best.npz", "latest.npz"):
-            path = os.path.join(folder, "checkpoints", ckpt)
-            cfg = os.path.join(folder, "config.json")
-            if os.path.isfile(path) and os.path.isfile(cfg):
-                return path, cfg, stage
-    raise SpirsInputError("not a run directory (no stageN/checkpoints/best.npz or latest.npz with "
-                          "stageN/config.json) and not a SavedModel (no saved_model.pb)", run_dir)

@@ -4,20 +4,23 @@ The loop reads like the method::
 
     run_stage(cfg, stage, manifest, run_dir)
       └─ Trainer.fit()
-           for epoch:  on_epoch_start → train_step × steps → validate → on_epoch_end (log, checkpoint)
+           [recalibrate_batchnorm]  once, before the first epoch of a stage that asks for it
+           for epoch:  on_epoch_start → train_step × steps → validate (eval_step × pairs) → on_epoch_end (log, checkpoint)
 
-* ``train_step`` is one ``tf.function``: a forward pass of the whole pyramid, the losses of
-  :func:`spirs_tf.losses.spirs_losses`, and either the authors' **isolated** update (three
-  optimisers: registration loss → registration variables incl. the shared encoder; P1 loss → P1
-  variables incl. the shared encoder; P2 loss → the fusion block only) or the paper's **joint**
-  update (Eq. 10 with one optimiser). In isolated mode the gradient of each loss is taken only with
-  respect to its own variable group, which is exactly what the authors' three tapes computed.
-* Checkpoints are name-keyed ``.npz`` files (model variables and optimiser slots by variable path,
-  plus epoch, step and best metric), written with write-then-rename: ``checkpoints/latest.npz``
-  every epoch, ``checkpoints/best.npz`` on improvement of ``train.keep_best_metric``. A run that was
-  killed resumes from ``latest.npz``; the half-written temporary file of a killed write is never
-  loaded. An unreadable ``latest.npz`` (which atomic writes cannot produce: disk or copy damage)
-  stops the run with an error that says what to do; it never falls back to an older checkpoint.
+* ``Trainer.train_step(batch)`` is one compiled step: a forward pass of the whole pyramid, the losses
+  of :func:`spirs_tf.losses.spirs_losses`, and either the authors' **isolated** update (three
+  optimisers: registration loss → the registration variables; P1 loss → the P1 variables, plus the
+  shared encoder with ``loss.p1_trains_encoder``; P2 loss → the fusion block only) or the paper's
+  **joint** update (Eq. 10 with one optimiser). In isolated mode the gradient of each loss is taken
+  only with respect to its own variable group, which is exactly what the authors' three tapes
+  computed. The backend-specific part (tape, compilation, ``tf.distribute``) is
+  :mod:`spirs_tf.train_steps`; everything else here is backend-neutral Keras.
+* Checkpoints (:mod:`spirs_tf.checkpoints`) are name-keyed ``.npz`` files, written with
+  write-then-rename: ``checkpoints/latest.npz`` every epoch, ``checkpoints/best.npz`` on improvement
+  of ``train.keep_best_metric``. A run that was killed resumes from ``latest.npz``; the half-written
+  temporary file of a killed write is never loaded. An unreadable ``latest.npz`` (which atomic writes
+  cannot produce: disk or copy damage) stops the run with an error that says what to do; it never
+  falls back to an older checkpoint.
 * Stage ``n > 1`` starts from stage ``n − 1``'s ``best.npz`` (same variable names: the levels share
   every weight). Optimiser state is not carried across stages: each stage has its own step count and
   schedule (the authors restarted schedules per stage too; they carried momentum, which is
@@ -27,108 +30,49 @@ The loop reads like the method::
   masked or not, is computed with float64 box sums (:func:`spirs_tf.losses.lncc_exact`); training
   keeps float32, whose error next to the zero background inflated the unmasked columns before.
 
-Run directory layout (``RUN`` holds all three stages)::
-
-    RUN/stage1/config.json        resolved config
-    RUN/stage1/history.csv        one row per epoch, every loss term and validation metric
-    RUN/stage1/curves.png         learning curves
-    RUN/stage1/checkpoints/{latest,best}.npz
-    RUN/stage1/tensorboard/
+The run directory layout is described in :mod:`spirs_tf.checkpoints`; learning curves are drawn by
+:mod:`spirs_tf.curves`, BatchNorm statistics re-estimated by :mod:`spirs_tf.bn_recalibration`, and
+``tf.distribute`` strategies made by :mod:`spirs_tf.distribute`.
 """
 from __future__ import annotations
 
 import contextlib
 import csv
 import dataclasses
-import json
 import math
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from spirs_tf import config as config_lib
+from spirs_tf import data as data_lib
+from spirs_tf import losses as losses_lib
+from spirs_tf import networks, optim
+from spirs_tf._compat import BACKEND, keras, ops, tf
 from spirs_tf.atomic import atomic_path
+from spirs_tf.bn_recalibration import recalibrate_batchnorm
+from spirs_tf.checkpoints import (CHECKPOINT_FORMAT, StagePaths, load_checkpoint,  # noqa: F401 (re-exported)
+                                  save_checkpoint, stage_dir)
+from spirs_tf.curves import CURVE_PANELS, plot_curves  # noqa: F401 (re-exported)
+from spirs_tf.distribute import (LOGICAL_CPUS_ENV, distribute_dataset, make_strategy,  # noqa: F401 (re-exported)
+                                 padded_batches)
 from spirs_tf.errors import SpirsInputError
-
-CHECKPOINT_FORMAT = 1
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(path: str, model_state: dict, optimizer_states: dict, meta: dict) -> None:
-    """Write one name-keyed checkpoint atomically (temporary file + rename)."""
-    arrays = {f"model/{k}": v for k, v in model_state.items()}
-    for opt_name, state in optimizer_states.items():
-        arrays.update({f"optim/{opt_name}/{k}": v for k, v in state.items()})
-    meta = dict(meta, format=CHECKPOINT_FORMAT)
-    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-
-
-def load_checkpoint(path: str) -> tuple[dict, dict, dict]:
-    """Read a checkpoint written by :func:`save_checkpoint` → (model_state, optimizer_states, meta)."""
-    if not os.path.isfile(path):
-        raise SpirsInputError("checkpoint not found", path)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except Exception as exc:  # corrupt zip, truncated file
-        raise SpirsInputError(f"cannot read checkpoint ({exc.__class__.__name__}: {exc})", path) from None
-    if "__meta__" not in arrays:
-        raise SpirsInputError("not a spirs-tf checkpoint (no metadata)", path)
-    meta = json.loads(arrays.pop("__meta__").tobytes().decode("utf-8"))
-    model_state = {k[len("model/"):]: v for k, v in arrays.items() if k.startswith("model/")}
-    optimizer_states: dict[str, dict] = {}
-    for k, v in arrays.items():
-        if k.startswith("optim/"):
-            _, name, var = k.split("/", 2)
-            optimizer_states.setdefault(name, {})[var] = v
-    return model_state, optimizer_states, meta
-
-
-# ------------------------------------------------------------------------------------------ trainer
-@dataclass
-class StagePaths:
-    root: str
-
-    @property
-    def checkpoints(self) -> str:
-        return os.path.join(self.root, "checkpoints")
-
-    @property
-    def latest(self) -> str:
-        return os.path.join(self.checkpoints, "latest.npz")
-
-    @property
-    def best(self) -> str:
-        return os.path.join(self.checkpoints, "best.npz")
-
-    @property
-    def history(self) -> str:
-        return os.path.join(self.root, "history.csv")
-
-    @property
-    def config(self) -> str:
-        return os.path.join(self.root, "config.json")
-
-
-def stage_dir(run_dir: str, stage: int) -> str:
-    return os.path.join(run_dir, f"stage{stage}")
+from spirs_tf.manifest import load_manifest
+from spirs_tf.train_steps import make_steps
 
 
 class Trainer:
-    """Trains one stage. Hyper-parameters come from the config, never from attributes set here."""
+    """Trains one stage. Hyper-parameters come from the config, never from attributes set here.
+
+    Public steps (compiled by the backend's :mod:`spirs_tf.train_steps` on first use):
+    :meth:`train_step` and :meth:`eval_step`. What a step implementation reads from the trainer:
+    ``model``, ``optimizers``, ``var_lists``, :meth:`loss_for`, :meth:`compute_losses`,
+    :meth:`validation_terms`, ``strategy``, ``stage``, ``stage_cfg``.
+    """
 
     def __init__(self, cfg: config_lib.SpirsConfig, stage: int, train_source, val_source, run_dir: str,
                  init_from: str | None = None, verbose: int = 1, strategy=None):
-        from spirs_tf._compat import keras
-        from spirs_tf import networks
-
         if not 1 <= stage <= len(cfg.train.stages):
             raise SpirsInputError(f"stage must be in 1..{len(cfg.train.stages)}, got {stage}")
         self.cfg = cfg
@@ -174,14 +118,11 @@ class Trainer:
             if verbose:
                 print(f"stage {stage}: initialised from {init_from} (stage {meta.get('stage')}, "
                       f"epoch {meta.get('epoch')})")
-        self._train_step = None
-        self._eval_step = None
+        self._steps = None  # train_steps.make_steps(self), made on first use
         self._losses = None  # loss_function(cfg, levels), made on first use
 
     # --------------------------------------------------------------------------- optimisers
     def _make_optimizers(self) -> dict:
-        from spirs_tf import optim
-
         o = self.cfg.optim
         st = self.stage_cfg
 
@@ -198,7 +139,7 @@ class Trainer:
                                       for name in ("registration", "segmentation_p1", "segmentation_p2")})
         if self.cfg.loss.optimisation == "joint":
             opts = {"joint": optim.make_optimizer(o.registration, self.steps_per_epoch, name="joint")}
-            self._var_lists = {"joint": list(self.model.trainable_variables)}
+            self.var_lists = {"joint": list(self.model.trainable_variables)}
         else:
             opts = {
                 "registration": optim.make_optimizer(o.registration, self.steps_per_epoch, name="registration"),
@@ -207,112 +148,79 @@ class Trainer:
                 "segmentation_p2": optim.make_optimizer(o.segmentation_p2, self.steps_per_epoch,
                                                         name="segmentation_p2"),
             }
-            self._var_lists = {k: [v for v in self.groups[k] if v.trainable] for k in opts}
+            self.var_lists = {k: [v for v in self.groups[k] if v.trainable] for k in opts}
         for name, opt in opts.items():
-            opt.build(self._var_lists[name])
+            opt.build(self.var_lists[name])
         return opts
 
     @staticmethod
-    def _loss_for(optimizer_name: str) -> str:
+    def loss_for(optimizer_name: str) -> str:
         """The loss an optimiser minimises: Eq. 10's total in joint mode, else its own group's loss."""
         return "total" if optimizer_name == "joint" else optimizer_name
 
-    # --------------------------------------------------------------------------------- steps
-    def _inputs(self, batch):
-        return {k: batch[k] for k in ("fixed_image", "moving_image", "moving_mask")}
+    # --------------------------------------------------------------------- backend-neutral parts
+    @staticmethod
+    def model_inputs(batch: dict) -> dict:
+        """The model's inputs of a batch (:data:`spirs_tf.data.MODEL_INPUT_KEYS`)."""
+        return {k: batch[k] for k in data_lib.MODEL_INPUT_KEYS}
 
-    def _compute_losses(self, batch, training: bool):
-        outputs = self.model(self._inputs(batch), training=training)
+    def compute_losses(self, batch: dict, training: bool) -> tuple[dict, dict]:
+        """Forward pass and loss terms → ``(outputs, {term: (B,) per-sample loss})``.
+
+        Training uses :func:`loss_function` (XLA-compiled with ``train.xla_losses``, float32 LNCC);
+        validation numbers are logged (history, provenance, ``best.npz``), so their LNCC terms use
+        exact float64 box sums, op by op.
+        """
+        outputs = self.model(self.model_inputs(batch), training=training)
         if not training:
-            from spirs_tf import losses as losses_lib
-
-            # validation numbers are logged (history, provenance, best.npz): their LNCC terms use exact
-            # float64 box sums, op by op; training keeps the compiled float32 ones (masked, ~1e-7 off)
             return outputs, losses_lib.spirs_losses(outputs, batch, self.cfg, self.levels, exact_lncc=True)
         if self._losses is None:  # not compiled under a strategy (XLA there is untested)
             self._losses = loss_function(self.cfg, self.levels, compile=self.strategy is None)
         return outputs, self._losses(outputs, batch)
 
-    def _build_steps(self):
-        from spirs_tf._compat import tf
+    def validation_terms(self, outputs: dict, batch: dict) -> dict:
+        """The finest level's validation metrics beyond the loss terms, per sample ``(B,)``.
 
-        global_batch = self.stage_cfg.batch_size
+        ``lncc_{identity,affine,deformable}``: unmasked LNCC of the fixed image with the moving image,
+        its affine and its deformable warp, so windows centred in the zero background count: float64
+        box sums (:func:`spirs_tf.losses.lncc_exact`), the float32 cumulative sums inflate these means
+        next to the background. ``dice_{identity,affine,deformable}``: hard Dice of the (warped) moving
+        mask ≥ 0.5 with the fixed mask; ``dice_p1``/``dice_p2``: hard Dice of the segmentations.
+        """
+        L = self.levels
+        fixed, target = batch["fixed_image"], batch["fixed_mask"]
+        window = self.cfg.loss.lncc_window
+        return {
+            "lncc_identity": losses_lib.lncc_exact(fixed, batch["moving_image"], window),
+            "lncc_affine": losses_lib.lncc_exact(fixed, outputs[f"warped_affine_image_{L}"], window),
+            "lncc_deformable": losses_lib.lncc_exact(fixed, outputs[f"warped_image_{L}"], window),
+            "dice_identity": _hard_dice_prob(target, batch["moving_mask"]),
+            "dice_affine": _hard_dice_prob(target, outputs[f"warped_affine_mask_{L}"]),
+            "dice_deformable": _hard_dice_prob(target, outputs[f"warped_mask_{L}"]),
+            "dice_p1": losses_lib.hard_dice(target, outputs["p1_logits"]),
+            "dice_p2": losses_lib.hard_dice(target, outputs["p2_logits"]),
+        }
 
-        def reduce(x):
-            # per-sample (B,) → scalar; under a strategy each replica sums and divides by the global batch
-            if self.strategy is not None:
-                return tf.reduce_sum(x) / global_batch
-            return tf.reduce_mean(x)
+    # --------------------------------------------------------------------------------- steps
+    def build_steps(self) -> None:
+        """Make (compile lazily) the backend's steps now (:func:`spirs_tf.train_steps.make_steps`).
 
-        if self.strategy is not None:
-            replicas = self.strategy.num_replicas_in_sync
-            if global_batch % replicas:
-                raise SpirsInputError(
-                    f"stage {self.stage}: the global batch ({global_batch}) must be a multiple of the "
-                    f"{replicas} replicas of the distribution strategy (set train.stages.{self.stage - 1}"
-                    ".batch_size)")
+        Raises:
+            SpirsInputError: under a strategy, a global batch that is not a multiple of the replicas.
+        """
+        self._steps = make_steps(self)
 
-        def train_step(batch):
-            with tf.GradientTape(persistent=True) as tape:
-                outputs, per_sample = self._compute_losses(batch, training=True)
-                scalars = {k: reduce(v) for k, v in per_sample.items()}
-            for name, opt in self.optimizers.items():
-                variables = self._var_lists[name]
-                grads = tape.gradient(scalars[self._loss_for(name)], variables)
-                pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-                opt.apply([g for g, _ in pairs], [v for _, v in pairs])
-            del tape
-            return scalars
+    def train_step(self, batch: dict) -> dict:
+        """One optimisation step on ``batch`` → {loss term: scalar}; updates the model and optimisers."""
+        if self._steps is None:
+            self.build_steps()
+        return self._steps.train_step(batch)
 
-        def eval_step(batch):
-            from spirs_tf import losses as losses_lib
-
-            weight = batch.get("weight")  # under a strategy: 1 per pair, 0 for padding (validate())
-
-            def reduce(x):  # noqa: F811 - weighted sums under a strategy, divided by the count later
-                return tf.reduce_mean(x) if weight is None else tf.reduce_sum(x * weight)
-
-            outputs, per_sample = self._compute_losses(batch, training=False)
-            scalars = {k: reduce(v) for k, v in per_sample.items()}
-            L = self.levels
-            fixed = batch["fixed_image"]
-            # unmasked, so windows centred in the zero background count: float64 box sums (lncc_exact),
-            # the float32 cumulative sums inflate these means next to the background
-            window = self.cfg.loss.lncc_window
-            scalars["lncc_identity"] = reduce(losses_lib.lncc_exact(fixed, batch["moving_image"], window))
-            scalars["lncc_affine"] = reduce(losses_lib.lncc_exact(fixed, outputs[f"warped_affine_image_{L}"],
-                                                                  window))
-            scalars["lncc_deformable"] = reduce(losses_lib.lncc_exact(fixed, outputs[f"warped_image_{L}"],
-                                                                      window))
-            target = batch["fixed_mask"]
-            scalars["dice_identity"] = reduce(_hard_dice_prob(target, batch["moving_mask"]))
-            scalars["dice_affine"] = reduce(_hard_dice_prob(target, outputs[f"warped_affine_mask_{L}"]))
-            scalars["dice_deformable"] = reduce(_hard_dice_prob(target, outputs[f"warped_mask_{L}"]))
-            scalars["dice_p1"] = reduce(losses_lib.hard_dice(target, outputs["p1_logits"]))
-            scalars["dice_p2"] = reduce(losses_lib.hard_dice(target, outputs["p2_logits"]))
-            if weight is not None:
-                scalars["count"] = tf.reduce_sum(weight)
-            return scalars
-
-        if self.strategy is not None:
-            strategy = self.strategy
-
-            def dist_train(batch):
-                per_replica = strategy.run(train_step, args=(batch,))
-                return {k: strategy.reduce("SUM", v, axis=None) for k, v in per_replica.items()}
-
-            def dist_eval(batch):
-                # global sums / global count = batch means; "count" weights the batch in validate()
-                per_replica = strategy.run(eval_step, args=(batch,))
-                sums = {k: strategy.reduce("SUM", v, axis=None) for k, v in per_replica.items()}
-                count = sums.pop("count")
-                return {**{k: v / tf.maximum(count, 1.0) for k, v in sums.items()}, "count": count}
-
-            self._train_step = tf.function(dist_train)
-            self._eval_step = tf.function(dist_eval)
-        else:
-            self._train_step = tf.function(train_step)
-            self._eval_step = tf.function(eval_step)
+    def eval_step(self, batch: dict) -> dict:
+        """Validation of ``batch`` → {loss term or metric: scalar} (``count`` too under a strategy)."""
+        if self._steps is None:
+            self.build_steps()
+        return self._steps.eval_step(batch)
 
     # --------------------------------------------------------------------------------- hooks
     def on_epoch_start(self, epoch: int) -> None:
@@ -324,8 +232,6 @@ class Trainer:
             variable.assign(initial + np.array([0, epoch << 32], dtype=initial.dtype))
 
     def _track(self, prefix: str, scalars: dict) -> None:
-        from spirs_tf._compat import keras
-
         for k, v in scalars.items():
             key = f"{prefix}{k}"
             if key not in self._metrics:
@@ -333,22 +239,18 @@ class Trainer:
             self._metrics[key].update_state(v)
 
     def validate(self, epoch: int) -> dict:
+        """The ``val_`` means over the validation pairs (one pair per batch; under a strategy global
+        batches of one pair per replica, the last padded with weight-0 pairs)."""
         if self.val_source is None or len(self.val_source) == 0:
             return {}
-        from spirs_tf import data as data_lib
-
-        if self._eval_step is None:
-            self._build_steps()
         ds = data_lib.make_dataset(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
                                    seed=self.cfg.train.seed)
         if self.strategy is None:
             for batch in ds:
-                self._track("val_", self._eval_step(batch))
+                self._track("val_", self.eval_step(batch))
         else:
-            from spirs_tf._compat import keras
-
-            for batch in distribute_dataset(self.strategy, _padded_batches(ds, self.strategy.num_replicas_in_sync)):
-                scalars = self._eval_step(batch)
+            for batch in distribute_dataset(self.strategy, padded_batches(ds, self.strategy.num_replicas_in_sync)):
+                scalars = self.eval_step(batch)
                 count = scalars.pop("count")
                 for k, v in scalars.items():  # batch means weighted by their pairs: a pair-wise mean
                     metric = self._metrics.setdefault(f"val_{k}", keras.metrics.Mean(name=f"val_{k}"))
@@ -356,48 +258,21 @@ class Trainer:
         return {k: float(m.result()) for k, m in self._metrics.items() if k.startswith("val_")}
 
     def recalibrate_batchnorm(self, batches: int) -> list[str]:
-        """Re-estimate the moving statistics of the BatchNorm layers of ``train.bn_recalibration_modules``.
-
-        Statistics frozen at an earlier stage describe other inputs (a coarser grid; for a module that did
-        not train there, other weights). This runs ``batches`` augmented training batches through the model
-        in training mode with only those layers switched to batch statistics; their moving mean and
-        variance become the plain average of the batch statistics over all their calls (momentum
-        ``n/(n+1)`` at a layer's call ``n``).
-        No trainable weight changes. Returns the names of the layers re-estimated.
+        """Re-estimate the moving statistics of the BatchNorm layers of ``train.bn_recalibration_modules``
+        over ``batches`` augmented training batches (:func:`spirs_tf.bn_recalibration.recalibrate_batchnorm`:
+        the plain average of the batch statistics over all calls). No trainable weight changes.
+        Returns the names of the layers re-estimated.
 
         Raises:
             SpirsInputError: under a distribution strategy (not supported).
         """
-        from spirs_tf import data as data_lib, networks
-
         if self.strategy is not None:
             raise SpirsInputError("bn_recalibration_batches is not supported with a distribution strategy; "
                                   f"set train.stages.{self.stage - 1}.bn_recalibration_batches=0", self.paths.root)
         layers = networks.batchnorm_layers(self.model, self.cfg.train.recalibration_modules())
-        saved = [(layer, layer.trainable, layer.momentum, layer.call) for layer in layers]
         ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
                                    training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)
-
-        def averaging(layer, call):
-            n = 0  # calls of this layer so far
-
-            def wrapped(*args, **kwargs):
-                nonlocal n
-                layer.momentum = n / (n + 1.0)  # moving = plain average over its calls so far
-                n += 1
-                return call(*args, **kwargs)
-            return wrapped
-
-        try:
-            for layer in layers:
-                layer.trainable = True  # Keras 3 runs a non-trainable BatchNorm in inference mode
-                layer.call = averaging(layer, layer.call)  # a layer shared by pyramid levels runs once per level
-            for batch in ds:
-                self.model(self._inputs(batch), training=True)
-        finally:
-            for layer, trainable, momentum, call in saved:
-                layer.trainable, layer.momentum, layer.call = trainable, momentum, call
-        return [layer.name for layer in layers]
+        return recalibrate_batchnorm(self.model, layers, (self.model_inputs(batch) for batch in ds))
 
     def _monitor(self, logs: dict) -> float:
         """The value of ``train.keep_best_metric`` (the training ``registration`` loss without validation).
@@ -432,45 +307,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------- main loop
     def fit(self, epochs: int | None = None) -> list[dict]:
-        from spirs_tf._compat import keras
-        from spirs_tf import data as data_lib
-
+        """Train until ``epochs`` (default the stage's) epochs are complete → the history rows."""
         epochs = self.stage_cfg.epochs if epochs is None else epochs
-        if self._train_step is None:
+        if self._steps is None:
             if self.epoch == 0 and self.stage_cfg.bn_recalibration_batches > 0:
                 names = self.recalibrate_batchnorm(self.stage_cfg.bn_recalibration_batches)
                 if self.verbose:
                     print(f"stage {self.stage}: re-estimated the statistics of {len(names)} BatchNorm layers "
                           f"over {self.stage_cfg.bn_recalibration_batches} batches")
-            self._build_steps()
+            self.build_steps()
         while self.epoch < epochs:
             epoch = self.epoch + 1
             self.on_epoch_start(epoch)
-            ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels,
-                                       batch_size=self.stage_cfg.batch_size, training=True,
-                                       seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
-            if self.strategy is not None:
-                ds = distribute_dataset(self.strategy, ds)  # each replica gets batch / replicas pairs
-            bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
-                                      stateful_metrics=None) if self.verbose else None
-            start = time.perf_counter()
-            for step, batch in enumerate(ds):
-                if step >= self.steps_per_epoch:
-                    break
-                scalars = self._train_step(batch)
-                if not math.isfinite(float(scalars["total"])):
-                    raise SpirsInputError(
-                        f"training diverged at stage {self.stage}, epoch {epoch}, step {step + 1} (loss is "
-                        f"{float(scalars['total'])}); the last good checkpoint is kept. Lower the learning rate, "
-                        f"e.g. --set train.stages.{self.stage - 1}.lr_scale=0.01", self.paths.root)
-                self._track("", scalars)
-                if bar is not None:
-                    bar.update(step + 1, values=[(k, float(self._metrics[k].result()))
-                                                 for k in ("registration", "segmentation_p1", "segmentation_p2")
-                                                 if k in self._metrics])
-            logs = {k: float(m.result()) for k, m in self._metrics.items() if not k.startswith("val_")}
-            logs["seconds"] = time.perf_counter() - start
-            logs["learning_rate"] = float(_current_lr(next(iter(self.optimizers.values()))))
+            logs = self.train_epoch(epoch)
             logs.update(self.validate(epoch))
             if self.verbose:
                 shown = {k: round(v, 4) for k, v in logs.items()
@@ -482,16 +331,45 @@ class Trainer:
         plot_curves(self.history, os.path.join(self.paths.root, "curves.png"), title=f"stage {self.stage}")
         return self.history
 
+    def train_epoch(self, epoch: int) -> dict:
+        """``steps_per_epoch`` training steps → the epoch's training logs (loss means, seconds, learning rate).
+
+        Raises:
+            SpirsInputError: a non-finite total loss (training diverged; the last good checkpoint is kept).
+        """
+        ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels,
+                                   batch_size=self.stage_cfg.batch_size, training=True,
+                                   seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
+        if self.strategy is not None:
+            ds = distribute_dataset(self.strategy, ds)  # each replica gets batch / replicas pairs
+        bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
+                                  stateful_metrics=None) if self.verbose else None
+        start = time.perf_counter()
+        for step, batch in enumerate(ds):
+            if step >= self.steps_per_epoch:
+                break
+            scalars = self.train_step(batch)
+            if not math.isfinite(float(scalars["total"])):
+                raise SpirsInputError(
+                    f"training diverged at stage {self.stage}, epoch {epoch}, step {step + 1} (loss is "
+                    f"{float(scalars['total'])}); the last good checkpoint is kept. Lower the learning rate, "
+                    f"e.g. --set train.stages.{self.stage - 1}.lr_scale=0.01", self.paths.root)
+            self._track("", scalars)
+            if bar is not None:
+                bar.update(step + 1, values=[(k, float(self._metrics[k].result()))
+                                             for k in ("registration", "segmentation_p1", "segmentation_p2")
+                                             if k in self._metrics])
+        logs = {k: float(m.result()) for k, m in self._metrics.items() if not k.startswith("val_")}
+        logs["seconds"] = time.perf_counter() - start
+        logs["learning_rate"] = float(_current_lr(next(iter(self.optimizers.values()))))
+        return logs
+
     # ------------------------------------------------------------------------------ persistence
     def _save(self, path: str, meta: dict) -> None:
-        from spirs_tf import networks, optim
-
         save_checkpoint(path, networks.model_state(self.model),
                         {k: optim.optimizer_state(o) for k, o in self.optimizers.items()}, meta)
 
     def _restore(self, path: str) -> None:
-        from spirs_tf import networks, optim
-
         try:
             state, opt_states, meta = load_checkpoint(path)
         except SpirsInputError as exc:  # never fall back silently: best.npz may be many epochs older
@@ -522,8 +400,6 @@ class Trainer:
                 writer.writerows(self.history)
 
     def _log_tensorboard(self, epoch: int, logs: dict) -> None:
-        from spirs_tf._compat import tf
-
         if tf is None or getattr(self, "_tb", False) is None:
             return
         if not hasattr(self, "_tb"):
@@ -550,9 +426,6 @@ def loss_function(cfg: config_lib.SpirsConfig, levels: int, compile: bool = True
     3-D convolutions slower on a CPU). Only the batch keys the losses read are passed in.
     ``compile=False`` (the trainer under a ``tf.distribute`` strategy) always gives the plain losses.
     """
-    from spirs_tf import losses as losses_lib
-    from spirs_tf._compat import BACKEND, tf
-
     def plain(outputs, batch):
         return losses_lib.spirs_losses(outputs, batch, cfg, levels)
 
@@ -567,8 +440,6 @@ def loss_function(cfg: config_lib.SpirsConfig, levels: int, compile: bool = True
 
 def _hard_dice_prob(target, prob):
     """Hard Dice of a soft (warped) mask thresholded at 0.5; empty vs empty = 1."""
-    from spirs_tf._compat import ops
-
     axes = tuple(range(1, len(target.shape)))
     t = ops.cast(target > 0.5, "float32")
     p = ops.cast(prob > 0.5, "float32")
@@ -582,49 +453,11 @@ def _current_lr(opt) -> float:
     return float(np.asarray(lr))
 
 
-#: (title, history keys) of the learning-curve panels
-CURVE_PANELS = (
-    ("losses", ("registration", "segmentation_p1", "segmentation_p2", "val_registration")),
-    ("validation LNCC (finest level)", ("val_lncc_identity", "val_lncc_affine", "val_lncc_deformable")),
-    ("validation Dice", ("val_dice_identity", "val_dice_affine", "val_dice_deformable", "val_dice_p1",
-                         "val_dice_p2")),
-)
-
-
-def plot_curves(history: list[dict], path: str, title: str = "") -> None:
-    """Learning curves: training losses and validation metrics per epoch (PNG, written atomically)."""
-    if not history:
-        return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(15, 4))
-    for ax, (panel_title, keys) in zip(axes, CURVE_PANELS):
-        for key in keys:
-            if key in history[0]:
-                ax.plot(epochs, [r.get(key, np.nan) for r in history], label=key)
-        ax.set_title(panel_title)
-        ax.set_xlabel("epoch")
-        if ax.get_lines():
-            ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------------------- entry
 def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_dir: str,
               init_from: str | None = None, epochs: int | None = None, verbose: int = 1,
               strategy=None) -> Trainer:
     """Train stage ``stage`` of ``cfg`` on a manifest; stage n > 1 starts from stage n−1's best checkpoint."""
-    from spirs_tf import data as data_lib
-    from spirs_tf.manifest import load_manifest
-
     manifest = load_manifest(manifest_path)
     train_source = data_lib.PairSource(manifest, "train", cfg.data)
     if "val" in manifest.splits():
@@ -644,124 +477,3 @@ def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_d
                       strategy=strategy)
     trainer.fit(epochs)
     return trainer
-
-
-LOGICAL_CPUS_ENV = "SPIRS_LOGICAL_CPUS"
-
-
-def _split_cpu(n_text: str) -> list[str]:
-    """Split the first physical CPU into ``n`` logical devices (before TensorFlow initialises)."""
-    from spirs_tf._compat import tf
-
-    try:
-        n = int(n_text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise SpirsInputError(f"{LOGICAL_CPUS_ENV} must be a positive integer, got {n_text!r}")
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    wanted = [tf.config.LogicalDeviceConfiguration()] * n
-    try:
-        tf.config.set_logical_device_configuration(cpu, wanted)
-    except RuntimeError:  # runtime already initialised: fine if it already has the same split
-        if len(tf.config.list_logical_devices("CPU")) != n:
-            raise SpirsInputError(f"{LOGICAL_CPUS_ENV}={n}: TensorFlow was initialised before the CPU "
-                                  "could be split; set the variable before the process starts") from None
-    return [f"/cpu:{k}" for k in range(n)]
-
-
-def make_strategy(kind: str):
-    """The ``tf.distribute`` strategy of ``train.distribute`` / ``spirs train --distribute``.
-
-    * ``none`` → ``None`` (plain single-device training).
-    * ``mirrored`` → ``MirroredStrategy``: one replica per local GPU (all of them), else the CPU.
-      With the environment variable ``SPIRS_LOGICAL_CPUS=n`` the first CPU is split into ``n``
-      logical devices and the strategy mirrors over them (tests and CPU-only trials of the
-      distributed code path; it does not make a CPU faster). The variable must be set before
-      TensorFlow initialises its devices, i.e. before the process runs any TensorFlow op.
-    * ``multi_worker`` → ``MultiWorkerMirroredStrategy``; the cluster and this process's role
-      come from the ``TF_CONFIG`` environment variable (``docs/distributed.md``). Construction
-      blocks until every worker of the cluster has started.
-
-    Under a strategy the trainer builds the model in ``strategy.scope()`` (trainable BatchNorm
-    layers are then synchronized: global-batch moments), splits each global batch of
-    ``train.stages[i].batch_size`` pairs across the replicas (the batch must be a multiple of
-    ``num_replicas_in_sync``), sums per-sample losses divided by the global batch on each replica,
-    and lets the optimiser all-reduce (sum) the gradients: one step on N replicas equals one step
-    of one replica on the whole batch (``tests/test_distribute.py``).
-
-    Raises:
-        SpirsInputError: an unknown kind; ``multi_worker`` without a usable ``TF_CONFIG`` (missing,
-            not JSON, no ``cluster.worker`` list, no ``task``/index outside it); a bad
-            ``SPIRS_LOGICAL_CPUS``.
-    """
-    if kind == "none":
-        return None
-    if kind not in ("mirrored", "multi_worker"):
-        raise SpirsInputError(f"unknown distribute strategy {kind!r}; choose none, mirrored or multi_worker")
-    if kind == "multi_worker":
-        _check_tf_config(os.environ.get("TF_CONFIG"))
-    from spirs_tf._compat import tf
-
-    if kind == "mirrored":
-        devices = _split_cpu(os.environ[LOGICAL_CPUS_ENV]) if os.environ.get(LOGICAL_CPUS_ENV) else None
-        strategy = tf.distribute.MirroredStrategy(devices)
-    else:
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    print(f"spirs: {kind} training on {strategy.num_replicas_in_sync} replica(s)")
-    return strategy
-
-
-def _check_tf_config(text: str | None) -> dict:
-    """Parse and check ``TF_CONFIG`` for a multi-worker run; returns the parsed dict."""
-    hint = ("multi_worker training needs the TF_CONFIG environment variable, e.g. TF_CONFIG='{\"cluster\": "
-            "{\"worker\": [\"host1:12345\", \"host2:12345\"]}, \"task\": {\"type\": \"worker\", "
-            "\"index\": 0}}' (see docs/distributed.md)")
-    if not text:
-        raise SpirsInputError(hint)
-    try:
-        conf = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpirsInputError(f"TF_CONFIG is not valid JSON ({exc}); {hint}") from None
-    cluster = conf.get("cluster") if isinstance(conf, dict) else None
-    task = conf.get("task") if isinstance(conf, dict) else None
-    if not isinstance(cluster, dict) or not isinstance(cluster.get("worker"), list) or not isinstance(task, dict):
-        raise SpirsInputError(f"TF_CONFIG needs cluster.worker (a list of host:port) and task; {hint}")
-    members, index = cluster.get(task.get("type")), task.get("index")
-    if task.get("type") not in ("worker", "chief") or not isinstance(members, list) or \
-            not isinstance(index, int) or not 0 <= index < len(members):
-        raise SpirsInputError(f"TF_CONFIG task {task} is not a member of its cluster {cluster}; {hint}")
-    return conf
-
-
-def _padded_batches(ds, replicas: int):
-    """Batches of 1 → batches of ``replicas`` pairs with a per-pair ``weight`` (1 = real, 0 = padding).
-
-    The last batch is filled up with weight-0 copies of the first pair, so that no replica ever gets
-    an empty batch (TensorFlow's BatchNorm kernels fail on a zero-sized batch).
-    """
-    from spirs_tf._compat import tf
-
-    def weighted(value):
-        return lambda b: {**b, "weight": tf.fill([tf.shape(b["fixed_image"])[0]], value)}
-
-    n = int(ds.cardinality())
-    ds = ds.map(weighted(1.0))
-    if n > 0 and n % replicas:
-        ds = ds.concatenate(ds.take(1).map(weighted(0.0)).repeat(replicas - n % replicas))
-    return ds.unbatch().batch(replicas, drop_remainder=True)
-
-
-def distribute_dataset(strategy, ds):
-    """``strategy.experimental_distribute_dataset`` of a dataset that yields GLOBAL batches.
-
-    Each replica receives ``global / num_replicas_in_sync`` pairs of every batch (a partial last
-    validation batch leaves some replicas fewer, possibly none). Across workers the dataset is
-    sharded by element (``AutoShardPolicy.DATA``): the pairs live in memory, not in files, so every
-    worker builds the same batch plan and keeps its own share.
-    """
-    from spirs_tf._compat import tf
-
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    return strategy.experimental_distribute_dataset(ds.with_options(options))

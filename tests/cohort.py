@@ -56,7 +56,7 @@ def make_fake_run(root, config_name: str = "test", perturb: float = 0.0, seed: i
     ``perturb`` > 0 adds seeded Gaussian noise of that size to every trainable weight (non-trivial outputs).
     """
     from spirs_tf import config, networks
-    from spirs_tf.train import save_checkpoint
+    from spirs_tf.checkpoints import save_checkpoint
 
     cfg = config.get_config(config_name)
     model = networks.build_spirs(cfg, cfg.model.num_levels, bn_trainable=False)

@@ -55,7 +55,7 @@ from spirs_tf._compat import keras, tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 
-from spirs_tf import blocks, config as config_lib, data as data_lib, networks, train
+from spirs_tf import blocks, config as config_lib, data as data_lib, distribute, networks, train
 from spirs_tf.errors import SpirsInputError
 
 case, grid, root = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -93,19 +93,19 @@ if case == "frozen":
     full = dist.stage_cfg
     dist.stage_cfg = dataclasses.replace(full, batch_size=3)
     try:
-        dist._build_steps()
+        dist.build_steps()
         out["odd_batch_error"] = None
     except SpirsInputError as exc:
         out["odd_batch_error"] = str(exc)
     dist.stage_cfg = full
 
-single._build_steps()
-swapped._build_steps()
-dist._build_steps()
-loss_single = single._train_step(batch)
-swapped._train_step({k: tf.reverse(v, [0]) for k, v in batch.items()})  # same pairs, other order
-per_replica = next(iter(train.distribute_dataset(strategy, tf.data.Dataset.from_tensors(batch))))
-loss_dist = dist._train_step(per_replica)
+single.build_steps()
+swapped.build_steps()
+dist.build_steps()
+loss_single = single.train_step(batch)
+swapped.train_step({k: tf.reverse(v, [0]) for k, v in batch.items()})  # same pairs, other order
+per_replica = next(iter(distribute.distribute_dataset(strategy, tf.data.Dataset.from_tensors(batch))))
+loss_dist = dist.train_step(per_replica)
 out["loss"] = {k: [float(loss_single[k]), float(loss_dist[k])] for k in loss_single}
 a, b, c = (networks.model_state(t.model) for t in (single, dist, swapped))
 trainable = {v.path for v in single.model.trainable_variables}
@@ -173,7 +173,7 @@ def test_two_replicas_equal_one_replica_synchronized_batchnorm(tmp_path):
 
 # --------------------------------------------------------------------------------- strategy choice
 def test_make_strategy_checks_its_inputs(monkeypatch):
-    from spirs_tf.train import make_strategy
+    from spirs_tf.distribute import make_strategy
 
     assert make_strategy("none") is None
     with pytest.raises(SpirsInputError, match="unknown distribute strategy 'ring'"):
@@ -214,7 +214,7 @@ def _train_cmd(manifest, out, *extra):
 
 
 def _checkpoint(run):
-    from spirs_tf.train import load_checkpoint
+    from spirs_tf.checkpoints import load_checkpoint
 
     return load_checkpoint(os.path.join(run, "stage1", "checkpoints", "latest.npz"))
 

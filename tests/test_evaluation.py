@@ -23,7 +23,7 @@ from cohort import make_cohort
 from spirs_tf import config, evaluation, metrics, networks
 from spirs_tf.data import PairSource
 from spirs_tf.manifest import load_manifest
-from spirs_tf.train import save_checkpoint
+from spirs_tf.checkpoints import save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,7 @@ def exported(tmp_path_factory):
     """A fake run (test config, weights perturbed away from the identity initialisation) and its
     SavedModel written by ``spirs export``."""
     from spirs_tf import networks
-    from spirs_tf.train import save_checkpoint
+    from spirs_tf.checkpoints import save_checkpoint
 
     root = tmp_path_factory.mktemp("export")
     cfg = config.get_config("test")

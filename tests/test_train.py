@@ -21,39 +21,6 @@ def cohort(tmp_path_factory):
     return make_cohort(str(tmp_path_factory.mktemp("cohort")), n_patients=3)
 
 
-def test_checkpoint_round_trip_and_atomicity(tmp_path, monkeypatch):
-    from spirs_tf import train
-
-    path = str(tmp_path / "c.npz")
-    model_state = {"enc_conv/kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    optim_state = {"registration": {"iterations": np.array(5), "momentum/enc_conv/kernel": np.ones((2, 3))}}
-    train.save_checkpoint(path, model_state, optim_state, {"epoch": 3, "levels": 1})
-    m, o, meta = train.load_checkpoint(path)
-    np.testing.assert_array_equal(m["enc_conv/kernel"], model_state["enc_conv/kernel"])
-    np.testing.assert_array_equal(o["registration"]["momentum/enc_conv/kernel"], np.ones((2, 3)))
-    assert meta["epoch"] == 3 and meta["format"] == train.CHECKPOINT_FORMAT
-
-    # A write that dies half-way leaves the previous checkpoint intact and no temporary file.
-    def boom(fh, **arrays):
-        fh.write(b"PK partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.np, "savez", boom)
-    with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, model_state, optim_state, {"epoch": 4, "levels": 1})
-    assert train.load_checkpoint(path)[2]["epoch"] == 3
-    assert os.listdir(tmp_path) == ["c.npz"]
-
-
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    from spirs_tf import train
-
-    bad = tmp_path / "bad.npz"
-    bad.write_bytes(b"not a zip")
-    with pytest.raises(SpirsInputError, match="bad.npz: cannot read checkpoint"):
-        train.load_checkpoint(str(bad))
-
-
 def test_total_loss_decreases_on_a_fixed_batch(cohort):
     """Joint mode, level 1, one fixed batch: 15 SGDW steps lower Eq. 10's total."""
     from spirs_tf import data, networks, losses, optim
@@ -197,7 +164,7 @@ def test_logged_validation_lncc_is_exact_and_displacement_supervision_trains(coh
     window = cfg.loss.lncc_window
     values = {"identity": [], "affine": [], "deformable": []}
     for batch in data.make_dataset(trainer.val_source, cfg, 1, batch_size=1, training=False, seed=cfg.train.seed):
-        out = trainer.model(trainer._inputs(batch), training=False)
+        out = trainer.model(trainer.model_inputs(batch), training=False)
         fixed = ops.convert_to_numpy(batch["fixed_image"])[0, ..., 0]
         for key, moving in (("identity", batch["moving_image"]), ("affine", out["warped_affine_image_1"]),
                             ("deformable", out["warped_image_1"])):
