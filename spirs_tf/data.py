@@ -411,6 +411,16 @@ def numpy_batches(source: PairSource, cfg, levels: int, batch_size: int, trainin
         pool.shutdown(wait=True)
 
 
+def batches(source: PairSource, cfg, levels: int, batch_size: int, training: bool, seed: int,
+            steps: int | None = None, epoch: int = 0):
+    """One epoch of batches for the active Keras backend: :func:`make_dataset` under TensorFlow,
+    :func:`numpy_batches` otherwise (the same arrays). Arguments as :func:`make_dataset`."""
+    from spirs_tf._compat import BACKEND
+
+    make = make_dataset if BACKEND == "tensorflow" else numpy_batches
+    return make(source, cfg, levels, batch_size, training, seed, steps=steps, epoch=epoch)
+
+
 # ------------------------------------------------------------------------------------- inference
 def prediction_inputs(prior_image: Volume, prior_mask: Volume | None, new_image: Volume, cfg,
                       levels: int | None = None, brain_mask: Volume | None = None
@@ -443,6 +453,6 @@ def prediction_inputs(prior_image: Volume, prior_mask: Volume | None, new_image:
     return out, pre.mapping
 
 
-__all__ = ["PairSource", "PairArrays", "make_dataset", "numpy_batches", "epoch_plan", "make_sample", "input_size",
+__all__ = ["PairSource", "PairArrays", "make_dataset", "numpy_batches", "batches", "epoch_plan", "make_sample", "input_size",
                       "prediction_inputs", "prior_onto_new", "onto_working_grid", "spread_indices",
                       "BATCH_KEYS", "MODEL_INPUT_KEYS"]

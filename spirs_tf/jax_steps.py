@@ -21,20 +21,18 @@ JAX), so checkpoints (:func:`spirs_tf.networks.model_state`, :func:`spirs_tf.opt
 BatchNorm re-estimation and the epoch's dropout seeds work on the variables as under TensorFlow, and
 checkpoints move between backends unchanged.
 
-Validation runs the model jitted in float32, then the logged numbers (:func:`eval_scalars`) in a second
-jitted function with 64-bit types switched on (``jax.enable_x64``): the LNCC columns use
-:func:`spirs_tf.losses.lncc_exact`'s float64 box sums, as under TensorFlow (JAX drops float64 to float32
-otherwise).
+Validation runs the model jitted in float32, then the logged numbers (the loss terms with exact LNCC and
+:meth:`spirs_tf.train.Trainer.validation_terms`) in a second jitted function with 64-bit types switched
+on (``jax.enable_x64``): the LNCC columns use :func:`spirs_tf.losses.lncc_exact`'s float64 box sums, as
+under TensorFlow (JAX drops float64 to float32 otherwise).
 """
 from __future__ import annotations
 
 import warnings
 
-import numpy as np
-
 from spirs_tf.errors import SpirsInputError
 
-__all__ = ["JaxSteps", "unreached", "eval_scalars", "check_supported"]
+__all__ = ["JaxSteps", "unreached", "check_supported"]
 
 
 def check_supported(cfg, strategy) -> None:
@@ -71,57 +69,35 @@ def unreached(fn, *args) -> list[bool]:
     return [not (isinstance(v, Var) and v in live) for v in jaxpr.outvars]
 
 
-def eval_scalars(outputs, batch, cfg, levels: int) -> dict:
-    """The validation numbers of one batch (batch means): the loss terms with exact LNCC, the finest level's
-    unmasked ``lncc_{identity,affine,deformable}`` (:func:`spirs_tf.losses.lncc_exact`) and the hard Dice
-    scores, as the TensorFlow trainer's validation step computes them."""
-    from spirs_tf import losses as losses_lib
-    from spirs_tf._compat import ops
-    from spirs_tf.train import _hard_dice_prob
-
-    reduce = ops.mean
-    per_sample = losses_lib.spirs_losses(outputs, batch, cfg, levels, exact_lncc=True)
-    scalars = {k: reduce(v) for k, v in per_sample.items()}
-    L, window = levels, cfg.loss.lncc_window
-    fixed = batch["fixed_image"]
-    scalars["lncc_identity"] = reduce(losses_lib.lncc_exact(fixed, batch["moving_image"], window))
-    scalars["lncc_affine"] = reduce(losses_lib.lncc_exact(fixed, outputs[f"warped_affine_image_{L}"], window))
-    scalars["lncc_deformable"] = reduce(losses_lib.lncc_exact(fixed, outputs[f"warped_image_{L}"], window))
-    target = batch["fixed_mask"]
-    scalars["dice_identity"] = reduce(_hard_dice_prob(target, batch["moving_mask"]))
-    scalars["dice_affine"] = reduce(_hard_dice_prob(target, outputs[f"warped_affine_mask_{L}"]))
-    scalars["dice_deformable"] = reduce(_hard_dice_prob(target, outputs[f"warped_mask_{L}"]))
-    scalars["dice_p1"] = reduce(losses_lib.hard_dice(target, outputs["p1_logits"]))
-    scalars["dice_p2"] = reduce(losses_lib.hard_dice(target, outputs["p2_logits"]))
-    return scalars
-
-
 class JaxSteps:
-    """Jitted ``train_step(batch)`` / ``eval_step(batch)`` on a model and its optimisers (module docstring).
+    """:class:`spirs_tf.train_steps.Steps` under JAX: jitted ``train_step(batch)`` / ``eval_step(batch)``
+    (module docstring).
 
-    Args:
-        model: the SPIRS Keras model (built).
-        optimizers: ``{name: optimiser}`` in update order, each built on ``var_lists[name]``.
-        var_lists: ``{name: [trainable variables]}``.
-        loss_names: ``{name: key of the loss it minimises}`` (``"total"`` in joint mode).
-        loss_fn: ``(outputs, batch) → {name: (B,) per-sample loss}``.
-        cfg, levels: for the validation numbers (:func:`eval_scalars`).
+    Reads from the trainer: ``model``, ``optimizers`` ({name: optimiser} in update order, each built on
+    ``var_lists[name]``), ``var_lists``, ``loss_for(name)``, ``validation_terms(outputs, batch)``, ``cfg``,
+    ``levels``, ``strategy``. Both steps take a batch dict of arrays (NumPy or JAX) and return
+    ``{name: scalar}`` (JAX arrays).
 
-    Both steps take a batch dict of arrays (NumPy or JAX) and return ``{name: scalar}`` (JAX arrays).
+    Raises:
+        SpirsInputError: (on construction) what :func:`check_supported` refuses.
     """
 
-    INPUT_KEYS = ("fixed_image", "moving_image", "moving_mask")
-
-    def __init__(self, model, optimizers: dict, var_lists: dict, loss_names: dict, loss_fn, cfg, levels: int):
+    def __init__(self, trainer):
         import jax
 
-        self.model, self.optimizers, self.cfg, self.levels = model, dict(optimizers), cfg, int(levels)
-        self.loss_names, self.loss_fn = dict(loss_names), loss_fn
-        position = {id(v): i for i, v in enumerate(model.trainable_variables)}
+        from spirs_tf.train import loss_function
+
+        check_supported(trainer.cfg, trainer.strategy)
+        self.trainer = trainer
+        self.model, self.optimizers = trainer.model, dict(trainer.optimizers)
+        self.cfg, self.levels = trainer.cfg, int(trainer.levels)
+        self.loss_names = {name: trainer.loss_for(name) for name in self.optimizers}
+        self.loss_fn = loss_function(self.cfg, self.levels)
+        position = {id(v): i for i, v in enumerate(self.model.trainable_variables)}
         self.indices = {}
         for name, opt in self.optimizers.items():
             built = list(opt._trainable_variables)
-            if [id(v) for v in built] != [id(v) for v in var_lists[name]] or \
+            if [id(v) for v in built] != [id(v) for v in trainer.var_lists[name]] or \
                     any(id(v) not in position for v in built):
                 raise ValueError(f"optimizer {name!r} must be built on trainable variables of the model, in "
                                  "the order of its variable list")
@@ -130,6 +106,8 @@ class JaxSteps:
         self._train = jax.jit(self._train_fn)
         self._forward = jax.jit(self._forward_fn)
         self._metrics = jax.jit(self._metrics_fn)
+
+    INPUT_KEYS = ("fixed_image", "moving_image", "moving_mask")
 
     # ------------------------------------------------------------------------------ pure functions
     def _inputs(self, batch):
@@ -179,7 +157,12 @@ class JaxSteps:
         return outputs
 
     def _metrics_fn(self, outputs, batch):
-        return eval_scalars(outputs, batch, self.cfg, self.levels)
+        from spirs_tf import losses as losses_lib
+        from spirs_tf._compat import ops
+
+        per_sample = losses_lib.spirs_losses(outputs, batch, self.cfg, self.levels, exact_lncc=True)
+        per_sample.update(self.trainer.validation_terms(outputs, batch))
+        return {k: ops.mean(v) for k, v in per_sample.items()}
 
     # ------------------------------------------------------------------------------------- state
     def _values(self):
@@ -213,9 +196,7 @@ class JaxSteps:
         return scalars
 
     def eval_step(self, batch) -> dict:
-        """The validation numbers of ``batch`` (:func:`eval_scalars`); nothing is updated."""
-        import jax
-
+        """The loss terms (exact LNCC) and validation metrics of ``batch`` (batch means); nothing is updated."""
         trainable, non_trainable, _ = self._values()
         batch = dict(batch)
         outputs = self._forward(trainable, non_trainable, self._inputs(batch))
@@ -239,11 +220,3 @@ def _x64():
     from jax.experimental import enable_x64  # pragma: no cover - older JAX
 
     return enable_x64()
-
-
-def seed_offset(initial: np.ndarray, epoch: int) -> np.ndarray:
-    """A seed-generator state for ``epoch``: ``epoch`` in the counter's high 32 bits for 64-bit states
-    (TensorFlow), in the seed word for JAX's 32-bit ones."""
-    if initial.dtype.itemsize >= 8:
-        return initial + np.array([0, epoch << 32], dtype=initial.dtype)
-    return initial + np.array([epoch, 0], dtype=initial.dtype)
