@@ -50,6 +50,20 @@ from spirs_tf.errors import SpirsInputError
 INFO_FILE = "spirs_info.json"
 
 
+def _require_tensorflow(what: str, path: str | None = None) -> None:
+    """SavedModels are TensorFlow's format: refuse under another Keras backend with one clear line.
+
+    Raises:
+        SpirsInputError: ``KERAS_BACKEND`` is not ``tensorflow``.
+    """
+    from spirs_tf._compat import BACKEND
+
+    if BACKEND != "tensorflow":
+        raise SpirsInputError(f"{what} needs TensorFlow (a SavedModel is TensorFlow's format), but Keras runs on "
+                              f"{BACKEND}; run it with KERAS_BACKEND=tensorflow, or use a checkpoint (.npz) or "
+                              "run directory", path)
+
+
 def _module(model, cfg, levels: int, info: dict, asset_path: str):
     from spirs_tf._compat import tf
     from spirs_tf.inference import serving_outputs
@@ -87,8 +101,9 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
 
     Raises:
         SpirsInputError: ``out_dir`` exists (without ``overwrite``) or the predictor has no Keras model
-            (e.g. it was itself loaded from a SavedModel).
+            (e.g. it was itself loaded from a SavedModel); Keras does not run on TensorFlow.
     """
+    _require_tensorflow("spirs export", out_dir)
     from spirs_tf._compat import tf
 
     model = getattr(predictor.run_fn, "model", None)
@@ -135,8 +150,10 @@ def load_saved_model_predictor(path: str):
     """A :class:`spirs_tf.inference.Predictor` running a SavedModel's ``serving_default``.
 
     Raises:
-        SpirsInputError: the folder cannot be loaded or is not a spirs-tf export.
+        SpirsInputError: the folder cannot be loaded or is not a spirs-tf export; Keras does not run
+            on TensorFlow.
     """
+    _require_tensorflow("loading a SavedModel", path)
     from spirs_tf._compat import tf
     from spirs_tf.inference import OUTPUT_NAMES, Predictor
 

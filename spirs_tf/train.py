@@ -229,7 +229,7 @@ class Trainer:
         # Random draws (dropout) of epoch e depend only on (seed, stage, e): a run resumed after a kill
         # replays exactly the epochs of an uninterrupted one (tests/test_reliability_runs.py).
         for variable, initial in self._seed_states:
-            variable.assign(initial + np.array([0, epoch << 32], dtype=initial.dtype))
+            variable.assign(epoch_seed_state(initial, epoch))
 
     def _track(self, prefix: str, scalars: dict) -> None:
         for k, v in scalars.items():
@@ -243,7 +243,7 @@ class Trainer:
         batches of one pair per replica, the last padded with weight-0 pairs)."""
         if self.val_source is None or len(self.val_source) == 0:
             return {}
-        ds = data_lib.make_dataset(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
+        ds = data_lib.batches(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
                                    seed=self.cfg.train.seed)
         if self.strategy is None:
             for batch in ds:
@@ -270,7 +270,7 @@ class Trainer:
             raise SpirsInputError("bn_recalibration_batches is not supported with a distribution strategy; "
                                   f"set train.stages.{self.stage - 1}.bn_recalibration_batches=0", self.paths.root)
         layers = networks.batchnorm_layers(self.model, self.cfg.train.recalibration_modules())
-        ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
+        ds = data_lib.batches(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
                                    training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)
         return recalibrate_batchnorm(self.model, layers, (self.model_inputs(batch) for batch in ds))
 
@@ -337,7 +337,7 @@ class Trainer:
         Raises:
             SpirsInputError: a non-finite total loss (training diverged; the last good checkpoint is kept).
         """
-        ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels,
+        ds = data_lib.batches(self.train_source, self.cfg, self.levels,
                                    batch_size=self.stage_cfg.batch_size, training=True,
                                    seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
         if self.strategy is not None:
@@ -436,6 +436,14 @@ def loss_function(cfg: config_lib.SpirsConfig, levels: int, compile: bool = True
     def run(outputs, batch):
         return compiled(dict(outputs), {k: batch[k] for k in losses_lib.BATCH_KEYS if k in batch})
     return run
+
+
+def epoch_seed_state(initial: np.ndarray, epoch: int) -> np.ndarray:
+    """A dropout seed-generator state for ``epoch``: ``epoch`` in the counter's high 32 bits of a 64-bit
+    state (TensorFlow's int64), in the seed word of a 32-bit one (JAX's uint32)."""
+    if initial.dtype.itemsize >= 8:
+        return initial + np.array([0, epoch << 32], dtype=initial.dtype)
+    return initial + np.array([epoch, 0], dtype=initial.dtype)
 
 
 def _hard_dice_prob(target, prob):
