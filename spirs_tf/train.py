@@ -306,9 +306,16 @@ class Trainer:
         self._log_tensorboard(epoch, logs)
 
     # ------------------------------------------------------------------------------- main loop
-    def fit(self, epochs: int | None = None) -> list[dict]:
-        """Train until ``epochs`` (default the stage's) epochs are complete → the history rows."""
+    def fit(self, epochs: int | None = None, deadline: float | None = None) -> list[dict]:
+        """Train until ``epochs`` (default the stage's) epochs are complete → the history rows.
+
+        ``deadline`` (a ``time.time()`` value) stops earlier: no epoch starts that would, at the last
+        epoch's duration, end after it, and an epoch still running at the deadline ends after its current
+        step, validated and checkpointed like a full one (its history row has ``steps``; a resumed run
+        goes on with the next epoch). ``stop_reason`` says why fit stopped early (None: it did not).
+        """
         epochs = self.stage_cfg.epochs if epochs is None else epochs
+        self.stop_reason, last_seconds = None, 0.0
         if self._steps is None:
             if self.epoch == 0 and self.stage_cfg.bn_recalibration_batches > 0:
                 names = self.recalibrate_batchnorm(self.stage_cfg.bn_recalibration_batches)
@@ -316,10 +323,15 @@ class Trainer:
                     print(f"stage {self.stage}: re-estimated the statistics of {len(names)} BatchNorm layers "
                           f"over {self.stage_cfg.bn_recalibration_batches} batches")
             self.build_steps()
-        while self.epoch < epochs:
-            epoch = self.epoch + 1
+        while self.epoch < epochs and self.stop_reason is None:
+            if deadline is not None and time.time() + last_seconds > deadline:
+                self.stop_reason = f"deadline: epoch {self.epoch + 1} would end after it"
+                break
+            epoch, started = self.epoch + 1, time.time()
             self.on_epoch_start(epoch)
-            logs = self.train_epoch(epoch)
+            logs = self.train_epoch(epoch, deadline)
+            if "steps" in logs:
+                self.stop_reason = f"deadline: epoch {epoch} cut after {logs['steps']} of {self.steps_per_epoch} steps"
             logs.update(self.validate(epoch))
             if self.verbose:
                 shown = {k: round(v, 4) for k, v in logs.items()
@@ -328,11 +340,15 @@ class Trainer:
                 print(f"stage {self.stage} epoch {epoch}/{epochs}: {shown}")
             self.epoch = epoch
             self.on_epoch_end(epoch, logs)
+            last_seconds = time.time() - started
         plot_curves(self.history, os.path.join(self.paths.root, "curves.png"), title=f"stage {self.stage}")
         return self.history
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, deadline: float | None = None) -> dict:
         """``steps_per_epoch`` training steps → the epoch's training logs (loss means, seconds, learning rate).
+
+        Steps after ``deadline`` (``time.time()``; the first step always runs) are left out; the logs then
+        hold ``steps``, the number that ran.
 
         Raises:
             SpirsInputError: a non-finite total loss (training diverged; the last good checkpoint is kept).
@@ -344,9 +360,12 @@ class Trainer:
             ds = distribute_dataset(self.strategy, ds)  # each replica gets batch / replicas pairs
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
                                   stateful_metrics=None) if self.verbose else None
-        start = time.perf_counter()
+        start, cut = time.perf_counter(), None
         for step, batch in enumerate(ds):
             if step >= self.steps_per_epoch:
+                break
+            if deadline is not None and step > 0 and time.time() > deadline:
+                cut = step
                 break
             scalars = self.train_step(batch)
             if not math.isfinite(float(scalars["total"])):
@@ -362,6 +381,8 @@ class Trainer:
         logs = {k: float(m.result()) for k, m in self._metrics.items() if not k.startswith("val_")}
         logs["seconds"] = time.perf_counter() - start
         logs["learning_rate"] = float(_current_lr(next(iter(self.optimizers.values()))))
+        if cut is not None:
+            logs["steps"] = cut
         return logs
 
     # ------------------------------------------------------------------------------ persistence
@@ -464,8 +485,10 @@ def _current_lr(opt) -> float:
 # --------------------------------------------------------------------------------------- entry
 def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_dir: str,
               init_from: str | None = None, epochs: int | None = None, verbose: int = 1,
-              strategy=None) -> Trainer:
-    """Train stage ``stage`` of ``cfg`` on a manifest; stage n > 1 starts from stage n−1's best checkpoint."""
+              strategy=None, deadline: float | None = None) -> Trainer:
+    """Train stage ``stage`` of ``cfg`` on a manifest; stage n > 1 starts from stage n−1's best checkpoint.
+
+    ``deadline`` (``time.time()``) ends training early, resumably (:meth:`Trainer.fit`)."""
     manifest = load_manifest(manifest_path)
     train_source = data_lib.PairSource(manifest, "train", cfg.data)
     if "val" in manifest.splits():
@@ -483,5 +506,5 @@ def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_d
                                   "--init-from)", run_dir)
     trainer = Trainer(cfg, stage, train_source, val_source, run_dir, init_from=init_from, verbose=verbose,
                       strategy=strategy)
-    trainer.fit(epochs)
+    trainer.fit(epochs, deadline=deadline)
     return trainer
