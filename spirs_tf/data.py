@@ -50,7 +50,8 @@ from spirs_tf.errors import SpirsInputError
 from spirs_tf.io import Volume, check_same_grid, read_volume
 from spirs_tf.preprocess import GridMapping, normalize_intensity, preprocess_scan, to_working
 
-#: Keys of a batch (all ``(B, S, S, S, 1)`` except ``true_affine`` ``(B, 3, 4)``).
+#: Keys of every batch the data pipeline yields (all ``(B, S, S, S, 1)`` except ``true_affine`` ``(B, 3, 4)``);
+#: the losses read :data:`spirs_tf.losses.LOSS_BATCH_KEYS` of them, the network :data:`MODEL_INPUT_KEYS`.
 BATCH_KEYS = ("fixed_image", "moving_image", "moving_mask", "fixed_mask", "dice_target", "ncc_mask",
               "true_affine")
 #: Inputs of the network (:func:`spirs_tf.networks.build_spirs`).

@@ -49,7 +49,7 @@ from spirs_tf import config as config_lib
 from spirs_tf import data as data_lib
 from spirs_tf import losses as losses_lib
 from spirs_tf import networks, optim
-from spirs_tf._compat import BACKEND, keras, ops, tf
+from spirs_tf._compat import BACKEND, keras, tf
 from spirs_tf.atomic import atomic_path
 from spirs_tf.bn_recalibration import recalibrate_batchnorm
 from spirs_tf.checkpoints import (CHECKPOINT_FORMAT, StagePaths, load_checkpoint,  # noqa: F401 (re-exported)
@@ -194,9 +194,9 @@ class Trainer:
             "lncc_identity": losses_lib.lncc_exact(fixed, batch["moving_image"], window),
             "lncc_affine": losses_lib.lncc_exact(fixed, outputs[f"warped_affine_image_{L}"], window),
             "lncc_deformable": losses_lib.lncc_exact(fixed, outputs[f"warped_image_{L}"], window),
-            "dice_identity": _hard_dice_prob(target, batch["moving_mask"]),
-            "dice_affine": _hard_dice_prob(target, outputs[f"warped_affine_mask_{L}"]),
-            "dice_deformable": _hard_dice_prob(target, outputs[f"warped_mask_{L}"]),
+            "dice_identity": losses_lib.hard_dice(target, batch["moving_mask"], threshold=0.5),
+            "dice_affine": losses_lib.hard_dice(target, outputs[f"warped_affine_mask_{L}"], threshold=0.5),
+            "dice_deformable": losses_lib.hard_dice(target, outputs[f"warped_mask_{L}"], threshold=0.5),
             "dice_p1": losses_lib.hard_dice(target, outputs["p1_logits"]),
             "dice_p2": losses_lib.hard_dice(target, outputs["p2_logits"]),
         }
@@ -455,7 +455,7 @@ def loss_function(cfg: config_lib.SpirsConfig, levels: int, compile: bool = True
     compiled = tf.function(plain, jit_compile=True, autograph=False)
 
     def run(outputs, batch):
-        return compiled(dict(outputs), {k: batch[k] for k in losses_lib.BATCH_KEYS if k in batch})
+        return compiled(dict(outputs), {k: batch[k] for k in losses_lib.LOSS_BATCH_KEYS if k in batch})
     return run
 
 
@@ -465,16 +465,6 @@ def epoch_seed_state(initial: np.ndarray, epoch: int) -> np.ndarray:
     if initial.dtype.itemsize >= 8:
         return initial + np.array([0, epoch << 32], dtype=initial.dtype)
     return initial + np.array([epoch, 0], dtype=initial.dtype)
-
-
-def _hard_dice_prob(target, prob):
-    """Hard Dice of a soft (warped) mask thresholded at 0.5; empty vs empty = 1."""
-    axes = tuple(range(1, len(target.shape)))
-    t = ops.cast(target > 0.5, "float32")
-    p = ops.cast(prob > 0.5, "float32")
-    inter = ops.sum(t * p, axis=axes)
-    denom = ops.sum(t, axis=axes) + ops.sum(p, axis=axes)
-    return ops.where(denom > 0, 2.0 * inter / ops.maximum(denom, 1e-7), ops.ones_like(denom))
 
 
 def _current_lr(opt) -> float:
