@@ -85,14 +85,16 @@ class JaxSteps:
     def __init__(self, trainer):
         import jax
 
-        from spirs_tf.train import loss_function
+        from spirs_tf import losses as losses_lib
 
         check_supported(trainer.cfg, trainer.strategy)
         self.trainer = trainer
         self.model, self.optimizers = trainer.model, dict(trainer.optimizers)
         self.cfg, self.levels = trainer.cfg, int(trainer.levels)
         self.loss_names = {name: trainer.loss_for(name) for name in self.optimizers}
-        self.loss_fn = loss_function(self.cfg, self.levels)
+        cfg, levels = self.cfg, self.levels
+        # the plain loss terms (train.loss_function's XLA wrapper is TensorFlow's; the whole step is jitted here)
+        self.loss_fn = lambda outputs, batch: losses_lib.spirs_losses(outputs, batch, cfg, levels)
         position = {id(v): i for i, v in enumerate(self.model.trainable_variables)}
         self.indices = {}
         for name, opt in self.optimizers.items():
