@@ -2,7 +2,7 @@
 
 ``pyramid`` is the trained run's full coarse-to-fine pyramid, scored at its finest level. ``no pyramid``
 is, by default, a PROXY: the same trained weights run once at the finest level without the coarser
-levels' initialisation (:func:`spirs_tf.evaluation.build_finest_only`: affine and deformable modules of
+levels' initialisation (:func:`spirs_tf.networks.build_finest_only`: affine and deformable modules of
 the finest level alone). The paper's variant is a network TRAINED without the pyramid; with the shared
 weights of spirs-tf the proxy isolates the effect of the coarse-to-fine initialisation at test time and
 is labelled ``proxy`` everywhere. ``--no-pyramid-run RUN2`` instead evaluates a separately trained run

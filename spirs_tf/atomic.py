@@ -6,9 +6,13 @@ destination as it was. Outputs are never allowed to overwrite one of the run's i
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import tempfile
 from typing import Iterator
+
+import numpy as np
 
 from spirs_tf.errors import SpirsInputError
 
@@ -60,3 +64,22 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(x):
+    """Nested structure → JSON-safe, the one rule of every JSON file spirs-tf writes: NumPy scalars
+    and arrays to Python, NaN to ``null``, ±infinity to the strings ``"inf"``/``"-inf"`` (as in the
+    CSV tables; e.g. the HD95 of a missed lesion), dict keys to strings."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple, np.ndarray)):
+        return [json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        v = float(x)
+        return None if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else v)
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Write :func:`json_safe` ``(obj)`` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from spirs_tf._compat import keras
+from spirs_tf._compat import keras, tf
 from spirs_tf.geometry import IDENTITY_PARAMS
 from spirs_tf.layers import AffineMatrix, GaussianBlur3D, OpeningConv3D, Upsample2x
 
@@ -58,8 +58,6 @@ def _distributed() -> bool:
     """
     if keras.backend.backend() != "tensorflow":
         return False
-    from spirs_tf._compat import tf
-
     return tf.distribute.has_strategy()
 
 

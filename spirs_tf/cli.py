@@ -1,7 +1,8 @@
 """The ``spirs`` command: one verb per sub-command, each a thin wrapper around a typed function.
 
 Sub-commands live in :mod:`spirs_tf.commands`, one module each, exposing ``add_parser(subparsers)``
-and ``run(args) -> int``. A sub-command is listed only when its module exists.
+and ``run(args) -> int``. Evaluation and the paper's tables are scripts: ``experiments/evaluate.py`` and
+its siblings (``experiments/make_results.sh``).
 
 Errors in user input are printed as a single line ``spirs: error: <file>: <problem>`` with exit
 code 2; no traceback is shown (set ``SPIRS_DEBUG=1`` to see one). The same holds for what the file
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -35,14 +35,12 @@ COMMANDS = (
     ("manifest", "spirs_tf.commands.manifest"),
     ("train", "spirs_tf.commands.train"),
     ("export", "spirs_tf.commands.export"),
-    ("evaluate", "spirs_tf.commands.evaluate"),
 )
 
 
 def available_commands():
     for name, module in COMMANDS:
-        if importlib.util.find_spec(module) is not None:
-            yield name, importlib.import_module(module)
+        yield name, importlib.import_module(module)
 
 
 def build_parser() -> argparse.ArgumentParser:

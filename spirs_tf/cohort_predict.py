@@ -1,11 +1,14 @@
 """Cohort mode of ``spirs predict --manifest``: every (prior, new) pair of a manifest split, resumable,
 with a prefetch thread and a summary CSV.
 
-Split out of :mod:`spirs_tf.inference`, which re-exports every name here; the per-case work is
-:mod:`spirs_tf.inference`'s (imported when a cohort runs: that module imports this one).
+Built on :mod:`spirs_tf.inference`, which does the per-case work (read, run the network, refine,
+write one case folder); this module adds the manifest, batching, resuming and the summary.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import csv
+import io as _io
 import json
 import os
 import shutil
@@ -16,10 +19,10 @@ from typing import Callable
 from spirs_tf.atomic import atomic_write_text
 from spirs_tf.case_inputs import PreparedCase, prepare_case, read_case_inputs
 from spirs_tf.errors import SpirsInputError
+from spirs_tf.inference import TMP_PREFIX, refine_case, run_network, write_case
+from spirs_tf.manifest import Manifest, load_manifest, make_pairs
 from spirs_tf.predictor import Predictor
-
-#: Prefix of the temporary case folders (:data:`spirs_tf.inference.TMP_PREFIX`, the same string).
-TMP_PREFIX = ".tmp-spirs-"
+from spirs_tf.refinement import resolve
 
 SUMMARY_COLUMNS = ("case_id", "patient_id", "prior_timepoint", "new_timepoint", "status", "lncc",
                    "lncc_identity", "folding_percent", "p2_lesions", "new_lesions", "seconds", "message",
@@ -100,15 +103,6 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
     Raises:
         SpirsInputError: bad manifest, unknown split, no pairs.
     """
-    import concurrent.futures
-    import csv
-    import io as _io
-
-    from spirs_tf.manifest import Manifest, load_manifest, make_pairs
-
-    from spirs_tf.inference import refine_case, run_network, write_case
-    from spirs_tf.refinement import resolve
-
     refine_fn, refine_mode = resolve(refine, verbose=False)
     m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
     pairs = make_pairs(m, split, pairing)

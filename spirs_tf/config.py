@@ -7,9 +7,13 @@ Named experiments (:data:`NAMED_CONFIGS`):
     λ1 = 0.5, λ2 = 0.1, SGD with decoupled weight decay, lr 1e-2 → 4e-5 and wd 4e-5 → 2e-7 over
     250 epochs (Appendix B), stage batch sizes 32 / 2 / 2.
 ``cpu-small``
-    8 base filters, 64³ at 3 mm, stages of 150 / 24 / 6 epochs: trains on a 2-core CPU in about 40
-    minutes. Its registration learns; its P1/P2 segmentation does not within that budget
-    (``experiments/RESULTS.md``).
+    8 base filters, 64³ at 3 mm, stages of 150 / 24 / 10 epochs (segmentation off in stage 1, P1
+    without the shared encoder, stage 3 re-estimates P1's BatchNorm statistics first): trains on a
+    2-core CPU in about an hour; registration and P1/P2 segmentation both learn. The shipped demo
+    weights (``spirs_tf/weights/cpu-small.*``; ``experiments/RESULTS.md``).
+``cpu-medium``
+    Experimental: cpu-small's widths on two pyramid levels with displacement supervision of the affine
+    (:func:`_cpu_medium`).
 ``gpu-1p5mm``
     The paper's 128³ grid at 1.5 mm (micro lesions span several voxels) at half the paper's width (32 base
     filters), with cpu-small's training choices, sized for one H100 and about 8 minutes of training
@@ -33,6 +37,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from spirs_tf.atomic import atomic_write_text
 from spirs_tf.errors import SpirsInputError
 
 #: the network's module prefixes (the keys of ``spirs_tf.networks.MODULE_PREFIXES``, which needs Keras)
@@ -190,7 +195,6 @@ class TrainConfig:
     #: ``bn_recalibration_batches`` re-estimates
     bn_recalibration_modules: str = "seg"
     mixed_precision: bool = False
-    xla_warp: bool = True  #: compile only the warp (fast on CPU); the network stays un-compiled
     #: compile the loss terms of a training/validation step with XLA (TensorFlow; same values to float
     #: rounding, ~4× faster LNCC and bending energy on a CPU); the network stays un-compiled
     xla_losses: bool = True
@@ -379,6 +383,10 @@ def _test() -> SpirsConfig:
     return cfg
 
 
+#: Fields that existed and were removed: {section: keys}, dropped from older saved configs by :func:`migrate`.
+#: ``train.xla_warp`` was never read.
+REMOVED_KEYS = {"train": ("xla_warp",)}
+
 NAMED_CONFIGS = {"paper": _paper, "cpu-small": _cpu_small, "cpu-medium": _cpu_medium, "gpu-1p5mm": _gpu_1p5mm,
                  "test": _test}
 
@@ -441,11 +449,19 @@ def from_dict(data: dict[str, Any]) -> SpirsConfig:
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Bring an older saved config up to :data:`CONFIG_VERSION` (version 1 is the first)."""
+    """Bring an older saved config up to :data:`CONFIG_VERSION` (version 1 is the first).
+
+    Keys of removed fields (:data:`REMOVED_KEYS`) are dropped, so that the ``config.json`` of an older
+    run still loads; any other unknown key stays an error.
+    """
     version = data.get("version", CONFIG_VERSION)
     if version > CONFIG_VERSION:
         raise SpirsInputError(f"config: version {version} is newer than this spirs-tf ({CONFIG_VERSION})")
     data["version"] = CONFIG_VERSION
+    for section, keys in REMOVED_KEYS.items():
+        if isinstance(data.get(section), dict):
+            for key in keys:
+                data[section].pop(key, None)
     return data
 
 
@@ -498,6 +514,4 @@ def get_config(name_or_path: str | os.PathLike = "paper", overrides: list[str] |
 
 def save_config(cfg: SpirsConfig, path: str | os.PathLike) -> None:
     """Write the resolved config as JSON, atomically."""
-    from spirs_tf.atomic import atomic_write_text
-
     atomic_write_text(path, json.dumps(to_dict(cfg), indent=2) + "\n")

@@ -43,18 +43,19 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from spirs_tf import config as config_lib
 from spirs_tf import metrics
-from spirs_tf.atomic import atomic_write_text
-from spirs_tf.checkpoints import load_checkpoint, resolve_run
+from spirs_tf.atomic import atomic_write_json, atomic_write_text
+from spirs_tf.data import PairSource
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.geometry import sample_locations, scale_translation
-from spirs_tf.stats import median_iqr
+from spirs_tf.manifest import load_manifest
+from spirs_tf.predictor import Run, load_run  # noqa: F401 (re-exported)
+from spirs_tf.stats import median_iqr, read_csv
 
 #: File written by ``spirs synth`` beside its ``manifest.csv`` (its ``generator`` names the package).
 SYNTH_MARKER = "synth.json"
@@ -103,135 +104,6 @@ def data_label(manifest_path: str, synthetic: str = "auto") -> str:
             f"pose {cfg.get('pose', '?')}, grid {cfg.get('grid_size', '?')} at {cfg.get('spacing_mm', '?')} mm)")
 
 
-# ---------------------------------------------------------------------------------------- the run
-@dataclass(eq=False)
-class Run:
-    """A trained run ready for evaluation (model built lazily, BatchNorm frozen, inference mode)."""
-
-    cfg: config_lib.SpirsConfig
-    levels: int
-    state: dict
-    checkpoint: str
-    config_path: str
-    meta: dict = field(default_factory=dict)
-    _cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def size(self) -> int:
-        """Finest input grid ``S`` of the model."""
-        return self.cfg.level_grid(self.levels)
-
-    @property
-    def factor(self) -> int:
-        """Working-grid voxels per model voxel at the finest level."""
-        return self.cfg.data.grid_size // self.size
-
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel size (mm) of the model's finest grid."""
-        s = float(self.cfg.data.spacing_mm) * self.factor
-        return (s, s, s)
-
-    def describe(self) -> dict:
-        return {"checkpoint": os.path.abspath(self.checkpoint), "config": self.cfg.name,
-                "stage": self.meta.get("stage"), "epoch": self.meta.get("epoch"), "levels": self.levels,
-                "grid": self.size, "spacing_mm": self.spacing[0]}
-
-    def predict_fn(self, kind: str = "pyramid") -> Callable[[dict], dict]:
-        """``inputs → outputs`` (NumPy, batch 1) of the full pyramid (``"pyramid"``) or the finest level
-        alone (``"finest-only"``, :func:`build_finest_only`), compiled once and cached."""
-        if kind not in self._cache:
-            from spirs_tf import networks
-            from spirs_tf._compat import tf
-
-            if kind == "pyramid":
-                model = networks.build_spirs(self.cfg, self.levels, bn_trainable=False)
-            elif kind == "finest-only":
-                model = build_finest_only(self.cfg, self.levels)
-            else:
-                raise ValueError(f"unknown model kind {kind!r}")
-            own = {v.path for v in model.weights}
-            try:
-                networks.load_model_state(model, {k: v for k, v in self.state.items() if k in own or kind == "pyramid"})
-            except SpirsInputError as exc:
-                raise SpirsInputError(f"checkpoint does not fit its config: {exc.problem}", self.checkpoint) from None
-            compiled = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
-
-            def run(inputs: dict) -> dict:
-                out = compiled({k: tf.constant(v) for k, v in inputs.items()})
-                return {k: np.asarray(v) for k, v in out.items()}
-
-            run.model = model
-            self._cache[kind] = run
-        return self._cache[kind]
-
-
-_RUNS: dict[tuple, Run] = {}
-
-
-def load_run(path: str | os.PathLike) -> Run:
-    """A :class:`Run` from a run directory (highest stage, ``best.npz`` else ``latest.npz``) or a
-    checkpoint ``.npz`` with ``config.json`` beside it or one folder up.
-
-    Runs are cached per process, keyed by the checkpoint's and config's path, size and modification
-    time, so several experiments in one process build and trace each model once.
-
-    Raises:
-        SpirsInputError: missing path, no checkpoint/config, unreadable checkpoint.
-    """
-    checkpoint, config_path, _ = resolve_run(path)
-    key = tuple((os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in (checkpoint, config_path))
-    if key in _RUNS:
-        return _RUNS[key]
-    cfg = config_lib.get_config(config_path)
-    state, _, meta = load_checkpoint(checkpoint)
-    levels = int(meta.get("levels") or cfg.model.num_levels)
-    if not 1 <= levels <= cfg.model.num_levels:
-        raise SpirsInputError(f"checkpoint has levels={levels}, outside 1..{cfg.model.num_levels}", checkpoint)
-    _RUNS[key] = Run(cfg, levels, state, checkpoint, config_path, meta)
-    return _RUNS[key]
-
-
-def build_finest_only(cfg, levels: int):
-    """The registration modules of the finest level run ONCE, without the coarse-to-fine pyramid.
-
-    ``A = F_A([f_S, m_S])`` and ``u = F_D([f_S, warp(m_S, A)])`` with the same (shared) layers as
-    :func:`spirs_tf.networks.build_spirs` at level ``levels`` (the encoder pools ``levels − 1`` extra
-    times, as it does there), so a pyramid checkpoint loads by variable path. This is the cheap proxy
-    for the paper's non-pyramidal network (Table 3): same weights, no coarse initialisation. It is NOT a
-    network trained without the pyramid.
-
-    Returns:
-        ``keras.Model`` with the SPIRS inputs and outputs ``affine_L, warped_affine_image_L,
-        warped_affine_mask_L, dvf_L, warped_image_L, warped_mask_L`` (``L = levels``) on the grid
-        ``S = cfg.level_grid(levels)``.
-    """
-    from spirs_tf._compat import keras
-    from spirs_tf.blocks import AffineHead, SharedEncoder, deformable_decoder, opening_conv
-    from spirs_tf.layers import SpatialTransformer
-    from spirs_tf.networks import INPUT_NAMES
-
-    m, n = cfg.model, int(levels)
-    size = cfg.level_grid(n)
-    encoder = SharedEncoder(m, False)
-    aff_open = opening_conv("aff_open", m.opening_filters, m.registration_kernel)
-    def_open = opening_conv("def_open", m.opening_filters, m.registration_kernel)
-    aff_head, def_dec = AffineHead(m, False), deformable_decoder(m, False)
-    inputs = {k: keras.Input((size, size, size, 1), name=k, dtype="float32") for k in INPUT_NAMES}
-    fixed, moving, mask = (inputs[k] for k in INPUT_NAMES)
-    x = keras.layers.Concatenate(axis=-1, name="single_aff_inputs")([fixed, moving])
-    affine = aff_head(encoder(aff_open(x), extra=n - 1).bottleneck)
-    out = {f"affine_{n}": keras.layers.Activation("linear", dtype="float32", name=f"affine_{n}")(affine)}
-    out[f"warped_affine_image_{n}"] = SpatialTransformer(name=f"warped_affine_image_{n}")([moving, affine])
-    out[f"warped_affine_mask_{n}"] = SpatialTransformer(name=f"warped_affine_mask_{n}")([mask, affine])
-    x = keras.layers.Concatenate(axis=-1, name="single_def_inputs")([fixed, out[f"warped_affine_image_{n}"]])
-    dvf = def_dec(encoder(def_open(x), extra=n - 1), tag=f"single{n}")
-    out[f"dvf_{n}"] = keras.layers.Activation("linear", dtype="float32", name=f"dvf_{n}")(dvf)
-    for key, src in ((f"warped_image_{n}", moving), (f"warped_mask_{n}", mask)):
-        out[key] = SpatialTransformer(use_affine=True, use_dvf=True, name=key)([src, affine, dvf])
-    return keras.Model(inputs=inputs, outputs=out, name="spirs_finest_only")
-
-
 # ------------------------------------------------------------------------------------------ pairs
 @dataclass
 class PairResult:
@@ -270,9 +142,6 @@ def pair_source(run: Run, manifest_path: str, split: str | None, pairing: str | 
     Raises:
         SpirsInputError: bad manifest, unknown split, no pairs, scans without masks.
     """
-    from spirs_tf.data import PairSource
-    from spirs_tf.manifest import load_manifest
-
     manifest = load_manifest(manifest_path)
     data_cfg = dataclasses.replace(run.cfg.data, pairing=pairing or run.cfg.data.pairing, both_directions=False)
     source = PairSource(manifest, split, data_cfg, limit=limit)
@@ -434,8 +303,6 @@ def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str]) -> None:
 
 def read_rows(path: str) -> list[dict]:
     """Rows of a CSV written by :func:`write_csv` with numeric cells as floats (empty → NaN)."""
-    from spirs_tf.stats import read_csv
-
     out = []
     for row in read_csv(path, []):
         parsed = {}
@@ -469,19 +336,8 @@ def p_text(p: float) -> str:
 
 
 def write_info(out_dir: str, name: str, info: dict) -> None:
-    """``out_dir/<name>.json`` (atomic), NaN as null."""
-    def clean(x):
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        if isinstance(x, (float, np.floating)):
-            return None if math.isnan(x) else ("inf" if math.isinf(x) else float(x))
-        if isinstance(x, np.integer):
-            return int(x)
-        return x
-
-    atomic_write_text(os.path.join(out_dir, f"{name}.json"), json.dumps(clean(info), indent=2) + "\n")
+    """``out_dir/<name>.json`` (atomic; NaN as null, ±inf as ``"inf"``/``"-inf"``: :func:`spirs_tf.atomic.json_safe`)."""
+    atomic_write_json(os.path.join(out_dir, f"{name}.json"), info)
 
 
 def add_common_arguments(parser, split_default: str = "test") -> None:
@@ -497,7 +353,7 @@ def add_common_arguments(parser, split_default: str = "test") -> None:
                         help="label outputs as synthetic (auto: the manifest has spirs synth's synth.json)")
 
 
-__all__ = ["Run", "PairResult", "load_run", "build_finest_only", "pair_source", "iterate_pairs",
+__all__ = ["Run", "PairResult", "load_run", "pair_source", "iterate_pairs",
            "registration_metrics", "registration_rows", "registration_columns", "segmentation_rows",
            "segmentation_masks", "total_displacement", "write_csv", "read_rows", "median_iqr_text", "p_text",
            "data_label", "synthetic_source", "split_arg", "add_common_arguments", "write_info",

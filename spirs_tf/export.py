@@ -26,9 +26,10 @@ output                 shape                 meaning
 =====================  ====================  ===================================================
 
 The resolved config and a description (levels, input size, source checkpoint, stage) are stored
-twice: as the string variable ``spirs_info`` (JSON; read by :func:`read_export_info`) and as the
-asset file ``assets/spirs_info.json`` for people. :func:`spirs_tf.inference.load_predictor`
-accepts the folder and rebuilds the preprocessing from it.
+twice: as the string variable ``spirs_info`` (JSON; read by :func:`spirs_tf.predictor.read_export_info`)
+and as the asset file ``assets/spirs_info.json`` for people. :func:`spirs_tf.predictor.load_predictor`
+accepts the folder (:func:`spirs_tf.predictor.load_saved_model_predictor`) and rebuilds the
+preprocessing from it.
 
 Loading elsewhere::
 
@@ -42,17 +43,16 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
-
 from spirs_tf import config as config_lib
 from spirs_tf.errors import SpirsInputError
+from spirs_tf.predictor import (OUTPUT_NAMES, load_saved_model_predictor,  # noqa: F401 (re-exported)
+                                read_export_info, serving_outputs)
 
 INFO_FILE = "spirs_info.json"
 
 
 def _module(model, cfg, levels: int, info: dict, asset_path: str):
     from spirs_tf._compat import tf
-    from spirs_tf.inference import serving_outputs
 
     s = cfg.level_grid(levels)
 
@@ -78,7 +78,7 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
     beside it, renamed at the end).
 
     Args:
-        predictor: a :class:`spirs_tf.inference.Predictor` built from a checkpoint (``load_predictor``).
+        predictor: a :class:`spirs_tf.predictor.Predictor` built from a checkpoint (``load_predictor``).
         out_dir: destination folder.
         overwrite: replace an existing folder.
 
@@ -87,8 +87,9 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
 
     Raises:
         SpirsInputError: ``out_dir`` exists (without ``overwrite``) or the predictor has no Keras model
-            (e.g. it was itself loaded from a SavedModel).
+            (e.g. it was itself loaded from a SavedModel); Keras does not run on TensorFlow.
     """
+    require_tensorflow("spirs export", out_dir)
     from spirs_tf._compat import tf
 
     model = getattr(predictor.run_fn, "model", None)
@@ -102,7 +103,7 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
     info = {"config": config_lib.to_dict(predictor.cfg), "levels": predictor.levels,
             "input_size": predictor.size, "source": predictor.info,
             "inputs": ["new_image", "prior_image", "prior_mask"],
-            "outputs": ["p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped"]}
+            "outputs": list(OUTPUT_NAMES)}
     work = tempfile.mkdtemp(prefix=".tmp-spirs-export-", dir=parent)
     try:
         asset = os.path.join(work, INFO_FILE)
@@ -117,46 +118,3 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def read_export_info(loaded) -> dict:
-    """The description dict stored by :func:`export_saved_model` in a loaded SavedModel.
-
-    Raises:
-        SpirsInputError: not a spirs-tf export.
-    """
-    var = getattr(loaded, "spirs_info", None)
-    if var is None:
-        raise SpirsInputError("SavedModel was not written by spirs export (no spirs_info)")
-    return json.loads(var.numpy().decode("utf-8"))
-
-
-def load_saved_model_predictor(path: str):
-    """A :class:`spirs_tf.inference.Predictor` running a SavedModel's ``serving_default``.
-
-    Raises:
-        SpirsInputError: the folder cannot be loaded or is not a spirs-tf export.
-    """
-    from spirs_tf._compat import tf
-    from spirs_tf.inference import OUTPUT_NAMES, Predictor
-
-    try:
-        loaded = tf.saved_model.load(path)
-    except Exception as exc:  # TF raises many types for a broken SavedModel
-        raise SpirsInputError(f"cannot load SavedModel ({type(exc).__name__}: {exc})", path) from None
-    try:
-        info = read_export_info(loaded)
-    except SpirsInputError as exc:
-        raise SpirsInputError(exc.problem, path) from None
-    cfg = config_lib.from_dict(info["config"])
-    serve = loaded.signatures["serving_default"]
-
-    def run(new, prior, mask):
-        out = serve(new_image=tf.constant(new), prior_image=tf.constant(prior), prior_mask=tf.constant(mask))
-        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES}
-
-    run.loaded = loaded  # keep the restored objects alive
-    source = info.get("source", {})
-    return Predictor(cfg, int(info["levels"]), run,
-                     {"kind": "SavedModel", "path": os.path.abspath(path), "config": cfg.name,
-                      "stage": source.get("stage"), "checkpoint": source.get("checkpoint")})

@@ -18,6 +18,7 @@ axes 0, 1, 2), scales s (3), shears h (6). ``M = Rx(θ0)·Ry(θ1)·Rz(θ2)·diag
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
 
 IDENTITY_PARAMS = np.array([0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0], dtype=np.float32)
 
@@ -89,3 +90,40 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
     m = np.asarray(matrix, dtype=np.float64)
     inv = np.linalg.inv(m[:, :3])
     return np.concatenate([inv, (-inv @ m[:, 3])[:, None]], axis=1).astype(np.float32)
+
+
+def warp_working(volume: np.ndarray, matrix: np.ndarray, dvf: np.ndarray | None) -> np.ndarray:
+    """The network's spatial transformer in NumPy: trilinear, zero padding, at
+    ``p(x) = M(x − c) + t + u(x) + c`` (:func:`sample_locations`) → float32."""
+    coords = sample_locations(matrix, volume.shape, dvf) + 1.0  # zero-padded: = SciPy's "grid-constant"
+    return ndimage.map_coordinates(np.pad(np.asarray(volume, np.float32), 1), coords, order=1, mode="constant",
+                                   cval=0.0, prefilter=False).astype(np.float32)
+
+
+def subsample(x, factor: int = 2):
+    """Strided subsample of the spatial axes, ``x[::f, ::f, ::f]`` (corner aligned: fine voxel ``f·i`` =
+    coarse voxel ``i``): the pyramid's level inputs, its coarse loss targets and the model's inputs on
+    a coarser grid than the working grid.
+
+    Plain slicing, so it works on NumPy arrays and on backend tensors alike (the one implementation
+    behind :func:`spirs_tf.transforms.subsample`, :class:`spirs_tf.layers.Subsample`, the losses and
+    :func:`spirs_tf.preprocess.subsample`).
+
+    Args:
+        x: ``(D, H, W)``, channels-last ``(D, H, W, C)`` or a batch ``(B, D, H, W, C)``.
+        factor: positive integer ``f``.
+
+    Raises:
+        ValueError: other ranks or a non-positive / non-integer factor.
+    """
+    f = int(factor)
+    if f != factor or f < 1:
+        raise ValueError(f"subsample factor must be a positive integer, got {factor}")
+    rank = len(x.shape)
+    if rank not in (3, 4, 5):
+        raise ValueError(f"subsample expects (D,H,W), (D,H,W,C) or (B,D,H,W,C), got shape {tuple(x.shape)}")
+    if f == 1:
+        return x
+    if rank == 5:
+        return x[:, ::f, ::f, ::f, :]
+    return x[::f, ::f, ::f]

@@ -43,16 +43,17 @@ LNCC before, folding above 0.5 %, an affine whose scales leave 0.7–1.4 or whos
 and thresholds are in :mod:`spirs_tf.qc`.
 
 **Test-time refinement.** ``refine=`` of :func:`predict_case`, :func:`run_case` and
-:func:`predict_cohort` takes a mode, ``"off"``, ``"affine"`` or ``"full"`` (:mod:`spirs_tf.refinement`;
+:func:`spirs_tf.cohort_predict.predict_cohort` takes a mode, ``"off"``, ``"affine"`` or ``"full"`` (:mod:`spirs_tf.refinement`;
 ``spirs predict --refine``, default ``full`` on the command line), or any callable (:data:`Refine`)
 that may replace the working-grid affine and displacement field between the network and the
 resampling; the prior is then re-warped on the working grid and P2 recomputed from it
 (:func:`apply_refinement`). ``report.json`` records the mode, the seconds per stage and the LNCC
 before/after under ``registration.refinement``; the QC warnings judge the final transform.
 
-**Modules.** This module writes a case; the model side is :mod:`spirs_tf.predictor`, reading and
-preparing a case :mod:`spirs_tf.case_inputs`, cohort mode :mod:`spirs_tf.cohort_predict`; every name
-is re-exported here.
+**Modules.** This module writes a case; the model side (loading a trained model:
+:func:`spirs_tf.predictor.load_predictor`) is :mod:`spirs_tf.predictor`, reading and preparing a case
+:mod:`spirs_tf.case_inputs`; their names are re-exported here. Cohort mode is
+:mod:`spirs_tf.cohort_predict`, which builds on this module.
 
 **Brain overlap rule.** Before anything runs, the axis-aligned world (RAS mm) bounding boxes of the
 non-zero voxels of the new and the prior image are intersected. If they do not intersect at all the
@@ -64,14 +65,13 @@ working grids are each centred on their own brain, so the centre offset is absor
 **Atomic case folders.** Files are written into ``.tmp-spirs-<case>-*`` inside the output's parent
 folder, which is renamed to the case folder at the end: a case folder is either complete or absent
 (``report.json``, written last, marks a finished case). Inputs are never overwritten, and an output
-folder that contains an input is refused. Cohort mode: :func:`predict_cohort`.
+folder that contains an input is refused. Cohort mode: :func:`spirs_tf.cohort_predict.predict_cohort`.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import importlib.metadata
 import json
-import math
 import os
 import shutil
 import sys
@@ -82,63 +82,30 @@ from typing import Callable
 
 import numpy as np
 
-from spirs_tf import __version__
-from spirs_tf.atomic import atomic_write_text
-from spirs_tf.checkpoints import checkpoint_config
+from spirs_tf import __version__, metrics, qc
+from spirs_tf.atomic import atomic_write_text, json_safe
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.case_inputs import (LOW_OVERLAP, CaseInputs, PreparedCase, brain_box, brain_overlap,  # noqa: F401
                                    prepare_case, read_case_inputs)
+from spirs_tf.geometry import warp_working  # noqa: F401 (re-exported)
 from spirs_tf.io import Volume, write_volume  # noqa: F401
-from spirs_tf.predictor import (LOGIT_CLIP, OUTPUT_NAMES, Predictor, _checkpoint_predictor,  # noqa: F401
-                                find_run_checkpoint, import_runtime, keras_predictor, serving_outputs)
+from spirs_tf.itk_export import (CaseTransform, compact_deformation, resample_to_new, write_displacement,
+                                 write_itk_affine)
+from spirs_tf.lesions import change_counts, lesion_changes, write_lesions_csv
+from spirs_tf.predictor import (DEMO_NAME, LOGIT_CLIP, OUTPUT_NAMES, WEIGHTS_DIR, Predictor,  # noqa: F401
+                                find_run_checkpoint, import_runtime, keras_predictor, load_predictor,
+                                serving_outputs)
 from spirs_tf.preprocess import from_working
 from spirs_tf.qc import (FOLDING_WARN_PERCENT, MAX_ROTATION_DEG, MIN_DISTINCT, MIN_RELATIVE_RANGE,  # noqa: F401
                          SCALE_RANGE, affine_scales_rotation, intensity_problems, registration_warnings)
+from spirs_tf.refinement import P2_FALLBACK_WARNING, resolve
 
 #: ``--transforms`` choices (module docstring); the first is the default.
 TRANSFORMS = ("itk", "all", "none")
-TMP_PREFIX = ".tmp-spirs-"  # also spirs_tf.cohort_predict.TMP_PREFIX
+#: Prefix of the temporary case folders (also cleaned by spirs_tf.cohort_predict.clean_stale_temp).
+TMP_PREFIX = ".tmp-spirs-"
 NOT_FOR_CLINICAL_USE = ("Research software, not for clinical use: outputs have not been validated for "
                         "diagnosis or treatment decisions.")
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-DEMO_NAME = "cpu-small"
-
-
-def load_predictor(model: str | os.PathLike | None) -> Predictor:
-    """A :class:`Predictor` from a run directory, a checkpoint ``.npz``, a SavedModel or the demo weights.
-
-    Args:
-        model: a run directory (highest stage; ``best.npz`` else ``latest.npz``; its ``config.json``),
-            a checkpoint ``.npz`` (``config.json`` beside it or one folder up), a SavedModel folder
-            written by ``spirs export``, or ``None`` for the shipped demo weights
-            (``spirs_tf/weights/cpu-small.npz`` + ``cpu-small.json``).
-
-    Raises:
-        SpirsInputError: missing path, unrecognised folder, no config, checkpoint/config mismatch,
-            ``None`` without shipped weights.
-    """
-    if model is None:
-        ckpt = os.path.join(WEIGHTS_DIR, f"{DEMO_NAME}.npz")
-        cfg = os.path.join(WEIGHTS_DIR, f"{DEMO_NAME}.json")
-        if not (os.path.isfile(ckpt) and os.path.isfile(cfg)):
-            raise SpirsInputError("no model given (use --model RUN_DIR, a checkpoint .npz or a SavedModel "
-                                  "folder) and this spirs-tf ships no demo weights (spirs_tf/weights/)")
-        predictor = _checkpoint_predictor(ckpt, cfg)
-        predictor.info["kind"] = "demo weights"
-        return predictor
-    path = os.fspath(model)
-    if not os.path.exists(path):
-        raise SpirsInputError("model not found", path)
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, "saved_model.pb")):
-            from spirs_tf.export import load_saved_model_predictor
-
-            import_runtime()
-            return load_saved_model_predictor(path)
-        return _checkpoint_predictor(*find_run_checkpoint(path))
-    if not path.endswith(".npz"):
-        raise SpirsInputError("a model must be a run directory, a checkpoint .npz or a SavedModel folder", path)
-    return _checkpoint_predictor(path, checkpoint_config(path))
 
 
 # ---------------------------------------------------------------------------------------- case output
@@ -197,17 +164,6 @@ def _versions() -> dict:
     return out
 
 
-def _json_safe(x):
-    """Nested structure → JSON-safe (NumPy scalars to Python, NaN/inf to ``None``)."""
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(float(x)) else None
-    return x.item() if isinstance(x, np.generic) else x
-
-
 #: A test-time refinement: ``refine(predictor, case, outputs) -> dict | None``. ``outputs`` is the
 #: case's network outputs (:data:`OUTPUT_NAMES`, one case, working grid ``S``). The callable returns
 #: ``None`` or ``{"rejected": True, "info": ..., "warnings": [...]}`` (keep the network's
@@ -218,18 +174,6 @@ def _json_safe(x):
 #: (JSON-safe, stored in ``report.json``) and ``"keep_network_p2": True`` (a predictor without
 #: ``p2_fn`` keeps the network's P2 instead of refusing, with a warning).
 Refine = Callable[["Predictor", "PreparedCase", dict], "dict | None"]
-
-
-def warp_working(volume: np.ndarray, matrix: np.ndarray, dvf: np.ndarray | None) -> np.ndarray:
-    """The network's spatial transformer in NumPy: trilinear, zero padding, at
-    ``p(x) = M(x − c) + t + u(x) + c`` (:func:`spirs_tf.geometry.sample_locations`) → float32."""
-    from scipy import ndimage
-
-    from spirs_tf.geometry import sample_locations
-
-    coords = sample_locations(matrix, volume.shape, dvf) + 1.0  # zero-padded: = SciPy's "grid-constant"
-    return ndimage.map_coordinates(np.pad(np.asarray(volume, np.float32), 1), coords, order=1, mode="constant",
-                                   cval=0.0, prefilter=False).astype(np.float32)
 
 
 def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, refine: Refine | None
@@ -245,9 +189,6 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
         ValueError: ``refine`` returned arrays of the wrong shape, or the predictor cannot
             recompute P2 (a SavedModel: it exposes only the whole model).
     """
-    from spirs_tf import metrics
-    from spirs_tf.refinement import P2_FALLBACK_WARNING
-
     if refine is None:
         return outputs, None
     t0 = time.perf_counter()
@@ -288,8 +229,6 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
 def _label_in_box(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """:func:`spirs_tf.metrics.label_lesions` computed inside the mask's bounding box (the same ids:
     C order is kept inside a box), for a 6-megavoxel grid whose lesions fill a few thousand voxels."""
-    from spirs_tf import metrics
-
     mask = np.asarray(mask)
     box = []
     for axis in range(3):
@@ -313,12 +252,6 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
         transforms: which transform files (:data:`TRANSFORMS`, module docstring).
         verbose: print the case's warnings on stderr (they are in ``report.json`` either way).
     """
-    from spirs_tf import metrics
-    from spirs_tf.itk_export import (CaseTransform, compact_deformation, resample_to_new, write_displacement,
-                                     write_itk_affine)
-    from spirs_tf.lesions import change_counts, lesion_changes, write_lesions_csv
-    from spirs_tf.qc import write_qc_png
-
     if transforms not in TRANSFORMS:
         raise ValueError(f"transforms must be one of {TRANSFORMS}, got {transforms!r}")
     inputs = case.inputs
@@ -365,7 +298,7 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
                 pending.append(writer.submit(write_displacement, os.path.join(tmp, name), data, new.affine))
         rows = lesion_changes(masks["p2"], res.prior_labels_warped, new.spacing, new.affine)
         write_lesions_csv(os.path.join(tmp, "lesions.csv"), rows)
-        qc_slices = write_qc_png(os.path.join(tmp, "qc.png"), case_id, new.data, res.prior_warped,
+        qc_slices = qc.write_qc_png(os.path.join(tmp, "qc.png"), case_id, new.data, res.prior_warped,
                                  res.prior_mask_warped, masks["p1"], masks["p2"], new.affine)
         for future in pending:
             future.result()  # re-raises a writer's error here
@@ -427,7 +360,7 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
             "outputs": files,
         }
         atomic_write_text(os.path.join(tmp, "report.json"),
-                          json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+                          json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
         _commit_folder(tmp, out)
     finally:
         writer.shutdown(wait=True, cancel_futures=True)
@@ -491,8 +424,6 @@ def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrit
              case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | str | None = None,
              verbose: bool = True) -> CaseResult:
     """:func:`predict_case` for inputs already read and validated by :func:`read_case_inputs`."""
-    from spirs_tf.refinement import resolve
-
     check_out_dir(out_dir, _input_paths(inputs), overwrite)
     refine_fn, mode = resolve(refine, verbose)
     case = prepare_case(inputs, predictor)
@@ -500,9 +431,3 @@ def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrit
     outputs, refinement = refine_case(predictor, case, outputs, refine_fn, mode)
     return write_case(predictor, case, outputs, out_dir, overwrite=overwrite, case_id=case_id,
                       network_s=network_s, transforms=transforms, refinement=refinement, verbose=verbose)
-
-
-# -------------------------------------------------------------------------------------------- cohort
-# at the end: spirs_tf.cohort_predict uses this module's names (imported inside its functions)
-from spirs_tf.cohort_predict import (SUMMARY_COLUMNS, _Progress, _summary_row, case_name,  # noqa: E402,F401
-                                     clean_stale_temp, predict_cohort)

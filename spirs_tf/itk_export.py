@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from spirs_tf.atomic import atomic_write_text
 from spirs_tf.io import Volume, write_volume
 
 #: RAS ↔ LPS (its own inverse).
@@ -321,8 +322,6 @@ def write_itk_affine(path: str, affine_lps: np.ndarray) -> None:
     matrix row by row, then the translation; fixed parameters = the centre), written with 17
     significant digits (``repr``), as SimpleITK writes it — without importing SimpleITK.
     """
-    from spirs_tf.atomic import atomic_write_text
-
     a = np.asarray(affine_lps, dtype=np.float64)
     params = [float(v) for v in a[:3, :3].ravel()] + [float(v) for v in a[:3, 3]]
     text = ("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"

@@ -12,7 +12,7 @@ follow the global policy (they are used inside the decoders and the fusion block
 from __future__ import annotations
 
 from spirs_tf import transforms
-from spirs_tf._compat import keras
+from spirs_tf._compat import BACKEND, keras, ops, tf
 
 __all__ = [
     "AffineMatrix",
@@ -229,8 +229,6 @@ def _shift_stacked(x, kernel, axis: int, padding: str):
     added in another order (equal to float rounding). ``padding`` is ``"same"`` (TensorFlow's
     convention: ``(K − 1) // 2`` before, the rest after) or ``"valid"``.
     """
-    from spirs_tf._compat import ops
-
     k = int(kernel.shape[axis])
     c_in, filters = int(kernel.shape[3]), int(kernel.shape[4])
     spatial_axis = axis + 1  # in (B, D, H, W, C)
@@ -254,8 +252,6 @@ def _fast_conv(x, kernel, axis: int, padding: str):
     TensorFlow for few input channels, is the stacked convolution's (~3× faster at 2 → 8 and
     2 → 32 channels). All three are the plain convolution's values to float rounding.
     """
-    from spirs_tf._compat import tf
-
     def plain(a, k):
         return tf.nn.conv3d(a, k, [1] * 5, padding.upper())
 
@@ -283,8 +279,6 @@ def _stack_shifts(x, k: int, axis: int):
     slicing (``StridedSlice``, whose gradient ``StridedSliceGrad`` is slow on a CPU: about a fifth of
     a stage-3 step when the opening convolutions used it).
     """
-    from spirs_tf._compat import ops
-
     shape = [int(d) if d is not None else -1 for d in x.shape]
     n = shape[axis] - k + 1
     sizes = list(shape)
@@ -313,8 +307,6 @@ class OpeningConv3D(keras.layers.Conv3D):
     stack_axis = 0
 
     def _fast(self) -> bool:
-        from spirs_tf._compat import BACKEND, tf
-
         axis = type(self).stack_axis
         if BACKEND != "tensorflow" or axis is None or self.data_format != "channels_last":
             return False

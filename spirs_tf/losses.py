@@ -31,6 +31,7 @@ from spirs_tf._loss_util import per_sample_mean as _per_sample_mean
 from spirs_tf._loss_util import per_sample_sum as _per_sample_sum
 from spirs_tf.affine_losses import (AFFINE_SUPERVISION, affine_displacement_mse, affine_mse, grid_moments,
                                     level_affine, mask_moments)
+from spirs_tf.geometry import subsample
 
 #: Keras' probability clip for cross-entropy.
 BCE_EPSILON = 1e-7
@@ -391,15 +392,18 @@ def registration_dice_loss(target, prob, pos_weight: float = 3.0, smooth: float 
             + weighted_bce(target, prob, pos_weight=pos_weight, from_logits=False))
 
 
-def hard_dice(target, logits):
-    """Logged metric: Dice of ``sigmoid(logits) > 0.5`` (i.e. logits > 0) against ``target > 0.5``.
+def hard_dice(target, logits, threshold: float = 0.0):
+    """Logged metric: Dice of ``logits > threshold`` against ``target > 0.5``.
 
+    With the default ``threshold = 0`` that is ``sigmoid(logits) > 0.5`` (the segmentation heads);
+    ``threshold = 0.5`` scores a soft mask in [0, 1] instead (a trilinearly warped prior mask).
     ``2|P∩Q| / (|P| + |Q|)`` per sample; empty prediction and empty target give 1 (the authors'
     NaN → 1 rule), one of them empty gives 0.
 
     Args:
         target: (B, D, H, W, 1) labels.
-        logits: (B, D, H, W, 1) logits.
+        logits: (B, D, H, W, 1) logits (or probabilities, with ``threshold = 0.5``).
+        threshold: the prediction is ``logits > threshold``.
 
     Returns:
         (B,) Dice per sample, float32, no gradient.
@@ -409,7 +413,7 @@ def hard_dice(target, logits):
     """
     q, x = _float(target), _float(logits)
     _check_same(q, x, "target", "logits")
-    pred = ops.cast(ops.greater(x, 0.0), "float32")
+    pred = ops.cast(ops.greater(x, threshold), "float32")
     truth = ops.cast(ops.greater(q, 0.5), "float32")
     intersection = _per_sample_sum(pred * truth)
     total = _per_sample_sum(pred) + _per_sample_sum(truth)
@@ -418,18 +422,11 @@ def hard_dice(target, logits):
 
 
 # ----------------------------------------------------------------------------------------- pyramid
-#: Keys of the training batch that :func:`spirs_losses` reads.
-BATCH_KEYS = ("fixed_image", "fixed_mask", "dice_target", "ncc_mask", "true_affine")
+#: The keys of a batch (:data:`spirs_tf.data.BATCH_KEYS`) that :func:`spirs_losses` reads.
+LOSS_BATCH_KEYS = ("fixed_image", "fixed_mask", "dice_target", "ncc_mask", "true_affine")
 #: Per-level output names of ``networks.build_spirs`` that :func:`spirs_losses` reads.
 LEVEL_OUTPUTS = ("affine", "warped_affine_image", "warped_affine_mask", "dvf", "warped_image",
                  "warped_mask")
-
-
-def _subsample(x, factor: int):
-    """Strided subsample ``x[:, ::f, ::f, ::f]`` (corner aligned, the authors' coarse targets)."""
-    if factor == 1:
-        return x
-    return x[:, ::factor, ::factor, ::factor, :]
 
 
 def _check_grid(x, grid: int, name: str) -> None:
@@ -500,7 +497,7 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int, exact_lncc:
     supervision = getattr(cfg.loss, "affine_supervision", "matrix")
     if supervision not in AFFINE_SUPERVISION:
         raise ValueError(f"loss.affine_supervision must be one of {AFFINE_SUPERVISION}, got {supervision!r}")
-    missing = [k for k in BATCH_KEYS if k not in batch]
+    missing = [k for k in LOSS_BATCH_KEYS if k not in batch]
     missing += [f"{name}_{i}" for i in range(1, levels + 1) for name in LEVEL_OUTPUTS
                 if f"{name}_{i}" not in outputs]
     missing += [k for k in ("p1_logits", "p2_logits") if k not in outputs]
@@ -521,14 +518,14 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int, exact_lncc:
     registration = None
     for i in range(1, levels + 1):
         factor = 2 ** (levels - i)
-        f_i = _subsample(fixed, factor)
+        f_i = subsample(fixed, factor)
         out = {name: _float(outputs[f"{name}_{i}"]) for name in LEVEL_OUTPUTS}
         if size is not None:
             for name in LEVEL_OUTPUTS[1:]:
                 _check_grid(out[name], size // factor, f"{name}_{i}")
-        mask_a = lncc_mask(f_i, out["warped_affine_image"], _subsample(fixed_mask, factor),
+        mask_a = lncc_mask(f_i, out["warped_affine_image"], subsample(fixed_mask, factor),
                            out["warped_affine_mask"])
-        ncc_i = _subsample(ncc_mask, factor)
+        ncc_i = subsample(ncc_mask, factor)
         mask_d = lncc_mask(f_i, out["warped_image"], ncc_i, ncc_i)
         if supervision == "displacement":
             moments = mask_moments(ops.cast(ops.not_equal(f_i, 0), f_i.dtype))
@@ -544,7 +541,7 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int, exact_lncc:
             "lncc_deformable": similarity(f_i, out["warped_image"], window=lw.lncc_window, mask=mask_d),
             "smooth": smoothness_loss(out["dvf"], f_i, out["warped_affine_image"],
                                       background_weight=lw.background_displacement_weight),
-            "dice": registration_dice_loss(_subsample(dice_target, factor), out["warped_mask"],
+            "dice": registration_dice_loss(subsample(dice_target, factor), out["warped_mask"],
                                            pos_weight=lw.bce_positive_weight, smooth=lw.dice_smooth),
         }
         level_loss = (lw.weight_mse * terms["mse"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Union
 
 from spirs_tf.errors import SpirsInputError
+from spirs_tf.io import check_same_grid, read_volume
 
 COLUMNS = ("patient_id", "timepoint", "image", "mask", "split")
 #: Splits whose rows feed the losses and therefore need a lesion mask.
@@ -201,8 +202,6 @@ def _deep_problems(path: str, files: list[tuple[int, str | None, str | None]]) -
 
     Returns (row, message) pairs.
     """
-    from spirs_tf.io import check_same_grid, read_volume
-
     problems = []
     for row, image_path, mask_path in files:
         volumes = {}

@@ -1,5 +1,7 @@
 """The SPIRS pyramid: :func:`build_spirs` wires the blocks of :mod:`spirs_tf.blocks` into one functional
-Keras model, plus name-keyed helpers for variable groups, checkpoints and parameter counts.
+Keras model; :func:`build_finest_only` runs the finest level's registration modules alone (the
+non-pyramidal proxy of the ablation); plus name-keyed helpers for variable groups, checkpoints and
+parameter counts.
 
 Composition (FACTS section B "Pyramid composition", decision 5), for a model with ``n`` levels whose
 finest grid is ``S`` (level ``i`` has grid ``S / 2**(n−i)`` and inputs ``x[:, ::f, ::f, ::f]``,
@@ -208,6 +210,41 @@ def build_spirs(cfg, levels: int, bn_trainable: bool = True) -> keras.Model:
 
 
 # ------------------------------------------------------------------------------ variables and state
+def build_finest_only(cfg, levels: int) -> keras.Model:
+    """The registration modules of the finest level run ONCE, without the coarse-to-fine pyramid.
+
+    ``A = F_A([f_S, m_S])`` and ``u = F_D([f_S, warp(m_S, A)])`` with the same (shared) layers as
+    :func:`build_spirs` at level ``levels`` (the encoder pools ``levels − 1`` extra
+    times, as it does there), so a pyramid checkpoint loads by variable path. This is the cheap proxy
+    for the paper's non-pyramidal network (Table 3): same weights, no coarse initialisation. It is NOT a
+    network trained without the pyramid.
+
+    Returns:
+        ``keras.Model`` with the SPIRS inputs and outputs ``affine_L, warped_affine_image_L,
+        warped_affine_mask_L, dvf_L, warped_image_L, warped_mask_L`` (``L = levels``) on the grid
+        ``S = cfg.level_grid(levels)``.
+    """
+    m, n = cfg.model, int(levels)
+    size = cfg.level_grid(n)
+    encoder = SharedEncoder(m, False)
+    aff_open = opening_conv("aff_open", m.opening_filters, m.registration_kernel)
+    def_open = opening_conv("def_open", m.opening_filters, m.registration_kernel)
+    aff_head, def_dec = AffineHead(m, False), deformable_decoder(m, False)
+    inputs = {k: keras.Input((size, size, size, 1), name=k, dtype="float32") for k in INPUT_NAMES}
+    fixed, moving, mask = (inputs[k] for k in INPUT_NAMES)
+    x = keras.layers.Concatenate(axis=-1, name="single_aff_inputs")([fixed, moving])
+    affine = aff_head(encoder(aff_open(x), extra=n - 1).bottleneck)
+    out = {f"affine_{n}": keras.layers.Activation("linear", dtype="float32", name=f"affine_{n}")(affine)}
+    out[f"warped_affine_image_{n}"] = SpatialTransformer(name=f"warped_affine_image_{n}")([moving, affine])
+    out[f"warped_affine_mask_{n}"] = SpatialTransformer(name=f"warped_affine_mask_{n}")([mask, affine])
+    x = keras.layers.Concatenate(axis=-1, name="single_def_inputs")([fixed, out[f"warped_affine_image_{n}"]])
+    dvf = def_dec(encoder(def_open(x), extra=n - 1), tag=f"single{n}")
+    out[f"dvf_{n}"] = keras.layers.Activation("linear", dtype="float32", name=f"dvf_{n}")(dvf)
+    for key, src in ((f"warped_image_{n}", moving), (f"warped_mask_{n}", mask)):
+        out[key] = SpatialTransformer(use_affine=True, use_dvf=True, name=key)([src, affine, dvf])
+    return keras.Model(inputs=inputs, outputs=out, name="spirs_finest_only")
+
+
 def _unique(variables):
     seen, result = set(), []
     for v in variables:
@@ -248,8 +285,6 @@ def variable_groups(model, p1_trains_encoder: bool = True) -> dict[str, list]:
 def batchnorm_layers(model, modules) -> list:
     """The BatchNormalization layers of ``model`` whose names start with one of the module prefixes
     ``modules`` (e.g. ``("seg",)``), in build order, each once (the pyramid levels share them)."""
-    from spirs_tf._compat import keras
-
     prefixes = tuple(f"{m}_" for m in modules)
     found = {}
     for layer in model._flatten_layers(include_self=False, recursive=True):  # Keras walks nested layers

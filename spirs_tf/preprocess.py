@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 
 from spirs_tf.errors import SpirsInputError
+from spirs_tf.geometry import subsample  # noqa: F401 (re-exported)
 from spirs_tf.io import Volume, check_same_grid
 
 #: Smallest value a non-zero (brain) voxel takes after :func:`normalize_intensity`.
@@ -246,24 +247,3 @@ def preprocess_scan(image: Volume, mask: Volume | None, data_cfg, brain_mask: Vo
     work_image = normalize_intensity(to_working(image, mapping, order=1), data_cfg.clip_sigma)
     work_mask = None if mask is None else to_working(mask, mapping, order=0)
     return PreprocessedScan(work_image, work_mask, mapping)
-
-
-def subsample(x: np.ndarray, factor: int) -> np.ndarray:
-    """Strided subsample ``x[::f, ::f, ::f]`` of the spatial axes (corner aligned: fine 2i = coarse i).
-
-    Accepts ``(D, H, W)``, channels-last ``(D, H, W, C)`` and batches ``(B, D, H, W, C)``.
-
-    Raises:
-        ValueError: other ranks or a non-positive integer factor.
-    """
-    f = int(factor)
-    if f != factor or f < 1:
-        raise ValueError(f"factor must be a positive integer, got {factor}")
-    x = np.asarray(x)
-    if x.ndim == 3:
-        return x[::f, ::f, ::f]
-    if x.ndim == 4:
-        return x[::f, ::f, ::f, :]
-    if x.ndim == 5:
-        return x[:, ::f, ::f, ::f, :]
-    raise ValueError(f"subsample expects (D,H,W), (D,H,W,C) or (B,D,H,W,C), got shape {x.shape}")

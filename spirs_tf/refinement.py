@@ -33,7 +33,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
+
+from spirs_tf import metrics
 from spirs_tf.errors import SpirsInputError
+from spirs_tf.geometry import warp_working
 
 __all__ = ["REFINE_MODES", "DEFAULT_REFINE", "check_mode", "make_refine", "resolve"]
 
@@ -82,8 +86,7 @@ def make_refine(mode: str, *, progress: Callable | None = None, affine_options: 
         return None
 
     def run(predictor, case, outputs) -> dict:
-        from spirs_tf import refine as refine_lib
-        from spirs_tf.inference import warp_working
+        from spirs_tf import refine as refine_lib  # TensorFlow: imported when a refinement runs
 
         window = predictor.cfg.loss.lncc_window
         matrix, dvf, info = refine_lib.refine(
@@ -121,10 +124,6 @@ def make_refine(mode: str, *, progress: Callable | None = None, affine_options: 
 def masked_lncc(case, warped, warped_mask, window: int) -> float:
     """The project's masked LNCC (:func:`spirs_tf.metrics.lncc_mask`: brain voxels outside the warped
     prior lesions) of the new scan and a warped prior, on the model grid."""
-    import numpy as np
-
-    from spirs_tf import metrics
-
     warped = np.asarray(warped, np.float32)
     mask = metrics.lncc_mask(case.new_image, warped, None, warped_mask)  # soft mask: tumour where != 0
     return float(metrics.lncc(case.new_image, warped, window, mask=mask))

@@ -49,7 +49,7 @@ from spirs_tf import config as config_lib
 from spirs_tf import data as data_lib
 from spirs_tf import losses as losses_lib
 from spirs_tf import networks, optim
-from spirs_tf._compat import BACKEND, keras, ops, tf
+from spirs_tf._compat import BACKEND, keras, tf
 from spirs_tf.atomic import atomic_path
 from spirs_tf.bn_recalibration import recalibrate_batchnorm
 from spirs_tf.checkpoints import (CHECKPOINT_FORMAT, StagePaths, load_checkpoint,  # noqa: F401 (re-exported)
@@ -194,9 +194,9 @@ class Trainer:
             "lncc_identity": losses_lib.lncc_exact(fixed, batch["moving_image"], window),
             "lncc_affine": losses_lib.lncc_exact(fixed, outputs[f"warped_affine_image_{L}"], window),
             "lncc_deformable": losses_lib.lncc_exact(fixed, outputs[f"warped_image_{L}"], window),
-            "dice_identity": _hard_dice_prob(target, batch["moving_mask"]),
-            "dice_affine": _hard_dice_prob(target, outputs[f"warped_affine_mask_{L}"]),
-            "dice_deformable": _hard_dice_prob(target, outputs[f"warped_mask_{L}"]),
+            "dice_identity": losses_lib.hard_dice(target, batch["moving_mask"], threshold=0.5),
+            "dice_affine": losses_lib.hard_dice(target, outputs[f"warped_affine_mask_{L}"], threshold=0.5),
+            "dice_deformable": losses_lib.hard_dice(target, outputs[f"warped_mask_{L}"], threshold=0.5),
             "dice_p1": losses_lib.hard_dice(target, outputs["p1_logits"]),
             "dice_p2": losses_lib.hard_dice(target, outputs["p2_logits"]),
         }
@@ -229,7 +229,7 @@ class Trainer:
         # Random draws (dropout) of epoch e depend only on (seed, stage, e): a run resumed after a kill
         # replays exactly the epochs of an uninterrupted one (tests/test_reliability_runs.py).
         for variable, initial in self._seed_states:
-            variable.assign(initial + np.array([0, epoch << 32], dtype=initial.dtype))
+            variable.assign(epoch_seed_state(initial, epoch))
 
     def _track(self, prefix: str, scalars: dict) -> None:
         for k, v in scalars.items():
@@ -243,7 +243,7 @@ class Trainer:
         batches of one pair per replica, the last padded with weight-0 pairs)."""
         if self.val_source is None or len(self.val_source) == 0:
             return {}
-        ds = data_lib.make_dataset(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
+        ds = data_lib.batches(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
                                    seed=self.cfg.train.seed)
         if self.strategy is None:
             for batch in ds:
@@ -270,7 +270,7 @@ class Trainer:
             raise SpirsInputError("bn_recalibration_batches is not supported with a distribution strategy; "
                                   f"set train.stages.{self.stage - 1}.bn_recalibration_batches=0", self.paths.root)
         layers = networks.batchnorm_layers(self.model, self.cfg.train.recalibration_modules())
-        ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
+        ds = data_lib.batches(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
                                    training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)
         return recalibrate_batchnorm(self.model, layers, (self.model_inputs(batch) for batch in ds))
 
@@ -353,7 +353,7 @@ class Trainer:
         Raises:
             SpirsInputError: a non-finite total loss (training diverged; the last good checkpoint is kept).
         """
-        ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels,
+        ds = data_lib.batches(self.train_source, self.cfg, self.levels,
                                    batch_size=self.stage_cfg.batch_size, training=True,
                                    seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
         if self.strategy is not None:
@@ -455,18 +455,16 @@ def loss_function(cfg: config_lib.SpirsConfig, levels: int, compile: bool = True
     compiled = tf.function(plain, jit_compile=True, autograph=False)
 
     def run(outputs, batch):
-        return compiled(dict(outputs), {k: batch[k] for k in losses_lib.BATCH_KEYS if k in batch})
+        return compiled(dict(outputs), {k: batch[k] for k in losses_lib.LOSS_BATCH_KEYS if k in batch})
     return run
 
 
-def _hard_dice_prob(target, prob):
-    """Hard Dice of a soft (warped) mask thresholded at 0.5; empty vs empty = 1."""
-    axes = tuple(range(1, len(target.shape)))
-    t = ops.cast(target > 0.5, "float32")
-    p = ops.cast(prob > 0.5, "float32")
-    inter = ops.sum(t * p, axis=axes)
-    denom = ops.sum(t, axis=axes) + ops.sum(p, axis=axes)
-    return ops.where(denom > 0, 2.0 * inter / ops.maximum(denom, 1e-7), ops.ones_like(denom))
+def epoch_seed_state(initial: np.ndarray, epoch: int) -> np.ndarray:
+    """A dropout seed-generator state for ``epoch``: ``epoch`` in the counter's high 32 bits of a 64-bit
+    state (TensorFlow's int64), in the seed word of a 32-bit one (JAX's uint32)."""
+    if initial.dtype.itemsize >= 8:
+        return initial + np.array([0, epoch << 32], dtype=initial.dtype)
+    return initial + np.array([epoch, 0], dtype=initial.dtype)
 
 
 def _current_lr(opt) -> float:

@@ -26,6 +26,7 @@ import math
 import numpy as np
 
 from spirs_tf._compat import BACKEND, ops, tf
+from spirs_tf.geometry import subsample  # noqa: F401 (the pyramid's strided subsample, re-exported)
 
 __all__ = [
     "affine_params_to_matrix",
@@ -352,17 +353,6 @@ def compose_dvf(u_up, r):
         raise ValueError(f"compose_dvf needs equal grids, got {tuple(u_up.shape)} and {tuple(r.shape)}")
     grid = identity_grid(tuple(int(n) for n in u_up.shape[1:4]))
     return u_up + resample(r, grid[None] + u_up)
-
-
-def subsample(x, factor: int = 2):
-    """Strided subsample ``x[:, ::f, ::f, ::f]`` (corner aligned: fine voxel f·i = coarse voxel i)."""
-    factor = int(factor)
-    if factor < 1:
-        raise ValueError(f"subsample factor must be a positive integer, got {factor}")
-    _check_rank("subsample input", x, 5)
-    if factor == 1:
-        return x
-    return x[:, ::factor, ::factor, ::factor, :]
 
 
 # --------------------------------------------------------------------------------------------

@@ -70,3 +70,18 @@ def test_affine_supervision_field(tmp_path):
     with pytest.raises(SpirsInputError, match=r"config 'test': loss.affine_supervision must be one of "
                                               r"matrix, displacement, got 'rotation'"):
         C.get_config("test", ["loss.affine_supervision=rotation"])
+
+
+def test_old_config_with_a_removed_field_still_loads(tmp_path):
+    """A run's config.json written before train.xla_warp was removed (it was never read) loads; any other
+    unknown key stays an error."""
+    data = C.to_dict(C.get_config("test"))
+    assert "xla_warp" not in data["train"]
+    data["train"]["xla_warp"] = True
+    old = tmp_path / "config.json"
+    old.write_text(json.dumps(data))
+    assert C.to_dict(C.get_config(str(old))) == C.to_dict(C.get_config("test"))
+    data["train"]["xla_warps"] = True
+    old.write_text(json.dumps(data))
+    with pytest.raises(SpirsInputError, match="unknown key.*xla_warps"):
+        C.get_config(str(old))

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from spirs_tf import cli, config, geometry, inference
+from spirs_tf import cli, cohort_predict, config, geometry, inference
+from spirs_tf import predictor as predictor_lib
 from spirs_tf.io import write_volume
 
 SHAPE = (20, 24, 18)
@@ -318,7 +319,7 @@ def test_find_run_checkpoint_prefers_highest_stage_and_best(run_dir, tmp_path):
 def test_load_predictor_from_checkpoint_file_and_errors(run_dir, tmp_path, monkeypatch):
     p = inference.load_predictor(os.path.join(run_dir, "stage3", "checkpoints", "best.npz"))
     assert (p.levels, p.size, p.info["stage"]) == (3, 32, 3)
-    monkeypatch.setattr(inference, "WEIGHTS_DIR", str(tmp_path))
+    monkeypatch.setattr(predictor_lib, "WEIGHTS_DIR", str(tmp_path))
     with pytest.raises(inference.SpirsInputError, match="no model given"):
         inference.load_predictor(None)
     with pytest.raises(inference.SpirsInputError, match="model not found"):
@@ -342,7 +343,7 @@ def test_cohort_resume_skips_done_and_cleans_crash_leftovers(predictor, run_dir,
         writer.writeheader()
         writer.writerows(table)
     out = tmp_path / "pred"
-    rows = inference.predict_cohort(predictor, manifest, "test", str(out), batch_size=2)  # batches of 2, 1
+    rows = cohort_predict.predict_cohort(predictor, manifest, "test", str(out), batch_size=2)  # batches of 2, 1
     assert [r["case_id"] for r in rows] == ["p0_0_to_1", "p1_0_to_1", "p2_0_to_1"]
     assert [r["status"] for r in rows] == ["done", "done", "error"] and "no lesion mask" in rows[2]["message"]
     assert "cases/min" in capsys.readouterr().err

@@ -449,6 +449,16 @@ def test_hard_dice_edge_cases():
     np.testing.assert_array_equal(np_(L.hard_dice(target, logits)), [1.0, 0.0, 0.0])
 
 
+def test_hard_dice_of_a_soft_mask_thresholds_at_one_half(rng):
+    """threshold=0.5 scores a warped (soft) mask: Dice of ``prob > 0.5`` = scipy's on the thresholded masks."""
+    target = (rng.random((3, 6, 6, 6, 1)) > 0.6).astype(np.float32)
+    prob = rng.random((3, 6, 6, 6, 1)).astype(np.float32)
+    expected = [1.0 - scipy_dice(t.ravel() > 0.5, p.ravel() > 0.5) for t, p in zip(target, prob)]
+    np.testing.assert_allclose(np_(L.hard_dice(target, prob, threshold=0.5)), expected, rtol=1e-6)
+    empty = np.zeros((1, 2, 2, 2, 1), np.float32)
+    np.testing.assert_array_equal(np_(L.hard_dice(empty, empty + 0.4, threshold=0.5)), [1.0])
+
+
 # ----------------------------------------------------------------------------------------- pyramid
 def fake_pyramid(rng, levels=2, size=16, batch=2):
     s = size

@@ -61,7 +61,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spirs_tf import inference
+    from spirs_tf import cohort_predict, inference
     from spirs_tf.refinement import DEFAULT_REFINE, check_mode, make_refine
 
     refine = check_mode(args.refine if args.refine is not None else DEFAULT_REFINE)
@@ -76,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.manifest)  # manifest problems are reported before the model loads
         make_pairs(manifest, args.split, args.pairing)
         predictor = inference.load_predictor(args.model)
-        rows = inference.predict_cohort(predictor, manifest, args.split, args.out, pairing=args.pairing,
-                                        batch_size=args.batch_size, verbose=not args.quiet,
-                                        transforms=args.transforms, refine=refine)
+        rows = cohort_predict.predict_cohort(predictor, manifest, args.split, args.out, pairing=args.pairing,
+                                             batch_size=args.batch_size, verbose=not args.quiet,
+                                             transforms=args.transforms, refine=refine)
         failed = [r for r in rows if r["status"] == "error"]
         if failed:
             raise SpirsInputError(f"{len(failed)} of {len(rows)} case(s) failed, first: {failed[0]['message']} "
