@@ -357,6 +357,8 @@ def train_stages(cfg, train_source, val_source, run_dir: str, train_end: float, 
             "seconds_build": round(built - started, 2), "seconds_fit": round(finished - built, 2),
             "seconds_budget": round(deadline - now, 2),
             "epoch_seconds": [round(float(row.get("seconds", np.nan)), 2) for row in history],
+            # BatchNorm re-estimation, validation, checkpoints: the part of fit outside the training loops
+            "seconds_other": round(finished - built - sum(float(r.get("seconds", 0.0)) for r in history), 2),
             "best": {"metric": cfg.train.keep_best_metric, "value": trainer.best},
             "last_epoch": history[-1] if history else None,
         })
