@@ -76,7 +76,10 @@ def reached_inputs(fn, args: list):
                 if isinstance(v, Var):
                     mask |= masks.get(v, 0)
         for out in eqn.outvars:
-            inexact = np.issubdtype(np.dtype(out.aval.dtype), np.inexact) if hasattr(out.aval, "dtype") else False
+            try:  # PRNG keys (dropout) have an extended dtype that NumPy does not know: no gradient
+                inexact = np.issubdtype(np.dtype(out.aval.dtype), np.inexact)
+            except (TypeError, AttributeError):
+                inexact = False
             masks[out] = mask if inexact else 0
     out = []
     for v in jaxpr.outvars:

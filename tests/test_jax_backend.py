@@ -72,7 +72,8 @@ for call in (lambda: export_saved_model(None, sys.argv[2] + ".saved"), lambda: l
 # which inputs reach which output differentiably (TensorFlow's None gradients)
 from spirs_tf.jax_steps import reached_inputs
 import jax.numpy as jnp
-reached = reached_inputs(lambda p: {"a": jnp.sum(jnp.tanh(p[0])) + jnp.sum(jax.lax.stop_gradient(p[2])),
+noise = lambda: jax.random.uniform(jax.random.fold_in(jax.random.key(0), 1), (3,))  # a PRNG key inside (dropout)
+reached = reached_inputs(lambda p: {"a": jnp.sum(jnp.tanh(p[0]) * noise()) + jnp.sum(jax.lax.stop_gradient(p[2])),
                                     "b": jnp.sum((p[1] > 0) * 1.0) + 0.0 * jnp.sum(p[2])},
                          [jnp.ones(3), jnp.ones(2), jnp.ones(3)])
 print("RESULT " + json.dumps({"refused": refused, "reached": {k: sorted(v) for k, v in reached.items()}}))
