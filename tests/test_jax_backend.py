@@ -130,6 +130,8 @@ for mode, stage in (("isolated", 1), ("joint", 2)):
     source = PairSource.from_arrays([(batch["fixed_image"][0, ..., 0],) * 2 + (batch["fixed_mask"][0, ..., 0],) * 2])
     trainer = Trainer(cfg, stage, source, None, f"{tmp}/jax_{mode}", verbose=0)
     networks.load_model_state(trainer.model, dict(np.load(f"{tmp}/init_{stage}.npz")))
+    if mode == "isolated":  # the validation numbers of the initial weights
+        report["eval"] = {k: float(v) for k, v in trainer.eval_step(batch).items()}
     scalars = trainer.train_step(batch)
     report[mode] = trainer._steps.unreached_variables()
     state = {f"model/{k}": v for k, v in networks.model_state(trainer.model).items()}
@@ -195,11 +197,15 @@ def step_results(tmp_path_factory):
                      mask=batch["moving_mask"])
         init = networks.model_state(trainer.model)
         np.savez(tmp / f"init_{stage}.npz", **init)
+        if mode == "isolated":
+            results["eval"] = {k: float(v) for k, v in trainer.eval_step({k: tf.constant(v) for k, v in batch.items()}
+                                                                          ).items()}
         scalars = trainer.train_step({k: tf.constant(v) for k, v in batch.items()})
         results[mode] = {"init": init, "tf": _state(trainer), "batch": batch,
                          "tf_loss": {k: float(v) for k, v in scalars.items()}}
     unreached = run_jax(STEP_SCRIPT, tmp)
-    for mode in results:
+    results["eval"] = (results["eval"], unreached.pop("eval"))
+    for mode in ("isolated", "joint"):
         got = dict(np.load(tmp / f"jax_{mode}.npz"))
         results[mode]["jax_loss"] = {k[len("loss/"):]: float(v) for k, v in got.items() if k.startswith("loss/")}
         results[mode]["jax"] = {k: v for k, v in got.items() if not k.startswith("loss/")}
@@ -264,3 +270,12 @@ def test_jax_checkpoint_predicts_the_same_under_tensorflow(step_results):
         a, b = got[k] > cut, want[k] > cut
         assert 2 * (a & b).sum() / (a.sum() + b.sum()) >= 0.99, k
     np.testing.assert_allclose(got["p2_again"], got["p2_prob"], atol=1e-5)
+
+
+def test_jax_validation_numbers_equal_tensorflow(step_results):
+    """The logged validation numbers (loss terms with exact LNCC, unmasked float64-box-sum LNCC, Dice) of the
+    same weights and batch agree to float32 rounding: the JAX eval step switches 64-bit types on."""
+    want, got = step_results["eval"]
+    assert sorted(got) == sorted(want) and "lncc_identity" in want
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
