@@ -13,7 +13,7 @@ does the same work on the variables' values:
   (the encoder with ``p1_trains_encoder``) receiving the second update on top of the first, as the
   TensorFlow step's in-place updates do. A variable that a loss does not reach gets no update from that
   optimiser (TensorFlow's ``None`` gradient: no momentum, no weight decay); which ones those are is read
-  once from the traced step (:func:`unreached`);
+  once from the traced forward pass (:func:`reached_inputs`);
 * BatchNorm moving statistics and dropout seed states come back as new non-trainable values.
 
 After every step the new values are written back into the Keras variables (a reference swap under
@@ -32,7 +32,7 @@ import warnings
 
 from spirs_tf.errors import SpirsInputError
 
-__all__ = ["JaxSteps", "unreached", "check_supported"]
+__all__ = ["JaxSteps", "reached_inputs", "check_supported"]
 
 
 def check_supported(cfg, strategy) -> None:
@@ -49,24 +49,43 @@ def check_supported(cfg, strategy) -> None:
                               "train.mixed_precision=false or use KERAS_BACKEND=tensorflow")
 
 
-def unreached(fn, *args) -> list[bool]:
-    """For each output leaf of ``fn(*args)``: True when it depends on no input (a constant, e.g. the zero
-    gradient JAX returns for a variable its loss does not reach). Read from ``fn``'s jaxpr: an equation's
-    outputs depend on the inputs when any of its operands does (nested jaxprs count as one equation)."""
+def reached_inputs(fn, args: list):
+    """For each output leaf of ``fn(args)`` (same structure as the output): the set of indices of the leaves
+    of ``args`` (a list of arrays) that it depends on differentiably — TensorFlow's "the gradient is not None".
+
+    Read from the forward jaxpr of ``fn``: an equation's outputs depend on the inputs any of its operands
+    depends on, except through ``stop_gradient`` and outputs of integer or boolean type (comparisons,
+    casts to int), which carry no gradient. A nested jaxpr (a jitted or custom-gradient function) counts
+    as one equation.
+    """
     import jax
+    import numpy as np
 
     try:
         from jax.extend.core import Var
     except ImportError:  # pragma: no cover - jax < 0.4.36
         from jax.core import Var
 
-    closed = jax.make_jaxpr(fn)(*args)
+    closed, shapes = jax.make_jaxpr(fn, return_shape=True)(args)
     jaxpr = closed.jaxpr
-    live = set(jaxpr.invars)
+    masks = {v: 1 << i for i, v in enumerate(jaxpr.invars)}
     for eqn in jaxpr.eqns:
-        if any(isinstance(v, Var) and v in live for v in eqn.invars):
-            live.update(eqn.outvars)
-    return [not (isinstance(v, Var) and v in live) for v in jaxpr.outvars]
+        mask = 0
+        if eqn.primitive.name != "stop_gradient":
+            for v in eqn.invars:
+                if isinstance(v, Var):
+                    mask |= masks.get(v, 0)
+        for out in eqn.outvars:
+            try:  # PRNG keys (dropout) have an extended dtype that NumPy does not know: no gradient
+                inexact = np.issubdtype(np.dtype(out.aval.dtype), np.inexact)
+            except (TypeError, AttributeError):
+                inexact = False
+            masks[out] = mask if inexact else 0
+    out = []
+    for v in jaxpr.outvars:
+        mask = masks.get(v, 0) if isinstance(v, Var) else 0
+        out.append({i for i in range(len(jaxpr.invars)) if mask >> i & 1})
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(shapes), out)
 
 
 class JaxSteps:
@@ -172,13 +191,11 @@ class JaxSteps:
                 {name: [v.value for v in opt.variables] for name, opt in self.optimizers.items()})
 
     def _find_reached(self, trainable, non_trainable, batch) -> None:
-        """Which variables each optimiser's loss reaches (TensorFlow: the gradient is not None)."""
-        def flat(t, nt, b):
-            _, _, grads = self._gradients(t, nt, b)
-            return [g for name in self.indices for g in grads[name]]
-
-        constant = iter(unreached(flat, trainable, non_trainable, batch))
-        self._reached = {name: [not next(constant) for _ in idx] for name, idx in self.indices.items()}
+        """Which variables each optimiser's loss reaches (TensorFlow: the gradient is not None), from a
+        trace of the forward pass (:func:`reached_inputs`)."""
+        by_loss = reached_inputs(lambda t: self._losses(t, non_trainable, batch)[0], trainable)
+        self._reached = {name: [i in by_loss[self.loss_names[name]] for i in idx]
+                         for name, idx in self.indices.items()}
 
     # -------------------------------------------------------------------------------------- steps
     def train_step(self, batch) -> dict:
