@@ -14,6 +14,10 @@ Named experiments (:data:`NAMED_CONFIGS`):
 ``cpu-medium``
     Experimental: cpu-small's widths on two pyramid levels with displacement supervision of the affine
     (:func:`_cpu_medium`).
+``gpu-1p5mm``
+    The paper's 128³ grid at 1.5 mm (micro lesions span several voxels) at half the paper's width (32 base
+    filters), with cpu-small's training choices, sized for one H100 and about 8 minutes of training
+    (``experiments/gpu/``, where the wall budget stops each stage). EXPERIMENTAL: not yet trained.
 ``test``
     Tiny: for unit tests only.
 
@@ -332,6 +336,37 @@ def _cpu_medium() -> SpirsConfig:
     return cfg
 
 
+def _gpu_1p5mm() -> SpirsConfig:
+    """The paper's grid (128³ at 1.5 mm) at half its width, for a short run on one GPU (``experiments/gpu/``).
+
+    cpu-small's training choices (split P1 prior, segmentation optimisers at 10× the registration
+    rate, segmentation off on the coarsest level, P1 off the encoder, per-stage cosine cycles, fine-tuning
+    at 3/100 with frozen BatchNorm, P1's BatchNorm re-estimated before stage 3) on the paper's grid, so
+    that a micro lesion (< 25 mm³, about 7 voxels of 3.4 mm³) is visible to the network. The width is
+    32 base filters (591 GFLOP per 128³ pair forward, against 2.12 TFLOP at 64; ``experiments/flops.py``),
+    so that stage 3 runs hundreds of steps in a few minutes. Epochs and steps are a plan for about
+    2 + 2.5 + 3.5 minutes on an H100; the recipe's wall budget (``experiments/gpu/recipe.py --budget``)
+    ends a stage early at an epoch end when it runs slower. EXPERIMENTAL: not yet trained.
+    """
+    cfg = _cpu_small()
+    cfg.name = "gpu-1p5mm"
+    paper = SpirsConfig()
+    cfg.data.grid_size, cfg.data.spacing_mm = paper.data.grid_size, paper.data.spacing_mm
+    cfg.model.base_filters = 16
+    cfg.model.opening_filters = 16
+    cfg.model.affine_dense_units = paper.model.affine_dense_units
+    stages = cfg.train.stages
+    # stage 1: 32³ (6 mm), batch 32 as in the paper; stage 2: 64³, batch 4; stage 3: 128³, batch 2 (paper)
+    stages[0].batch_size, stages[0].epochs, stages[0].steps_per_epoch = 32, 10, 25
+    stages[1].batch_size, stages[1].epochs, stages[1].steps_per_epoch = 4, 8, 100
+    stages[2].batch_size, stages[2].epochs, stages[2].steps_per_epoch = 2, 10, 60
+    for s in stages:
+        s.cycle_epochs = s.epochs
+    stages[2].bn_recalibration_batches = 10  # 20 pairs of 128³: enough voxels for a mean and variance
+    cfg.train.loader_workers = 14  # the GPU machine has 16 cores; 128³ augmentation is CPU work
+    return cfg
+
+
 def _test() -> SpirsConfig:
     cfg = SpirsConfig(name="test")
     cfg.data.grid_size = 32
@@ -352,7 +387,8 @@ def _test() -> SpirsConfig:
 #: ``train.xla_warp`` was never read.
 REMOVED_KEYS = {"train": ("xla_warp",)}
 
-NAMED_CONFIGS = {"paper": _paper, "cpu-small": _cpu_small, "cpu-medium": _cpu_medium, "test": _test}
+NAMED_CONFIGS = {"paper": _paper, "cpu-small": _cpu_small, "cpu-medium": _cpu_medium, "gpu-1p5mm": _gpu_1p5mm,
+                 "test": _test}
 
 
 # ------------------------------------------------------------------------------------ (de)serialise

@@ -30,6 +30,8 @@ fixed generator per pair (``[seed, 1, 0, pair]``), so every epoch sees the same 
 
 ``cfg.train.loader_workers`` samples are augmented concurrently in ``tf.data`` threads (SciPy's spline
 filter and resampling release the GIL); ``deterministic=True`` keeps the batch order fixed.
+:func:`numpy_batches` yields the same batches as NumPy dicts from a thread pool with prefetch, without
+TensorFlow (the JAX backend's data path).
 """
 from __future__ import annotations
 
@@ -305,6 +307,18 @@ def input_size(cfg, levels: int) -> int:
     return cfg.level_grid(int(levels))
 
 
+def _epoch(source: PairSource, cfg, levels: int, batch_size: int, training: bool, seed: int,
+           steps: int | None, epoch: int) -> tuple[int, np.ndarray, bool]:
+    """``(out_size, plan, full)`` of one epoch, shared by :func:`make_dataset` and :func:`numpy_batches`:
+    ``full`` = every batch is full (the partial last one of a validation plan is kept otherwise)."""
+    out_size = input_size(cfg, levels)
+    if len(source) and source.grid_size != cfg.data.grid_size:
+        raise ValueError(f"source grid {source.grid_size} differs from cfg.data.grid_size {cfg.data.grid_size}")
+    plan = epoch_plan(len(source), batch_size, training, seed, epoch, steps,
+                      None if training else cfg.train.validation_pairs)
+    return out_size, plan, training or len(plan) % batch_size == 0
+
+
 def make_dataset(source: PairSource, cfg, levels: int, batch_size: int, training: bool, seed: int,
                  steps: int | None = None, epoch: int = 0):
     """One epoch of batches as a ``tf.data.Dataset`` of dicts (module docstring).
@@ -324,17 +338,14 @@ def make_dataset(source: PairSource, cfg, levels: int, batch_size: int, training
     Returns:
         ``tf.data.Dataset`` of dicts with :data:`BATCH_KEYS`: ``(B, S, S, S, 1)`` and ``(B, 3, 4)``
         float32, static shapes (the batch dimension is static when every batch is full).
+        :func:`numpy_batches` yields the same arrays without TensorFlow.
 
     Raises:
         ValueError: empty source, a source grid other than ``cfg.data.grid_size``, bad ``levels``.
     """
     from spirs_tf._compat import tf
 
-    out_size = input_size(cfg, levels)
-    if len(source) and source.grid_size != cfg.data.grid_size:
-        raise ValueError(f"source grid {source.grid_size} differs from cfg.data.grid_size {cfg.data.grid_size}")
-    plan = epoch_plan(len(source), batch_size, training, seed, epoch, steps,
-                      None if training else cfg.train.validation_pairs)
+    out_size, plan, full = _epoch(source, cfg, levels, batch_size, training, seed, steps, epoch)
     aug_cfg = cfg.augment
 
     def load(row):
@@ -349,11 +360,66 @@ def make_dataset(source: PairSource, cfg, levels: int, batch_size: int, training
             out[key] = value
         return out
 
-    full = training or len(plan) % batch_size == 0
     ds = tf.data.Dataset.from_tensor_slices(plan)
     ds = ds.map(to_dict, num_parallel_calls=max(1, int(cfg.train.loader_workers)), deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=full)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def numpy_batches(source: PairSource, cfg, levels: int, batch_size: int, training: bool, seed: int,
+                  steps: int | None = None, epoch: int = 0, workers: int | None = None, prefetch: int = 2):
+    """One epoch of batches as NumPy dicts, without TensorFlow (the data path of the JAX trainer).
+
+    The same plan, samples and batching as :func:`make_dataset` (same arguments → identical arrays,
+    ``tests/test_data.py``). Samples are augmented by a pool of ``workers`` threads (default
+    ``cfg.train.loader_workers``; SciPy releases the GIL), in plan order, with up to ``prefetch`` batches
+    beyond the one being consumed in flight. Stopping the iteration early cancels the samples not yet
+    started.
+
+    Yields:
+        dicts with :data:`BATCH_KEYS`: ``(B, S, S, S, 1)`` and ``(B, 3, 4)`` float32 ``np.ndarray``.
+
+    Raises:
+        ValueError: as :func:`make_dataset` (raised on the first ``next``).
+    """
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    out_size, plan, full = _epoch(source, cfg, levels, batch_size, training, seed, steps, epoch)
+    n_batches = len(plan) // batch_size if full else math.ceil(len(plan) / batch_size)
+    rows = plan[: n_batches * batch_size] if full else plan
+    aug_cfg = cfg.augment
+    workers = max(1, int(cfg.train.loader_workers if workers is None else workers))
+
+    def load(row):
+        sample = make_sample(source, row, seed, aug_cfg, out_size)
+        return {k: np.asarray(sample[k], np.float32) for k in BATCH_KEYS}
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spirs-data")
+    pending: deque = deque()
+    try:
+        ahead = (max(0, int(prefetch)) + 1) * batch_size
+        queued = 0
+        for start in range(0, len(rows), batch_size):
+            while queued < min(len(rows), start + ahead):
+                pending.append(pool.submit(load, rows[queued]))
+                queued += 1
+            samples = [pending.popleft().result() for _ in range(min(batch_size, len(rows) - start))]
+            yield {k: np.stack([s[k] for s in samples]) for k in BATCH_KEYS}
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True)
+
+
+def batches(source: PairSource, cfg, levels: int, batch_size: int, training: bool, seed: int,
+            steps: int | None = None, epoch: int = 0):
+    """One epoch of batches for the active Keras backend: :func:`make_dataset` under TensorFlow,
+    :func:`numpy_batches` otherwise (the same arrays). Arguments as :func:`make_dataset`."""
+    from spirs_tf._compat import BACKEND
+
+    make = make_dataset if BACKEND == "tensorflow" else numpy_batches
+    return make(source, cfg, levels, batch_size, training, seed, steps=steps, epoch=epoch)
 
 
 # ------------------------------------------------------------------------------------- inference
@@ -388,6 +454,6 @@ def prediction_inputs(prior_image: Volume, prior_mask: Volume | None, new_image:
     return out, pre.mapping
 
 
-__all__ = ["PairSource", "PairArrays", "make_dataset", "epoch_plan", "make_sample", "input_size",
+__all__ = ["PairSource", "PairArrays", "make_dataset", "numpy_batches", "batches", "epoch_plan", "make_sample", "input_size",
                       "prediction_inputs", "prior_onto_new", "onto_working_grid", "spread_indices",
                       "BATCH_KEYS", "MODEL_INPUT_KEYS"]

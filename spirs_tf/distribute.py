@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from spirs_tf._compat import tf
+from spirs_tf._compat import BACKEND, tf
 from spirs_tf.errors import SpirsInputError
 
 LOGICAL_CPUS_ENV = "SPIRS_LOGICAL_CPUS"
@@ -60,12 +60,15 @@ def make_strategy(kind: str):
     Raises:
         SpirsInputError: an unknown kind; ``multi_worker`` without a usable ``TF_CONFIG`` (missing,
             not JSON, no ``cluster.worker`` list, no ``task``/index outside it); a bad
-            ``SPIRS_LOGICAL_CPUS``.
+            ``SPIRS_LOGICAL_CPUS``; any strategy under a Keras backend other than TensorFlow.
     """
     if kind == "none":
         return None
     if kind not in ("mirrored", "multi_worker"):
         raise SpirsInputError(f"unknown distribute strategy {kind!r}; choose none, mirrored or multi_worker")
+    if BACKEND != "tensorflow":
+        raise SpirsInputError(f"--distribute {kind} needs TensorFlow (tf.distribute), but Keras runs on {BACKEND}; "
+                              "use --distribute none or KERAS_BACKEND=tensorflow")
     if kind == "multi_worker":
         _check_tf_config(os.environ.get("TF_CONFIG"))
     if kind == "mirrored":

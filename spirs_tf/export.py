@@ -87,8 +87,9 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
 
     Raises:
         SpirsInputError: ``out_dir`` exists (without ``overwrite``) or the predictor has no Keras model
-            (e.g. it was itself loaded from a SavedModel).
+            (e.g. it was itself loaded from a SavedModel); Keras does not run on TensorFlow.
     """
+    require_tensorflow("spirs export", out_dir)
     from spirs_tf._compat import tf
 
     model = getattr(predictor.run_fn, "model", None)

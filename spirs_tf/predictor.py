@@ -114,49 +114,89 @@ class Predictor:
 def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict | None = None) -> Predictor:
     """Wrap a SPIRS Keras model (``training=False``) in a predictor.
 
-    The first call runs eagerly: for one case that is faster than tracing a graph (measured with
-    cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls go through
-    one ``tf.function`` whose signature has a free batch axis, traced once for every batch size;
-    ``run_fn.use_graph()`` (called by :func:`spirs_tf.cohort_predict.predict_cohort` for more than
-    one case) skips the eager call. Both compute the same model.
+    Under TensorFlow the first call runs eagerly: for one case that is faster than tracing a graph
+    (measured with cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls
+    go through one ``tf.function`` whose signature has a free batch axis, traced once for every batch
+    size; ``run_fn.use_graph()`` (called by :func:`spirs_tf.cohort_predict.predict_cohort` for more
+    than one case) skips the eager call. Under JAX every call is one ``jax.jit`` of ``model.stateless_call`` (compiled once per
+    batch size), with the variables' current values passed in. All compute the same model.
     """
-    from spirs_tf._compat import tf
-
-    s = cfg.level_grid(levels)
-    spec = tf.TensorSpec((None, s, s, s, 1), tf.float32)
+    from spirs_tf._compat import BACKEND, ops
 
     def forward(new, prior, mask):
         raw = model({"fixed_image": new, "moving_image": prior, "moving_mask": mask}, training=False)
         return serving_outputs(raw, levels)
 
-    infer = tf.function(forward, input_signature=[spec, spec, spec])
-    calls = []
+    if BACKEND == "jax":
+        run = _jax_run(model, levels)
+    else:
+        from spirs_tf._compat import tf
 
-    def run(new, prior, mask):
-        fn = infer if calls else forward
-        calls.append(1)
-        args = [tf.convert_to_tensor(a) for a in (new, prior, mask)]
-        return {k: np.asarray(v) for k, v in fn(*args).items()}
+        s = cfg.level_grid(levels)
+        spec = tf.TensorSpec((None, s, s, s, 1), tf.float32)
+        infer = tf.function(forward, input_signature=[spec, spec, spec])
+        calls = []
 
+        def run(new, prior, mask):
+            fn = infer if calls else forward
+            calls.append(1)
+            args = [tf.convert_to_tensor(a) for a in (new, prior, mask)]
+            return {k: np.asarray(v) for k, v in fn(*args).items()}
+
+        run.use_graph = lambda: calls.append(0)  # a cohort: trace from the first batch on
     run.model = model  # keep the model reachable for export and tests
-    run.use_graph = lambda: calls.append(0)  # a cohort: trace from the first batch on
-    p2_model = []
+    p2_parts = []
 
     def p2(new, warped, warped_mask):
         """P2 from the fixed image and a (replaced) warped prior: the model's own layers, from its
         ``fixed_image`` input and ``warped_image_{levels}``/``warped_mask_{levels}`` outputs."""
         from spirs_tf._compat import keras
 
-        if not p2_model:
-            p2_model.append(keras.Model(
+        if not p2_parts:
+            sub = keras.Model(
                 [model.get_layer("fixed_image").output, model.get_layer(f"warped_image_{levels}").output,
-                 model.get_layer(f"warped_mask_{levels}").output], model.get_layer("p2_logits").output))
-        logits = p2_model[0]([tf.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)],
-                             training=False)
-        x = tf.clip_by_value(tf.cast(logits, tf.float32), -LOGIT_CLIP, LOGIT_CLIP)
-        return np.asarray(tf.sigmoid(x))
+                 model.get_layer(f"warped_mask_{levels}").output], model.get_layer("p2_logits").output)
+            p2_parts.append(_jax_p2(sub) if BACKEND == "jax" else
+                            lambda x: ops.sigmoid(ops.clip(ops.cast(sub(x, training=False), "float32"),
+                                                           -LOGIT_CLIP, LOGIT_CLIP)))
+        prob = p2_parts[0]([ops.convert_to_tensor(np.asarray(a, np.float32)) for a in (new, warped, warped_mask)])
+        return np.asarray(ops.convert_to_numpy(prob))
 
     return Predictor(cfg, levels, run, dict(info or {}), p2)
+
+
+def _jax_run(model, levels: int):
+    """``run_fn`` under JAX: ``jax.jit`` of ``model.stateless_call(…, training=False)`` → :data:`OUTPUT_NAMES`."""
+    import jax
+
+    @jax.jit
+    def infer(trainable, non_trainable, new, prior, mask):
+        raw, _ = model.stateless_call(trainable, non_trainable,
+                                      {"fixed_image": new, "moving_image": prior, "moving_mask": mask},
+                                      training=False)
+        return serving_outputs(raw, levels)
+
+    def run(new, prior, mask):
+        out = infer([v.value for v in model.trainable_variables], [v.value for v in model.non_trainable_variables],
+                    new, prior, mask)
+        return {k: np.asarray(v) for k, v in out.items()}
+
+    run.use_graph = lambda: None  # always compiled
+    return run
+
+
+def _jax_p2(sub):
+    """``[new, warped, warped_mask] → σ(clip(p2_logits))`` of the P2 sub-model, one ``jax.jit``."""
+    import jax
+    from spirs_tf._compat import ops
+
+    @jax.jit
+    def infer(trainable, non_trainable, inputs):
+        logits, _ = sub.stateless_call(trainable, non_trainable, inputs, training=False)
+        return ops.sigmoid(ops.clip(ops.cast(logits, "float32"), -LOGIT_CLIP, LOGIT_CLIP))
+
+    return lambda inputs: infer([v.value for v in sub.trainable_variables],
+                                [v.value for v in sub.non_trainable_variables], inputs)
 
 
 def import_runtime() -> None:
@@ -352,6 +392,20 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
 
 
 # ---------------------------------------------------------------------------------------- SavedModel
+def require_tensorflow(what: str, path: str | None = None) -> None:
+    """SavedModels are TensorFlow's format: refuse under another Keras backend with one clear line.
+
+    Raises:
+        SpirsInputError: ``KERAS_BACKEND`` is not ``tensorflow``.
+    """
+    from spirs_tf._compat import BACKEND
+
+    if BACKEND != "tensorflow":
+        raise SpirsInputError(f"{what} needs TensorFlow (a SavedModel is TensorFlow's format), but Keras runs on "
+                              f"{BACKEND}; run it with KERAS_BACKEND=tensorflow, or use a checkpoint (.npz) or "
+                              "run directory", path)
+
+
 def read_export_info(loaded) -> dict:
     """The description dict stored by :func:`spirs_tf.export.export_saved_model` in a loaded SavedModel.
 
@@ -369,8 +423,10 @@ def load_saved_model_predictor(path: str) -> Predictor:
     exposes only the whole model).
 
     Raises:
-        SpirsInputError: the folder cannot be loaded or is not a spirs-tf export.
+        SpirsInputError: the folder cannot be loaded or is not a spirs-tf export; Keras does not run
+            on TensorFlow.
     """
+    require_tensorflow("loading a SavedModel", path)
     import_runtime()
     from spirs_tf._compat import tf
 

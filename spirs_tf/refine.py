@@ -45,7 +45,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from spirs_tf import transforms
-from spirs_tf._compat import tf
+from spirs_tf._compat import ops
 from spirs_tf.refine_grids import downsample, grid_relation, resample_field  # noqa: F401 (re-exported)
 from spirs_tf.refine_ops import (DEFORMABLE_ADAM_EPS, WARMUP, affine_coordinates, compiled, fixed_stats,
                                   interpolation_matrix, jacobian_det, lncc_mask, masked_lncc, schedule,
@@ -211,7 +211,7 @@ def matrix_to_grid(matrix, scale: float, offset=0.0) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ helpers
 def _t(x):
-    return tf.constant(np.asarray(x, np.float32))
+    return ops.convert_to_tensor(np.asarray(x, np.float32))
 
 
 def _level_inputs(fixed, moving, fixed_mask, moving_mask, factor: int, window: int, cache: dict | None = None):
@@ -243,7 +243,7 @@ def _lncc_level(inputs, factor: int, shape, matrix, dvf, window: int) -> float:
     fixed_t, mean_i, var_i, keep, moving_t = inputs
     grid = transforms.identity_grid(fixed_t.shape[1:4])
     centre = _t(np.asarray(shape, np.float32) / 2.0)
-    coords = affine_coordinates(tf.zeros(12), _t(matrix), grid, _t(factor), centre, _t(1.0))[None]
+    coords = affine_coordinates(ops.zeros(12), _t(matrix), grid, _t(factor), centre, _t(1.0))[None]
     if dvf is not None:
         coords = coords + _t(dvf[::factor, ::factor, ::factor][None] / factor)
     warped = transforms.resample(moving_t, coords)
@@ -326,8 +326,8 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
     shape = np.asarray(fixed.shape, np.float32)
     centre, radius = _t(shape / 2.0), _t(float(shape.mean()) / 4.0)
     step_fn = compiled("affine")
-    theta = tf.zeros(12, tf.float32)
-    m, v = tf.zeros_like(theta), tf.zeros_like(theta)  # Adam's moments carry over from level to level
+    theta = ops.zeros(12, "float32")
+    m, v = ops.zeros_like(theta), ops.zeros_like(theta)  # Adam's moments carry over from level to level
     total, done, traces = sum(n for _, n in plan), 0, []
     base_t = _t(base)
     for factor, n_iter in plan:
@@ -349,7 +349,7 @@ def refine_affine(fixed, moving, matrix0, *, fixed_mask=None, moving_mask=None,
             _notify(progress, "affine", done, total, loss)
         last = -_lncc_level(inputs, factor, fixed.shape, _theta_matrix(base, theta, radius), None, window)
         if not last <= best_loss:  # keep the level's best iterate (an overshoot, a NaN)
-            theta, m, v = best_theta, tf.zeros_like(theta), tf.zeros_like(theta)
+            theta, m, v = best_theta, ops.zeros_like(theta), ops.zeros_like(theta)
         traces.append((factor, np.asarray(losses)))
     matrix = _theta_matrix(base, theta, radius)
     finest = min(f for f, _ in plan)
@@ -451,13 +451,13 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
                                                                _cache)
         level_shape = tuple(fixed_t.shape[1:4])
         grid = transforms.identity_grid(level_shape)
-        coords_affine = affine_coordinates(tf.zeros(12), _t(base), grid, _t(factor), centre, _t(1.0))[None]
+        coords_affine = affine_coordinates(ops.zeros(12), _t(base), grid, _t(factor), centre, _t(1.0))[None]
         u_init = _t(u[::factor, ::factor, ::factor][None] / factor)
         ctrl_shape = tuple(-(-n // ctrl_factor) for n in level_shape)
         up_mats = None if ctrl_factor == 1 else tuple(
             _t(interpolation_matrix(n, c, ctrl_factor)) for n, c in zip(level_shape, ctrl_shape))
-        ctrl = tf.zeros((1,) + ctrl_shape + (3,), tf.float32)
-        m, v = tf.zeros_like(ctrl), tf.zeros_like(ctrl)
+        ctrl = ops.zeros((1,) + ctrl_shape + (3,), "float32")
+        m, v = ops.zeros_like(ctrl), ops.zeros_like(ctrl)
         losses = []
         for k in range(n_iter):
             lr = _t(schedule(lr0, k, n_iter, WARMUP))
@@ -468,12 +468,12 @@ def refine_deformable(fixed, moving, matrix, dvf0=None, *, fixed_mask=None, movi
             _notify(progress, "deformable", done, total, loss)
         traces.append((factor, np.asarray(losses)))
         to_fine = tuple(_t(interpolation_matrix(n, c, factor * ctrl_factor)) for n, c in zip(fixed.shape, ctrl_shape))
-        u = u + factor * upsample(ctrl, to_fine).numpy()[0]
+        u = u + factor * ops.convert_to_numpy(upsample(ctrl, to_fine))[0]
     finest = min(f for f, *_ in plan)
     inputs = _level_inputs(fixed, moving, fixed_mask, moving_mask, finest, window, _cache)
     before = _lncc_level(inputs, finest, fixed.shape, base, u_start, window)
     after = _lncc_level(inputs, finest, fixed.shape, base, u, window)
-    folding = float(100.0 * np.mean(jacobian_det(tf.constant(u[None])).numpy() <= 0))
+    folding = float(100.0 * np.mean(ops.convert_to_numpy(jacobian_det(_t(u[None]))) <= 0))
     return DeformableRefinement(u.astype(np.float32), traces, before, after, folding,
                                 time.perf_counter() - t_start)
 

@@ -1,5 +1,9 @@
 """Tensor pieces of :mod:`spirs_tf.refine`: box-mean LNCC, Jacobian, Adam and the XLA-compiled steps.
 
+Written with ``keras.ops``; only the gradient and the compilation of the two steps are backend-specific
+(:func:`_value_and_grad`, :func:`compiled`: ``tf.GradientTape`` + ``tf.function(jit_compile=True)`` under
+TensorFlow, ``jax.value_and_grad`` + ``jax.jit`` under JAX).
+
 Shapes: volumes ``(1, n0, n1, n2, C)`` float32 on one level grid; ``theta`` the 12 affine offsets
 (``ΔM·R`` row-major, then ``Δt``, voxels of the input grid); ``ctrl`` a control field ``(1, c0, c1, c2, 3)``
 in level voxels. See :mod:`spirs_tf.refine` for the conventions and the measured choices.
@@ -11,7 +15,7 @@ import math
 import numpy as np
 
 from spirs_tf import transforms
-from spirs_tf._compat import tf
+from spirs_tf._compat import BACKEND, ops, tf
 from spirs_tf.losses import bending_energy
 
 LNCC_EPS = 1e-6
@@ -31,34 +35,34 @@ WARMUP = 5
 def box_mean(x, window: int):
     """Mean over a ``window``³ box centred on each voxel, zero padding, ``n = window³`` always."""
     r = window // 2
-    x = tf.pad(x, [[0, 0], [r, r], [r, r], [r, r], [0, 0]])
+    x = ops.pad(x, [[0, 0], [r, r], [r, r], [r, r], [0, 0]])
     for ksize in ((window, 1, 1), (1, window, 1), (1, 1, window)):
-        x = tf.nn.avg_pool3d(x, ksize, [1, 1, 1, 1, 1], "VALID")
+        x = ops.average_pool(x, ksize, strides=1, padding="valid")
     return x
 
 
 def fixed_stats(fixed, window: int):
     """Box mean and variance of the fixed image ``(1, D, H, W, 1)`` each (computed once per level)."""
-    m = box_mean(tf.concat([fixed, fixed * fixed], -1), window)
+    m = box_mean(ops.concatenate([fixed, fixed * fixed], -1), window)
     return m[..., :1], m[..., 1:] - m[..., :1] * m[..., :1]
 
 
 def masked_lncc(fixed, mean_i, var_i, warped, mask, window: int):
     """Masked mean of the authors' ``cc = cross² / (varI·varJ)`` (each clamped at ε) from box means."""
-    m = box_mean(tf.concat([warped, warped * warped, fixed * warped], -1), window)
+    m = box_mean(ops.concatenate([warped, warped * warped, fixed * warped], -1), window)
     mean_j = m[..., 0:1]
-    cross = tf.maximum(m[..., 2:3] - mean_i * mean_j, LNCC_EPS)
-    var_j = tf.maximum(m[..., 1:2] - mean_j * mean_j, LNCC_EPS)
-    cc = (cross / tf.maximum(var_i, LNCC_EPS)) * (cross / var_j)
-    return tf.reduce_sum(cc * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
+    cross = ops.maximum(m[..., 2:3] - mean_i * mean_j, LNCC_EPS)
+    var_j = ops.maximum(m[..., 1:2] - mean_j * mean_j, LNCC_EPS)
+    cc = (cross / ops.maximum(var_i, LNCC_EPS)) * (cross / var_j)
+    return ops.sum(cc * mask) / ops.maximum(ops.sum(mask), 1.0)
 
 
 def lncc_mask(fixed_keep, warped):
     """The project's LNCC mask from the precomputed fixed part and the warped (image, lesion) channels."""
-    moving_keep = tf.cast(tf.not_equal(warped[..., :1], 0.0), tf.float32)
+    moving_keep = ops.cast(ops.not_equal(warped[..., :1], 0.0), "float32")
     if warped.shape[-1] > 1:
-        moving_keep = moving_keep * tf.cast(tf.equal(warped[..., 1:2], 0.0), tf.float32)
-    return tf.stop_gradient(tf.maximum(fixed_keep, moving_keep))
+        moving_keep = moving_keep * ops.cast(ops.equal(warped[..., 1:2], 0.0), "float32")
+    return ops.stop_gradient(ops.maximum(fixed_keep, moving_keep))
 
 
 def gradient(u, axis: int):
@@ -71,7 +75,7 @@ def gradient(u, axis: int):
         return u[tuple(index)]
 
     inner = (take(2, n) - take(0, n - 2)) * 0.5
-    return tf.concat([take(1, 2) - take(0, 1), inner, take(n - 1, n) - take(n - 2, n - 1)], axis=axis)
+    return ops.concatenate([take(1, 2) - take(0, 1), inner, take(n - 1, n) - take(n - 2, n - 1)], axis=axis)
 
 
 def jacobian_det(u):
@@ -92,9 +96,9 @@ def adam(params, grad, m, v, step, lr, eps=1e-8):
     ``lr/eps`` where gradients are small: near the optimum that keeps stiff modes stable."""
     m = 0.9 * m + 0.1 * grad
     v = 0.999 * v + 0.001 * grad * grad
-    m_hat = m / (1.0 - tf.pow(0.9, step))
-    v_hat = v / (1.0 - tf.pow(0.999, step))
-    return params - lr * m_hat / (tf.sqrt(v_hat) + eps), m, v
+    m_hat = m / (1.0 - ops.power(0.9, step))
+    v_hat = v / (1.0 - ops.power(0.999, step))
+    return params - lr * m_hat / (ops.sqrt(v_hat) + eps), m, v
 
 
 def schedule(lr: float, k: int, n: int, warmup: int = 0) -> float:
@@ -121,17 +125,17 @@ def interpolation_matrix(n_out: int, n_in: int, ratio: float) -> np.ndarray:
 
 def upsample(v, mats):
     """Separable linear upsampling of ``(1, d, h, w, C)`` by three interpolation matrices (matmuls)."""
-    v = tf.einsum("Ii,bijkc->bIjkc", mats[0], v)
-    v = tf.einsum("Jj,bijkc->biJkc", mats[1], v)
-    return tf.einsum("Kk,bijkc->bijKc", mats[2], v)
+    v = ops.einsum("Ii,bijkc->bIjkc", mats[0], v)
+    v = ops.einsum("Jj,bijkc->biJkc", mats[1], v)
+    return ops.einsum("Kk,bijkc->bijKc", mats[2], v)
 
 
 # ----------------------------------------------------------------------------- compiled steps
 def affine_coordinates(theta, base, grid, factor, centre, radius):
     """Level coordinates of ``p = (M0 + ΔM/R)(f·x − c) + t0 + Δt + c``, divided by ``f``."""
-    m = base[:, :3] + tf.reshape(theta[:9], (3, 3)) / radius
+    m = base[:, :3] + ops.reshape(theta[:9], (3, 3)) / radius
     t = base[:, 3] + theta[9:]
-    p = tf.einsum("ij,dhwj->dhwi", m, grid * factor - centre) + t + centre
+    p = ops.einsum("ij,dhwj->dhwi", m, grid * factor - centre) + t + centre
     return p / factor
 
 
@@ -142,13 +146,22 @@ def affine_loss(theta, base, grid, factor, centre, radius, fixed, mean_i, var_i,
     return -masked_lncc(fixed, mean_i, var_i, warped[..., :1], mask, window)
 
 
+def _value_and_grad(loss_fn, x):
+    """``(loss, ∂loss/∂x)`` of a scalar ``loss_fn(x)`` (tape under TensorFlow, ``jax.value_and_grad`` else)."""
+    if BACKEND == "tensorflow":
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = loss_fn(x)
+        return loss, tape.gradient(loss, x)
+    import jax
+
+    return jax.value_and_grad(loss_fn)(x)
+
+
 def affine_step(theta, m, v, step, lr, base, grid, factor, centre, radius, fixed, mean_i, var_i, fixed_keep,
                  moving, window):
-    with tf.GradientTape() as tape:
-        tape.watch(theta)
-        loss = affine_loss(theta, base, grid, factor, centre, radius, fixed, mean_i, var_i, fixed_keep, moving,
-                            window)
-    grad = tape.gradient(loss, theta)
+    loss, grad = _value_and_grad(lambda t: affine_loss(t, base, grid, factor, centre, radius, fixed, mean_i, var_i,
+                                                        fixed_keep, moving, window), theta)
     theta, m, v = adam(theta, grad, m, v, step, lr, AFFINE_ADAM_EPS)
     return theta, m, v, loss
 
@@ -159,19 +172,17 @@ def deformable_loss(ctrl, u_init, coords_affine, up_mats, fixed, mean_i, var_i, 
     warped = transforms.resample(moving, coords_affine + u)
     mask = lncc_mask(fixed_keep, warped)
     sim = masked_lncc(fixed, mean_i, var_i, warped[..., :1], mask, window)
-    fold = tf.reduce_mean(tf.nn.relu(0.2 - jacobian_det(u)) ** 2)
+    fold = ops.mean(ops.relu(0.2 - jacobian_det(u)) ** 2)
     return -sim + lam * bending_energy(u)[0] + mu * fold, sim
 
 
 def deformable_step(ctrl, m, v, step, lr, u_init, coords_affine, up_mats, fixed, mean_i, var_i, fixed_keep,
                      moving, lam, mu, window):
-    with tf.GradientTape() as tape:
-        tape.watch(ctrl)
-        loss, _ = deformable_loss(ctrl, u_init, coords_affine, up_mats, fixed, mean_i, var_i, fixed_keep,
-                                   moving, lam, mu, window)
+    loss, grad = _value_and_grad(lambda c: deformable_loss(c, u_init, coords_affine, up_mats, fixed, mean_i, var_i,
+                                                            fixed_keep, moving, lam, mu, window)[0], ctrl)
     # Per-voxel gradients of a mean are O(1/voxels): scale them to O(1) so that Adam's ε damps the float
     # noise of well-aligned (or empty) regions instead of normalising it to full steps.
-    grad = tape.gradient(loss, ctrl) * float(np.prod(u_init.shape[1:4]))
+    grad = grad * float(np.prod(u_init.shape[1:4]))
     ctrl, m, v = adam(ctrl, grad, m, v, step, lr, DEFORMABLE_ADAM_EPS)
     return ctrl, m, v, loss
 
@@ -180,8 +191,14 @@ _COMPILED: dict = {}
 
 
 def compiled(name: str):
-    """XLA-compiled step functions (one trace per shape; static ints marked by reduce_retracing off)."""
+    """XLA-compiled step functions, one trace per shape (under JAX ``jax.jit`` with the int ``window``,
+    the last argument, static)."""
     if name not in _COMPILED:
         fn = {"affine": affine_step, "deformable": deformable_step}[name]
-        _COMPILED[name] = tf.function(fn, jit_compile=True, autograph=False)
+        if BACKEND == "tensorflow":
+            _COMPILED[name] = tf.function(fn, jit_compile=True, autograph=False)
+        else:
+            import jax
+
+            _COMPILED[name] = jax.jit(fn, static_argnums=(15,))
     return _COMPILED[name]

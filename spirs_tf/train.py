@@ -230,7 +230,7 @@ class Trainer:
         # Random draws (dropout) of epoch e depend only on (seed, stage, e): a run resumed after a kill
         # replays exactly the epochs of an uninterrupted one (tests/test_reliability_runs.py).
         for variable, initial in self._seed_states:
-            variable.assign(initial + np.array([0, epoch << 32], dtype=initial.dtype))
+            variable.assign(epoch_seed_state(initial, epoch))
 
     def _track(self, prefix: str, scalars: dict) -> None:
         for k, v in scalars.items():
@@ -244,7 +244,7 @@ class Trainer:
         batches of one pair per replica, the last padded with weight-0 pairs)."""
         if self.val_source is None or len(self.val_source) == 0:
             return {}
-        ds = data_lib.make_dataset(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
+        ds = data_lib.batches(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
                                    seed=self.cfg.train.seed)
         if self.strategy is None:
             for batch in ds:
@@ -271,7 +271,7 @@ class Trainer:
             raise SpirsInputError("bn_recalibration_batches is not supported with a distribution strategy; "
                                   f"set train.stages.{self.stage - 1}.bn_recalibration_batches=0", self.paths.root)
         layers = networks.batchnorm_layers(self.model, self.cfg.train.recalibration_modules())
-        ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
+        ds = data_lib.batches(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
                                    training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)
         return recalibrate_batchnorm(self.model, layers, (self.model_inputs(batch) for batch in ds))
 
@@ -307,9 +307,16 @@ class Trainer:
         self._log_tensorboard(epoch, logs)
 
     # ------------------------------------------------------------------------------- main loop
-    def fit(self, epochs: int | None = None) -> list[dict]:
-        """Train until ``epochs`` (default the stage's) epochs are complete → the history rows."""
+    def fit(self, epochs: int | None = None, deadline: float | None = None) -> list[dict]:
+        """Train until ``epochs`` (default the stage's) epochs are complete → the history rows.
+
+        ``deadline`` (a ``time.time()`` value) stops earlier: no epoch starts that would, at the last
+        epoch's duration, end after it, and an epoch still running at the deadline ends after its current
+        step, validated and checkpointed like a full one (its history row has ``steps``; a resumed run
+        goes on with the next epoch). ``stop_reason`` says why fit stopped early (None: it did not).
+        """
         epochs = self.stage_cfg.epochs if epochs is None else epochs
+        self.stop_reason, last_seconds = None, 0.0
         if self._steps is None:
             if self.epoch == 0 and self.stage_cfg.bn_recalibration_batches > 0:
                 names = self.recalibrate_batchnorm(self.stage_cfg.bn_recalibration_batches)
@@ -317,10 +324,15 @@ class Trainer:
                     print(f"stage {self.stage}: re-estimated the statistics of {len(names)} BatchNorm layers "
                           f"over {self.stage_cfg.bn_recalibration_batches} batches")
             self.build_steps()
-        while self.epoch < epochs:
-            epoch = self.epoch + 1
+        while self.epoch < epochs and self.stop_reason is None:
+            if deadline is not None and time.time() + last_seconds > deadline:
+                self.stop_reason = f"deadline: epoch {self.epoch + 1} would end after it"
+                break
+            epoch, started = self.epoch + 1, time.time()
             self.on_epoch_start(epoch)
-            logs = self.train_epoch(epoch)
+            logs = self.train_epoch(epoch, deadline)
+            if "steps" in logs:
+                self.stop_reason = f"deadline: epoch {epoch} cut after {logs['steps']} of {self.steps_per_epoch} steps"
             logs.update(self.validate(epoch))
             if self.verbose:
                 shown = {k: round(v, 4) for k, v in logs.items()
@@ -329,25 +341,32 @@ class Trainer:
                 print(f"stage {self.stage} epoch {epoch}/{epochs}: {shown}")
             self.epoch = epoch
             self.on_epoch_end(epoch, logs)
+            last_seconds = time.time() - started
         plot_curves(self.history, os.path.join(self.paths.root, "curves.png"), title=f"stage {self.stage}")
         return self.history
 
-    def train_epoch(self, epoch: int) -> dict:
+    def train_epoch(self, epoch: int, deadline: float | None = None) -> dict:
         """``steps_per_epoch`` training steps → the epoch's training logs (loss means, seconds, learning rate).
+
+        Steps after ``deadline`` (``time.time()``; the first step always runs) are left out; the logs then
+        hold ``steps``, the number that ran.
 
         Raises:
             SpirsInputError: a non-finite total loss (training diverged; the last good checkpoint is kept).
         """
-        ds = data_lib.make_dataset(self.train_source, self.cfg, self.levels,
+        ds = data_lib.batches(self.train_source, self.cfg, self.levels,
                                    batch_size=self.stage_cfg.batch_size, training=True,
                                    seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
         if self.strategy is not None:
             ds = distribute_dataset(self.strategy, ds)  # each replica gets batch / replicas pairs
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
                                   stateful_metrics=None) if self.verbose else None
-        start = time.perf_counter()
+        start, cut = time.perf_counter(), None
         for step, batch in enumerate(ds):
             if step >= self.steps_per_epoch:
+                break
+            if deadline is not None and step > 0 and time.time() > deadline:
+                cut = step
                 break
             scalars = self.train_step(batch)
             if not math.isfinite(float(scalars["total"])):
@@ -363,6 +382,8 @@ class Trainer:
         logs = {k: float(m.result()) for k, m in self._metrics.items() if not k.startswith("val_")}
         logs["seconds"] = time.perf_counter() - start
         logs["learning_rate"] = float(_current_lr(next(iter(self.optimizers.values()))))
+        if cut is not None:
+            logs["steps"] = cut
         return logs
 
     # ------------------------------------------------------------------------------ persistence
@@ -439,6 +460,14 @@ def loss_function(cfg: config_lib.SpirsConfig, levels: int, compile: bool = True
     return run
 
 
+def epoch_seed_state(initial: np.ndarray, epoch: int) -> np.ndarray:
+    """A dropout seed-generator state for ``epoch``: ``epoch`` in the counter's high 32 bits of a 64-bit
+    state (TensorFlow's int64), in the seed word of a 32-bit one (JAX's uint32)."""
+    if initial.dtype.itemsize >= 8:
+        return initial + np.array([0, epoch << 32], dtype=initial.dtype)
+    return initial + np.array([epoch, 0], dtype=initial.dtype)
+
+
 def _current_lr(opt) -> float:
     lr = opt.learning_rate
     return float(np.asarray(lr))
@@ -447,8 +476,10 @@ def _current_lr(opt) -> float:
 # --------------------------------------------------------------------------------------- entry
 def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_dir: str,
               init_from: str | None = None, epochs: int | None = None, verbose: int = 1,
-              strategy=None) -> Trainer:
-    """Train stage ``stage`` of ``cfg`` on a manifest; stage n > 1 starts from stage n−1's best checkpoint."""
+              strategy=None, deadline: float | None = None) -> Trainer:
+    """Train stage ``stage`` of ``cfg`` on a manifest; stage n > 1 starts from stage n−1's best checkpoint.
+
+    ``deadline`` (``time.time()``) ends training early, resumably (:meth:`Trainer.fit`)."""
     manifest = load_manifest(manifest_path)
     train_source = data_lib.PairSource(manifest, "train", cfg.data)
     if "val" in manifest.splits():
@@ -466,5 +497,5 @@ def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_d
                                   "--init-from)", run_dir)
     trainer = Trainer(cfg, stage, train_source, val_source, run_dir, init_from=init_from, verbose=verbose,
                       strategy=strategy)
-    trainer.fit(epochs)
+    trainer.fit(epochs, deadline=deadline)
     return trainer

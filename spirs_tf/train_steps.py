@@ -24,7 +24,8 @@ variables that optimiser updates}), ``loss_for(name)`` (the loss term an optimis
 batch)`` → ``{metric: (B,)}``, ``strategy``, ``stage`` and ``stage_cfg.batch_size``.
 
 :class:`TensorFlowSteps` is the TensorFlow implementation (``tf.GradientTape``, ``tf.function``,
-``tf.distribute`` via ``strategy.run``).
+``tf.distribute`` via ``strategy.run``); :class:`spirs_tf.jax_steps.JaxSteps` the JAX one (``jax.jit`` of
+``model.stateless_call``, ``jax.vjp``, the optimisers' ``stateless_apply``).
 """
 from __future__ import annotations
 
@@ -131,9 +132,14 @@ def make_steps(trainer) -> Steps:
     """The compiled steps of ``trainer`` for the active Keras backend.
 
     Raises:
-        SpirsInputError: a backend without a step implementation.
+        SpirsInputError: a backend without a step implementation; under JAX a ``tf.distribute`` strategy
+            or mixed precision.
     """
     if BACKEND == "tensorflow":
         return TensorFlowSteps(trainer)
+    if BACKEND == "jax":
+        from spirs_tf.jax_steps import JaxSteps
+
+        return JaxSteps(trainer)
     raise SpirsInputError(f"training under KERAS_BACKEND={BACKEND} has no step implementation yet "
                           "(spirs_tf.train_steps); use KERAS_BACKEND=tensorflow")

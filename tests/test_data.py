@@ -327,3 +327,29 @@ def test_pairs_without_a_mask_are_refused(cfg, cohort, tmp_path):
                                     f"p1,0,{rel}/p1/t0.nii.gz,,test\np1,1,{rel}/p1/t1.nii.gz,,test\n")
     with pytest.raises(SpirsInputError, match="has no lesion mask"):
         data.PairSource(load_manifest(tmp_path / "m.csv"), "test", cfg.data)
+
+
+# ------------------------------------------------------------------------ NumPy batches (no tf.data)
+@pytest.mark.parametrize("training, batch_size, workers", [(True, 2, 1), (True, 1, 3), (False, 2, 2)])
+def test_numpy_batches_equal_the_tf_data_batches(cfg, source, training, batch_size, workers):
+    """Same plan, seeds and batching (validation: 3 pairs in batches of 2 keep the partial last batch)."""
+    kwargs = dict(batch_size=batch_size, training=training, seed=5, epoch=2, steps=3 if training else None)
+    expected = take_all(data.make_dataset(source, cfg, 2, **kwargs))
+    got = list(data.numpy_batches(source, cfg, 2, workers=workers, **kwargs))
+    assert len(got) == len(expected) == (3 if training else 2)
+    for a, b in zip(got, expected):
+        assert sorted(a) == sorted(b)
+        for k in b:
+            assert a[k].dtype == np.float32 and a[k].shape == b[k].shape
+            np.testing.assert_array_equal(a[k], b[k])
+
+
+def test_numpy_batches_stop_early_and_check_the_grid(cfg, source):
+    it = data.numpy_batches(source, cfg, 1, batch_size=1, training=True, seed=0, steps=50, prefetch=1)
+    first = next(it)
+    it.close()  # cancels the queued samples
+    s = cfg.level_grid(1)
+    assert first["fixed_image"].shape == (1, s, s, s, 1)
+    small = data.PairSource.from_arrays([blob_pair(0, grid=16)])
+    with pytest.raises(ValueError, match="differs from cfg.data.grid_size"):
+        next(data.numpy_batches(small, cfg, 1, batch_size=1, training=True, seed=0))

@@ -261,3 +261,45 @@ def test_killed_run_resumes_and_finishes(cohort, tmp_path):
     assert meta["epoch"] == 4
     assert [r["epoch"] for r in meta["history"]] == [1, 2, 3, 4]
     assert int(opt_states["registration"]["iterations"]) == 4 * 3
+
+
+def test_deadline_cuts_an_epoch_short_stops_before_the_next_and_resumes(cohort, tmp_path, monkeypatch):
+    """A fake step that takes 10 s of a fake clock: the deadline logic alone (no model is compiled)."""
+    import types
+
+    from spirs_tf import data, train
+    from spirs_tf.manifest import load_manifest
+
+    cfg = config_lib.get_config("test", ["train.stages.0.epochs=4", "train.stages.0.steps_per_epoch=3"])
+    source = data.PairSource(load_manifest(cohort), "train", cfg.data)
+    run = str(tmp_path / "run")
+    clock = [1000.0]
+
+    def fake_step(batch):
+        clock[0] += 10.0
+        return {"total": 1.0, "registration": 1.0}
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
+
+    def trainer():
+        t = train.Trainer(cfg, 1, source, None, run, verbose=0)
+        t._steps = types.SimpleNamespace(train_step=fake_step, eval_step=None)
+        return t
+
+    # deadline 15 s ahead: steps at 0 s and 10 s run, the third (at 20 s) does not; the cut epoch is kept
+    t = trainer()
+    t.fit(deadline=clock[0] + 15.0)
+    assert t.epoch == 1 and [r.get("steps") for r in t.history] == [2]
+    assert t.stop_reason == "deadline: epoch 1 cut after 2 of 3 steps"
+    _, _, meta = train.load_checkpoint(os.path.join(run, "stage1", "checkpoints", "latest.npz"))
+    assert meta["epoch"] == 1
+
+    # resumed with 35 s: epoch 2 runs whole (30 s); epoch 3 would end 25 s after the deadline, so never starts
+    t = trainer()
+    t.fit(deadline=clock[0] + 35.0)
+    assert t.epoch == 2 and "steps" not in t.history[-1] and t.stop_reason == "deadline: epoch 3 would end after it"
+
+    # without a deadline the remaining epochs run
+    t = trainer()
+    t.fit()
+    assert t.epoch == 4 and t.stop_reason is None and len(t.history) == 4

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config override, e.g. --set model.base_filters=16 (repeatable)")
     parser.add_argument("--distribute", choices=("none", "mirrored", "multi_worker"), default=None,
                         help="tf.distribute strategy (default: the config's train.distribute)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after about this many minutes, at an epoch end or cutting the running epoch "
+                             "short; checkpointed, and the same command resumes")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -37,6 +41,10 @@ def run(args) -> int:
         overrides.append(f"train.distribute={args.distribute}")
     cfg = config_lib.get_config(args.config, overrides)
     strategy = make_strategy(cfg.train.distribute)
-    run_stage(cfg, args.stage, args.manifest, args.out, init_from=args.init_from, epochs=args.epochs,
-              verbose=0 if args.quiet else 1, strategy=strategy)
+    deadline = None if args.max_minutes is None else time.time() + 60.0 * args.max_minutes
+    trainer = run_stage(cfg, args.stage, args.manifest, args.out, init_from=args.init_from, epochs=args.epochs,
+                        verbose=0 if args.quiet else 1, strategy=strategy, deadline=deadline)
+    if trainer.stop_reason:
+        print(f"stage {args.stage}: stopped at the time limit ({trainer.stop_reason}); run the same command to "
+              "go on")
     return 0

@@ -1,0 +1,111 @@
+"""The GPU recipe's --smoke mode (experiments/gpu/recipe.py): the whole recipe on a tiny cohort and config.
+
+One run in a subprocess (its own Keras backend), then its outputs are checked: the device's file limits,
+the run directory in run.tar (loadable weights, a history row per epoch), the earlier stages' weights,
+and the provenance (the resolved config, the source digest, timings, every stage finished).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments", "gpu"))
+import recipe  # noqa: E402
+
+#: the backend the smoke run trains with (TensorFlow until the trainer runs under JAX)
+SMOKE_BACKEND = "tensorflow" if importlib.util.find_spec("tensorflow") else "jax"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    env = dict(os.environ, KERAS_BACKEND=SMOKE_BACKEND, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    # a budget far above the smoke run's needs: every stage must finish, also on a slow machine
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "gpu", "recipe.py"), "--smoke",
+                           "--out", str(out), "--budget", "1200", "--workers", "2", "--quiet"],
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_smoke_outputs(smoke, tmp_path):
+    from spirs_tf import config as config_lib, networks
+    from spirs_tf.predictor import find_run_checkpoint
+    from spirs_tf.train import load_checkpoint
+
+    names = sorted(os.listdir(smoke))
+    assert names == ["curves.png", "provenance.json", "recipe.log", "run.tar", "stage1_best.npz",
+                     "stage2_best.npz"]
+    sizes = [os.path.getsize(smoke / n) for n in names]
+    assert len(names) <= 8 and max(sizes) <= recipe.FILE_LIMIT and sum(sizes) <= recipe.TOTAL_LIMIT
+
+    prov = json.loads((smoke / "provenance.json").read_text())
+    expected = config_lib.get_config("gpu-1p5mm", recipe.SMOKE_OVERRIDES)
+    assert prov["config"] == json.loads(json.dumps(config_lib.to_dict(expected)))
+    assert prov["mode"] == "smoke" and prov["device"]["backend"] == SMOKE_BACKEND
+    assert prov["source_digest"] == recipe.source_digest()
+    assert {"synth", "preprocess", "train", "total"} <= set(prov["timings"])
+    assert prov["cohort"]["train_pairs"] >= 1 and prov["cohort"]["val_pairs"] >= 1
+    assert "--fade-fraction" in prov["cohort"]["command"]
+    assert {n: v["bytes"] for n, v in prov["outputs"].items()} == {
+        n: os.path.getsize(smoke / n) for n in ("run.tar", "stage1_best.npz", "stage2_best.npz", "curves.png")}
+
+    with tarfile.open(smoke / "run.tar") as tar:
+        tar.extractall(tmp_path)
+    run = tmp_path / "gpu-1p5mm"
+    checkpoint, config_path, stage = find_run_checkpoint(str(run))
+    assert stage == 3 and checkpoint.endswith(os.path.join("stage3", "checkpoints", "best.npz"))
+    cfg = config_lib.get_config(config_path)
+    for s in (1, 2, 3):
+        info = prov["stages"][str(s)]
+        assert info["stop"] == "finished" and info["epochs_done"] == expected.train.stages[s - 1].epochs
+        with open(run / f"stage{s}" / "history.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        assert len(rows) == info["epochs_done"]
+        assert all(np.isfinite(float(r["registration"])) and np.isfinite(float(r["val_registration"]))
+                   for r in rows)
+
+    # the weights (model only) load into the model of their config, under this process's backend
+    for path in (checkpoint, smoke / "stage1_best.npz", smoke / "stage2_best.npz"):
+        state, optim_state, meta = load_checkpoint(str(path))
+        assert optim_state == {} and meta["levels"] in (1, 2, 3)
+        model = networks.build_spirs(cfg, meta["levels"], bn_trainable=False)
+        networks.load_model_state(model, state)
+        loaded = networks.model_state(model)
+        assert set(loaded) == set(state)
+        for key, value in state.items():
+            np.testing.assert_array_equal(loaded[key], value)
+    assert 4 * sum(v.size for v in state.values()) == prov["weights_bytes"]
+
+
+def test_stage_deadlines_pass_unused_time_on():
+    # three stages sharing 100 s as 3:3:4; what stage 1 leaves over is shared by stages 2 and 3
+    assert recipe.stage_deadlines(0.0, 100.0, [0.3, 0.3, 0.4], 1) == pytest.approx(30.0)
+    assert recipe.stage_deadlines(20.0, 100.0, [0.3, 0.3, 0.4], 2) == pytest.approx(20.0 + 80.0 * 3 / 7)
+    assert recipe.stage_deadlines(70.0, 100.0, [0.3, 0.3, 0.4], 3) == pytest.approx(100.0)
+    assert recipe.stage_deadlines(120.0, 100.0, [0.3, 0.3, 0.4], 3) == pytest.approx(120.0)
+
+
+def test_gpu_config_fits_the_device_limits():
+    from spirs_tf import config as config_lib
+
+    cfg = config_lib.get_config("gpu-1p5mm")
+    assert (cfg.data.grid_size, cfg.data.spacing_mm) == (128, 1.5)  # micro lesions: several voxels
+    assert [s.levels for s in cfg.train.stages] == [1, 2, 3]
+    assert all(s.cycle_epochs == s.epochs for s in cfg.train.stages)
+    # its final weights come back from the device in one file (float32, model only)
+    from spirs_tf import networks
+
+    model = networks.build_spirs(cfg, 1)
+    assert 4 * sum(int(np.prod(v.shape)) for v in model.weights) < recipe.FILE_LIMIT - 2**20
