@@ -46,7 +46,7 @@ import tempfile
 from spirs_tf import config as config_lib
 from spirs_tf.errors import SpirsInputError
 from spirs_tf.predictor import (OUTPUT_NAMES, load_saved_model_predictor,  # noqa: F401 (re-exported)
-                                read_export_info, serving_outputs)
+                                read_export_info, require_tensorflow, serving_outputs)
 
 INFO_FILE = "spirs_info.json"
 

@@ -21,8 +21,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "experiments", "gpu"))
 import recipe  # noqa: E402
 
-#: the backend the smoke run trains with (TensorFlow until the trainer runs under JAX)
-SMOKE_BACKEND = "tensorflow" if importlib.util.find_spec("tensorflow") else "jax"
+#: the backend the smoke run trains with: $SPIRS_SMOKE_BACKEND, else TensorFlow where installed (op by op,
+#: --eager: the whole run takes about a minute on 2 cores, against about 5 compiled), else JAX (the GPU
+#: machine's backend; 5-7 minutes on 2 cores, eager or not)
+SMOKE_BACKEND = os.environ.get("SPIRS_SMOKE_BACKEND") or (
+    "tensorflow" if importlib.util.find_spec("tensorflow") else "jax")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def smoke(tmp_path_factory):
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     # a budget far above the smoke run's needs: every stage must finish, also on a slow machine
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "gpu", "recipe.py"), "--smoke",
-                           "--out", str(out), "--budget", "1200", "--workers", "2", "--quiet"],
+                           "--eager", "--out", str(out), "--budget", "1200", "--workers", "1", "--quiet"],
                           capture_output=True, text=True, env=env, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
@@ -53,7 +56,7 @@ def test_smoke_outputs(smoke, tmp_path):
     prov = json.loads((smoke / "provenance.json").read_text())
     expected = config_lib.get_config("gpu-1p5mm", recipe.SMOKE_OVERRIDES)
     assert prov["config"] == json.loads(json.dumps(config_lib.to_dict(expected)))
-    assert prov["mode"] == "smoke" and prov["device"]["backend"] == SMOKE_BACKEND
+    assert prov["mode"] == "smoke" and prov["device"]["backend"] == SMOKE_BACKEND and prov["eager"]
     assert prov["source_digest"] == recipe.source_digest()
     assert {"synth", "preprocess", "train", "total"} <= set(prov["timings"])
     assert prov["cohort"]["train_pairs"] >= 1 and prov["cohort"]["val_pairs"] >= 1
@@ -76,16 +79,20 @@ def test_smoke_outputs(smoke, tmp_path):
         assert all(np.isfinite(float(r["registration"])) and np.isfinite(float(r["val_registration"]))
                    for r in rows)
 
-    # the weights (model only) load into the model of their config, under this process's backend
-    for path in (checkpoint, smoke / "stage1_best.npz", smoke / "stage2_best.npz"):
-        state, optim_state, meta = load_checkpoint(str(path))
-        assert optim_state == {} and meta["levels"] in (1, 2, 3)
-        model = networks.build_spirs(cfg, meta["levels"], bn_trainable=False)
-        networks.load_model_state(model, state)
-        loaded = networks.model_state(model)
-        assert set(loaded) == set(state)
-        for key, value in state.items():
-            np.testing.assert_array_equal(loaded[key], value)
+    # the final weights (model only) load into the model of their config, under this process's backend;
+    # the earlier stages' weights hold the same variables (every level shares them)
+    state, optim_state, meta = load_checkpoint(checkpoint)
+    assert optim_state == {} and meta["levels"] == 3 and meta["stage"] == 3
+    model = networks.build_spirs(cfg, 3, bn_trainable=False)
+    networks.load_model_state(model, state)
+    loaded = networks.model_state(model)
+    assert set(loaded) == set(state)
+    for key, value in state.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    for s in (1, 2):
+        earlier, optim_state, meta = load_checkpoint(str(smoke / f"stage{s}_best.npz"))
+        assert optim_state == {} and meta["stage"] == meta["levels"] == s
+        assert {k: v.shape for k, v in earlier.items()} == {k: v.shape for k, v in state.items()}
     assert 4 * sum(v.size for v in state.values()) == prov["weights_bytes"]
 
 

@@ -162,6 +162,18 @@ def device_info() -> dict:
     return info
 
 
+def _run_eagerly(backend: str) -> None:
+    """Run every compiled function op by op (``--eager``)."""
+    if backend == "tensorflow":
+        from spirs_tf._compat import tf
+
+        tf.config.run_functions_eagerly(True)
+    elif backend == "jax":
+        import jax
+
+        jax.config.update("jax_disable_jit", True)
+
+
 # ------------------------------------------------------------------------------------------ data
 def _patient_pairs(job):
     """The preprocessed pairs of one patient (a worker of :func:`parallel_pair_source`)."""
@@ -345,6 +357,8 @@ def train_stages(cfg, train_source, val_source, run_dir: str, train_end: float, 
             "seconds_build": round(built - started, 2), "seconds_fit": round(finished - built, 2),
             "seconds_budget": round(deadline - now, 2),
             "epoch_seconds": [round(float(row.get("seconds", np.nan)), 2) for row in history],
+            # BatchNorm re-estimation, validation, checkpoints: the part of fit outside the training loops
+            "seconds_other": round(finished - built - sum(float(r.get("seconds", 0.0)) for r in history), 2),
             "best": {"metric": cfg.train.keep_best_metric, "value": trainer.best},
             "last_epoch": history[-1] if history else None,
         })
@@ -377,6 +391,9 @@ def parse_args(argv):
     parser.add_argument("--manifest", default=None, help="train on this manifest instead of synthesising")
     parser.add_argument("--allow-cpu", action="store_true", help="train even when the backend sees no GPU")
     parser.add_argument("--print-digest", action="store_true", help="print the source digest and exit")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the steps op by op, uncompiled (tf.config.run_functions_eagerly / jax_disable_jit): "
+                             "for the tiny smoke model on a CPU, where compiling takes longer than training")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -464,6 +481,9 @@ def _run(args, t0: float) -> int:
     # 3. the device
     start = time.time()
     provenance["device"] = device_info()
+    provenance["eager"] = bool(args.eager)
+    if args.eager:
+        _run_eagerly(provenance["device"]["backend"])
     timings["import_backend"] = round(time.time() - start, 2)
     log(f"backend {provenance['device']['backend']}, devices {provenance['device']['devices']}")
     if not provenance["device"]["gpu"] and not (args.smoke or args.allow_cpu):
