@@ -336,7 +336,8 @@ def p_text(p: float) -> str:
 
 
 def write_info(out_dir: str, name: str, info: dict) -> None:
-    """``out_dir/<name>.json`` (atomic; NaN as null, ±inf as ``"inf"``/``"-inf"``: :func:`spirs_tf.atomic.json_safe`)."""
+    """``out_dir/<name>.json``, atomic; NaN as null, ±inf as ``"inf"``/``"-inf"``
+    (:func:`spirs_tf.atomic.json_safe`)."""
     atomic_write_json(os.path.join(out_dir, f"{name}.json"), info)
 
 

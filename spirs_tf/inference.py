@@ -43,10 +43,10 @@ LNCC before, folding above 0.5 %, an affine whose scales leave 0.7–1.4 or whos
 and thresholds are in :mod:`spirs_tf.qc`.
 
 **Test-time refinement.** ``refine=`` of :func:`predict_case`, :func:`run_case` and
-:func:`spirs_tf.cohort_predict.predict_cohort` takes a mode, ``"off"``, ``"affine"`` or ``"full"`` (:mod:`spirs_tf.refinement`;
-``spirs predict --refine``, default ``full`` on the command line), or any callable (:data:`Refine`)
-that may replace the working-grid affine and displacement field between the network and the
-resampling; the prior is then re-warped on the working grid and P2 recomputed from it
+:func:`spirs_tf.cohort_predict.predict_cohort` takes a mode, ``"off"``, ``"affine"`` or ``"full"``
+(:mod:`spirs_tf.refinement`; ``spirs predict --refine``, default ``full`` on the command line), or any
+callable (:data:`Refine`) that may replace the working-grid affine and displacement field between the
+network and the resampling; the prior is then re-warped on the working grid and P2 recomputed from it
 (:func:`apply_refinement`). ``report.json`` records the mode, the seconds per stage and the LNCC
 before/after under ``registration.refinement``; the QC warnings judge the final transform.
 

@@ -117,9 +117,10 @@ def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict 
     Under TensorFlow the first call runs eagerly: for one case that is faster than tracing a graph
     (measured with cpu-small at 64³: eager 1.3 s against 4.9 s to trace + 0.3 s to run). Later calls
     go through one ``tf.function`` whose signature has a free batch axis, traced once for every batch
-    size; ``run_fn.use_graph()`` (called by :func:`predict_cohort` for more than one case) skips the
-    eager call. Under JAX every call is one ``jax.jit`` of ``model.stateless_call`` (compiled once per
-    batch size), with the variables' current values passed in. All compute the same model.
+    size; ``run_fn.use_graph()`` (called by :func:`spirs_tf.cohort_predict.predict_cohort` for more
+    than one case) skips the eager call. Under JAX every call is one ``jax.jit`` of
+    ``model.stateless_call`` (compiled once per batch size), with the variables' current values passed
+    in. All compute the same model.
     """
     from spirs_tf._compat import BACKEND, ops
 

@@ -5,7 +5,8 @@ The loop reads like the method::
     run_stage(cfg, stage, manifest, run_dir)
       └─ Trainer.fit()
            [recalibrate_batchnorm]  once, before the first epoch of a stage that asks for it
-           for epoch:  on_epoch_start → train_step × steps → validate (eval_step × pairs) → on_epoch_end (log, checkpoint)
+           for epoch:  on_epoch_start → train_epoch (train_step × steps)
+                       → validate (eval_step × pairs) → on_epoch_end (log, checkpoint)
 
 * ``Trainer.train_step(batch)`` is one compiled step: a forward pass of the whole pyramid, the losses
   of :func:`spirs_tf.losses.spirs_losses`, and either the authors' **isolated** update (three
