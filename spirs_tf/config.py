@@ -15,8 +15,8 @@ Named experiments (:data:`NAMED_CONFIGS`):
     Experimental: cpu-small's widths on two pyramid levels with displacement supervision of the affine
     (:func:`_cpu_medium`).
 ``gpu-1p5mm``
-    The paper's 128³ grid at 1.5 mm (micro lesions span several voxels) at half the paper's width (32 base
-    filters), with cpu-small's training choices, sized for one H100 and about 8 minutes of training
+    The paper's 128³ grid at 1.5 mm (micro lesions span several voxels) at a quarter of the paper's width
+    (16 base filters; the float32 weights, 14.5 MiB, come back from the GPU machine as one file), with cpu-small's training choices, sized for one H100 and about 8 minutes of training
     (``experiments/gpu/``, where the wall budget stops each stage). EXPERIMENTAL: not yet trained.
 ``test``
     Tiny: for unit tests only.
@@ -337,14 +337,14 @@ def _cpu_medium() -> SpirsConfig:
 
 
 def _gpu_1p5mm() -> SpirsConfig:
-    """The paper's grid (128³ at 1.5 mm) at half its width, for a short run on one GPU (``experiments/gpu/``).
+    """The paper's grid (128³ at 1.5 mm) at a quarter of its width, for a short run on one GPU (``experiments/gpu/``).
 
     cpu-small's training choices (split P1 prior, segmentation optimisers at 10× the registration
     rate, segmentation off on the coarsest level, P1 off the encoder, per-stage cosine cycles, fine-tuning
     at 3/100 with frozen BatchNorm, P1's BatchNorm re-estimated before stage 3) on the paper's grid, so
     that a micro lesion (< 25 mm³, about 7 voxels of 3.4 mm³) is visible to the network. The width is
-    32 base filters (591 GFLOP per 128³ pair forward, against 2.12 TFLOP at 64; ``experiments/flops.py``),
-    so that stage 3 runs hundreds of steps in a few minutes. Epochs and steps are a plan for about
+    16 base filters (304.5 GFLOP per 128³ pair forward; 3.79 M parameters, 14.5 MiB of float32 weights,
+    under the GPU machine's 16 MiB per returned file; 32 filters would be 56 MiB), so that stage 3 runs hundreds of steps in a few minutes. Epochs and steps are a plan for about
     2 + 2.5 + 3.5 minutes on an H100; the recipe's wall budget (``experiments/gpu/recipe.py --budget``)
     ends a stage early at an epoch end when it runs slower. EXPERIMENTAL: not yet trained.
     """
