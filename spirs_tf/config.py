@@ -16,8 +16,9 @@ Named experiments (:data:`NAMED_CONFIGS`):
     (:func:`_cpu_medium`).
 ``gpu-1p5mm``
     The paper's 128³ grid at 1.5 mm (micro lesions span several voxels) at a quarter of the paper's width
-    (16 base filters; the float32 weights, 14.5 MiB, come back from the GPU machine as one file), with cpu-small's training choices, sized for one H100 and about 8 minutes of training
-    (``experiments/gpu/``, where the wall budget stops each stage). EXPERIMENTAL: not yet trained.
+    (16 base filters; the float32 weights, 14.5 MiB, come back from the GPU machine as one file), with
+    cpu-small's training choices, sized for one H100 and about 8 minutes of training (``experiments/gpu/``,
+    where the wall budget stops each stage). EXPERIMENTAL: not yet trained.
 ``test``
     Tiny: for unit tests only.
 
