@@ -355,8 +355,8 @@ class Trainer:
             SpirsInputError: a non-finite total loss (training diverged; the last good checkpoint is kept).
         """
         ds = data_lib.batches(self.train_source, self.cfg, self.levels,
-                                   batch_size=self.stage_cfg.batch_size, training=True,
-                                   seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
+                              batch_size=self.stage_cfg.batch_size, training=True,
+                              seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
         if self.strategy is not None:
             ds = distribute_dataset(self.strategy, ds)  # each replica gets batch / replicas pairs
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
