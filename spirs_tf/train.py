@@ -245,7 +245,7 @@ class Trainer:
         if self.val_source is None or len(self.val_source) == 0:
             return {}
         ds = data_lib.batches(self.val_source, self.cfg, self.levels, batch_size=1, training=False,
-                                   seed=self.cfg.train.seed)
+                              seed=self.cfg.train.seed)
         if self.strategy is None:
             for batch in ds:
                 self._track("val_", self.eval_step(batch))
@@ -272,7 +272,7 @@ class Trainer:
                                   f"set train.stages.{self.stage - 1}.bn_recalibration_batches=0", self.paths.root)
         layers = networks.batchnorm_layers(self.model, self.cfg.train.recalibration_modules())
         ds = data_lib.batches(self.train_source, self.cfg, self.levels, batch_size=self.stage_cfg.batch_size,
-                                   training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)
+                              training=True, seed=self.cfg.train.seed + 1, epoch=0, steps=batches)
         return recalibrate_batchnorm(self.model, layers, (self.model_inputs(batch) for batch in ds))
 
     def _monitor(self, logs: dict) -> float:
