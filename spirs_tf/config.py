@@ -129,6 +129,9 @@ class OptimizerConfig:
     restart_length_factor: float = 1.5
     restart_max_divisor: float = 10.0
     restart_min_divisor: float = 15.0
+    #: clip the global norm of this optimiser's gradients to this value before the update (Keras'
+    #: ``global_clipnorm``); ``None`` = no clipping (the paper and the authors' code do not clip)
+    global_clipnorm: float | None = None
 
 
 @dataclass
@@ -246,6 +249,12 @@ class SpirsConfig:
                 raise SpirsInputError(f"config {self.name!r}: stage levels must be in 1..{m.num_levels}")
             if s.bn_recalibration_batches < 0:
                 raise SpirsInputError(f"config {self.name!r}: bn_recalibration_batches must be >= 0")
+        for name in ("registration", "segmentation_p1", "segmentation_p2"):
+            clip = getattr(self.optim, name).global_clipnorm
+            if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or
+                                     not clip > 0):
+                raise SpirsInputError(f"config {self.name!r}: optim.{name}.global_clipnorm must be a positive "
+                                      f"number or null, got {clip!r}")
         unknown = [m for m in self.train.recalibration_modules() if m not in MODULE_NAMES]
         if unknown:
             raise SpirsInputError(f"config {self.name!r}: train.bn_recalibration_modules: unknown module(s) "

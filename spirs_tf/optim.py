@@ -264,7 +264,7 @@ def make_optimizer(opt_cfg, steps_per_epoch: int, name: str) -> SGDW:
 
     Args:
         opt_cfg: :class:`spirs_tf.config.OptimizerConfig` (lr/wd max and min, momentum, Nesterov,
-            cycle, warm-up and restart settings; the same curve shape for lr and wd).
+            cycle, warm-up and restart settings; the same curve shape for lr and wd; ``global_clipnorm``).
         steps_per_epoch: optimiser steps per epoch.
         name: optimiser name, e.g. ``"registration"``.
 
@@ -280,7 +280,8 @@ def make_optimizer(opt_cfg, steps_per_epoch: int, name: str) -> SGDW:
 
     return SGDW(learning_rate=schedule(opt_cfg.learning_rate, opt_cfg.learning_rate_min),
                 weight_decay=schedule(opt_cfg.weight_decay, opt_cfg.weight_decay_min),
-                momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov, name=name)
+                momentum=opt_cfg.momentum, nesterov=opt_cfg.nesterov, name=name,
+                global_clipnorm=opt_cfg.global_clipnorm)
 
 
 # ----------------------------------------------------------------------------------- checkpointing

@@ -318,3 +318,34 @@ def test_make_optimizer_and_sgdw_config_round_trip():
         assert value(clone.decoupled_weight_decay, step) == value(wd, step)
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, SGDW) and restored.momentum == 0.8
+
+
+def test_global_clipnorm_scales_the_gradient_to_the_norm_before_the_update():
+    """``OptimizerConfig.global_clipnorm``: the update uses g · c / max(‖g‖, c) (global norm over all variables)."""
+    from spirs_tf import config as config_lib
+
+    cfg = OptimizerConfig(learning_rate=0.1, learning_rate_min=0.1, weight_decay=0.0, weight_decay_min=0.0,
+                          momentum=0.0, global_clipnorm=0.5)
+    layer = make_layer()
+    w0, b0 = np.asarray(layer.kernel.numpy()), np.asarray(layer.bias.numpy())
+    opt = make_optimizer(cfg, steps_per_epoch=10, name="clipped")
+    opt.build(layer.trainable_variables)
+    gw, gb = GRADS[0]
+    norm = math.sqrt(float(np.sum(np.square(gw)) + np.sum(np.square(gb))))
+    assert norm > 0.5  # the clip is active for this gradient
+    opt.apply([gw, gb], layer.trainable_variables)
+    np.testing.assert_allclose(layer.kernel.numpy(), w0 - 0.1 * gw * 0.5 / norm, rtol=1e-5)
+    np.testing.assert_allclose(layer.bias.numpy(), b0 - 0.1 * gb * 0.5 / norm, rtol=1e-5)
+    # a gradient below the norm is left as it is
+    layer2 = make_layer()
+    opt2 = make_optimizer(OptimizerConfig(**{**cfg.__dict__, "global_clipnorm": 10 * norm}), 10, name="loose")
+    opt2.build(layer2.trainable_variables)
+    opt2.apply([gw, gb], layer2.trainable_variables)
+    np.testing.assert_allclose(layer2.kernel.numpy(), w0 - 0.1 * gw, rtol=1e-5)
+    # the config refuses nonsense in one line
+    bad = config_lib.get_config("test")
+    bad.optim.registration.global_clipnorm = -1.0
+    with pytest.raises(SpirsInputError, match="global_clipnorm"):
+        bad.validate()
+    ok = config_lib.apply_overrides(config_lib.get_config("test"), ["optim.registration.global_clipnorm=2.5"])
+    assert ok.validate().optim.registration.global_clipnorm == 2.5
