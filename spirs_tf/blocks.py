@@ -64,6 +64,11 @@ def _distributed() -> bool:
 class PreActBlock:
     """``BatchNorm(center, no scale) → ReLU → Conv3D(stride 1, 'same')``, the authors' norm_act_conv.
 
+    ``normalization="instance"`` (``model.normalization``, not the authors') replaces the BatchNorm by an
+    instance normalisation (``{name}_in``: per sample and channel over space, ``center``, no scale, same
+    ε), which computes the same thing in training and inference; ``bn_trainable=False`` then freezes
+    its β only.
+
     Layers ``{name}_bn``, ``{name}_relu``, ``{name}_conv``. The convolution has no bias unless
     ``use_bias`` (heads only). BatchNorm: ``center=True, scale=False``, ε and momentum from the config;
     ``bn_trainable=False`` builds it non-trainable, and Keras 3 then always runs it in inference mode
@@ -75,13 +80,20 @@ class PreActBlock:
 
     def __init__(self, name: str, filters: int, kernel: int, *, epsilon: float, momentum: float,
                  bn_trainable: bool = True, use_bias: bool = False,
-                 kernel_initializer="he_normal", bias_initializer="zeros"):
+                 kernel_initializer="he_normal", bias_initializer="zeros", normalization: str = "batch"):
         if filters < 1:
             raise ValueError(f"block {name!r}: filters must be >= 1, got {filters}")
         self.name = name
-        self.bn = keras.layers.BatchNormalization(
-            center=True, scale=False, epsilon=epsilon, momentum=momentum,
-            trainable=bn_trainable, synchronized=bn_trainable and _distributed(), name=f"{name}_bn")
+        if normalization == "batch":
+            self.bn = keras.layers.BatchNormalization(
+                center=True, scale=False, epsilon=epsilon, momentum=momentum,
+                trainable=bn_trainable, synchronized=bn_trainable and _distributed(), name=f"{name}_bn")
+        elif normalization == "instance":
+            # per sample and channel over space: the same in training and inference (no moving statistics)
+            self.bn = keras.layers.GroupNormalization(groups=-1, center=True, scale=False, epsilon=epsilon,
+                                                      trainable=bn_trainable, name=f"{name}_in")
+        else:
+            raise ValueError(f"block {name!r}: normalization must be 'batch' or 'instance', got {normalization!r}")
         self.relu = keras.layers.ReLU(name=f"{name}_relu")
         self.conv = keras.layers.Conv3D(
             filters, kernel, strides=1, padding="same", use_bias=use_bias,
@@ -99,10 +111,11 @@ class _BlockMaker:
         self.epsilon = model_cfg.bn_epsilon
         self.momentum = model_cfg.bn_momentum
         self.bn_trainable = bn_trainable
+        self.normalization = model_cfg.normalization
 
     def __call__(self, name: str, filters: int, kernel: int, **kwargs) -> PreActBlock:
         return PreActBlock(name, filters, kernel, epsilon=self.epsilon, momentum=self.momentum,
-                           bn_trainable=self.bn_trainable, **kwargs)
+                           bn_trainable=self.bn_trainable, normalization=self.normalization, **kwargs)
 
 
 def opening_conv(name: str, filters: int, kernel: int):

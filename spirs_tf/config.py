@@ -79,6 +79,11 @@ class ModelConfig:
     seg_prior_split: bool = False
     bn_epsilon: float = 1e-5
     bn_momentum: float = 0.99
+    #: "batch" (authors): BatchNorm, batch statistics in training, moving ones in inference. "instance":
+    #: per-sample statistics in both. At small batches the affine head trained with BatchNorm learns
+    #: from batch statistics and fails on the moving ones (cpu-medium: displacement error 16 voxels² with
+    #: batch statistics, 54 with the moving ones, also after re-estimating them; issue 15).
+    normalization: str = "batch"
 
 
 @dataclass
@@ -238,6 +243,14 @@ class SpirsConfig:
             raise SpirsInputError(f"config {self.name!r}: data.pairing must be 'consecutive' or 'all'")
         if self.loss.optimisation not in ("isolated", "joint"):
             raise SpirsInputError(f"config {self.name!r}: loss.optimisation must be 'isolated' or 'joint'")
+        if self.model.normalization not in ("batch", "instance"):
+            raise SpirsInputError(f"config {self.name!r}: model.normalization must be 'batch' or 'instance', "
+                                  f"got {self.model.normalization!r}")
+        bottleneck = self.data.grid_size // 2 ** (m.num_levels - 1) // 8
+        if self.model.normalization == "instance" and bottleneck < 2:
+            raise SpirsInputError(f"config {self.name!r}: model.normalization 'instance' needs a bottleneck of at "
+                                  f"least 2³ voxels (one voxel normalises to a constant and the affine head "
+                                  f"sees nothing); this grid gives {bottleneck}³")
         if self.loss.affine_supervision not in AFFINE_SUPERVISION:
             raise SpirsInputError(f"config {self.name!r}: loss.affine_supervision must be one of "
                                   f"{', '.join(AFFINE_SUPERVISION)}, got {self.loss.affine_supervision!r}")
@@ -355,7 +368,7 @@ def _gpu_1p5mm() -> SpirsConfig:
     that a micro lesion (< 25 mm³, about 7 voxels of 3.4 mm³) is visible to the network. The width is
     16 base filters (304.5 GFLOP per 128³ pair forward; 3.79 M parameters, 14.5 MiB of float32 weights,
     under the GPU machine's 16 MiB per returned file; 32 filters would be 56 MiB), so that stage 3 runs hundreds of steps in a few minutes. Epochs and steps are a plan for about
-    2 + 2.5 + 3.5 minutes on an H100; the recipe's wall budget (``experiments/gpu/recipe.py --budget``)
+    2 + 2 + 4 minutes on an H100 (stage 3 counting ~2.5 minutes of compilation and re-estimation); the recipe's wall budget (``experiments/gpu/recipe.py --budget``)
     ends a stage early at an epoch end when it runs slower. EXPERIMENTAL: not yet trained.
     """
     cfg = _cpu_small()
@@ -367,9 +380,13 @@ def _gpu_1p5mm() -> SpirsConfig:
     cfg.model.affine_dense_units = paper.model.affine_dense_units
     stages = cfg.train.stages
     # stage 1: 32³ (6 mm), batch 32 as in the paper; stage 2: 64³, batch 4; stage 3: 128³, batch 2 (paper)
-    stages[0].batch_size, stages[0].epochs, stages[0].steps_per_epoch = 32, 10, 25
-    stages[1].batch_size, stages[1].epochs, stages[1].steps_per_epoch = 4, 8, 100
+    # Measured on one H100 (experiments/gpu/provenance/, 2026-11-26): stage 1 ~10 s per epoch after a
+    # 37 s first one; stage 2 ~0.14 s per step plus ~30 s of compilation; stage 3's first step (compile
+    # and BatchNorm re-estimation) ~2.5 min. Stage 3 diverged at step 21 at lr_scale 0.03: 0.01 there.
+    stages[0].batch_size, stages[0].epochs, stages[0].steps_per_epoch = 32, 6, 25
+    stages[1].batch_size, stages[1].epochs, stages[1].steps_per_epoch = 4, 3, 100
     stages[2].batch_size, stages[2].epochs, stages[2].steps_per_epoch = 2, 10, 60
+    stages[2].lr_scale = 0.01
     for s in stages:
         s.cycle_epochs = s.epochs
     stages[2].bn_recalibration_batches = 10  # 20 pairs of 128³: enough voxels for a mean and variance

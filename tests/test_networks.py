@@ -368,3 +368,50 @@ def test_warped_outputs_follow_the_composition(cfg, rng):
             np.testing.assert_allclose(out[f"warped_affine_{key}_{i}"][0, ..., 0], want, atol=1e-4)
             want = _reference_warp(vol, scale_translation(a_final, 1.0 / f), out[f"dvf_{i}"][0])
             np.testing.assert_allclose(out[f"warped_{key}_{i}"][0, ..., 0], want, atol=1e-4)
+
+
+# ------------------------------------------------------------------------ model.normalization
+def test_instance_normalisation_is_per_sample_and_the_same_in_training(cfg, rng):
+    """``model.normalization=instance``: no BatchNorm left; a sample's outputs do not depend on the
+    other samples of its batch nor on the mode (the cpu-medium affine head failed on exactly that)."""
+    inst = get_config("test")  # two levels: a 16³ coarsest grid, a 2³ bottleneck
+    inst.model.num_levels, inst.train.stages, inst.model.normalization = 2, inst.train.stages[:2], "instance"
+    inst.validate()
+    model = networks.build_spirs(inst, 2, bn_trainable=True)
+    assert not [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    norms = [l for l in model.layers if isinstance(l, keras.layers.GroupNormalization)]
+    assert norms and all(l.name.endswith("_in") for l in norms)
+    for v in model.weights:  # non-trivial β and affine output
+        if v.path.endswith("_in/beta"):
+            v.assign(rng.normal(0, 0.3, tuple(v.shape)).astype(np.float32))
+        elif v.path == "aff_params/kernel":
+            v.assign(rng.normal(0, 0.02, tuple(v.shape)).astype(np.float32))
+    pair = make_inputs(inst, 2, rng, batch=2)
+    both = run(model, pair, training=False)
+    alone = run(model, {k: v[:1] for k, v in pair.items()}, training=False)
+    for key in ("affine_2", "dvf_2", "p1_logits", "p2_logits"):
+        np.testing.assert_allclose(both[key][:1], alone[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    assert np.abs(both["affine_2"][0] - both["affine_2"][1]).max() > 1e-4  # the samples differ
+    trained = run(model, pair, training=True)  # P1 (no dropout on its path): batch statistics are not used
+    np.testing.assert_allclose(trained["p1_logits"], both["p1_logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_instance_normalisation_matches_numpy(rng):
+    """One block's normalisation = (x − mean) / sqrt(var + ε) + β per sample and channel, over space."""
+    from spirs_tf.blocks import PreActBlock
+
+    block = PreActBlock("t", 2, 1, epsilon=1e-5, momentum=0.99, normalization="instance")
+    x = (rng.random((2, 5, 4, 3, 3)) * 4 + 1).astype(np.float32)
+    block(keras.Input((5, 4, 3, 3)))
+    beta = rng.normal(0, 1, 3).astype(np.float32)
+    block.bn.beta.assign(beta)
+    got = keras.ops.convert_to_numpy(block.bn(x))
+    mean = x.mean(axis=(1, 2, 3), keepdims=True)
+    var = x.var(axis=(1, 2, 3), keepdims=True)
+    np.testing.assert_allclose(got, (x - mean) / np.sqrt(var + 1e-5) + beta, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="normalization"):
+        PreActBlock("u", 2, 1, epsilon=1e-5, momentum=0.99, normalization="layer")
+    with pytest.raises(SpirsInputError, match="model.normalization"):
+        get_config("test", ["model.normalization=group"])
+    with pytest.raises(SpirsInputError, match="bottleneck"):  # test: 8³ coarsest grid, 1³ bottleneck
+        get_config("test", ["model.normalization=instance"])
