@@ -1,0 +1,85 @@
+"""experiments/affine_accuracy.py: its statistics against analytic truths, and one run end to end."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cohort import make_cohort
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("_experiments_affine_accuracy",
+                                                  os.path.join(ROOT, "experiments", "affine_accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_slope_correlation_analytic(rng):
+    acc = _script()
+    x = rng.normal(size=50)
+    r = acc.slope_correlation(x, 0.5 * x + 2.0)
+    assert r["slope"] == pytest.approx(0.5) and r["correlation"] == pytest.approx(1.0) and r["n"] == 50
+    r = acc.slope_correlation(x, -3.0 * x)
+    assert r["slope"] == pytest.approx(-3.0) and r["correlation"] == pytest.approx(-1.0)
+    noisy = acc.slope_correlation(x, x + rng.normal(size=50))
+    assert 0.3 < noisy["correlation"] < 0.95
+    assert np.isnan(acc.slope_correlation(np.ones(5), x[:5])["slope"])  # no spread in the truth
+    assert np.isnan(acc.slope_correlation(x, np.zeros(50))["correlation"])  # a constant prediction
+
+
+def test_polar_parts_recover_rotation_and_scale():
+    from spirs_tf import geometry
+
+    acc = _script()
+    angle = np.deg2rad(12.0)
+    rot = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)], [0, np.sin(angle), np.cos(angle)]])
+    vec, sv = acc.polar_parts(rot @ np.diag([1.1, 1.1, 1.1]))
+    np.testing.assert_allclose(vec, [12.0, 0.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(sv, [1.1, 1.1, 1.1], atol=1e-12)
+    params = geometry.IDENTITY_PARAMS.astype(np.float64).copy()
+    params[3:6] = np.deg2rad([3.0, -7.0, 5.0])
+    vec, sv = acc.polar_parts(geometry.params_to_matrix(params)[:, :3])
+    assert np.linalg.norm(vec) == pytest.approx(np.rad2deg(np.arccos((np.trace(
+        geometry.params_to_matrix(params)[:, :3]) - 1) / 2)), rel=1e-9)
+    np.testing.assert_allclose(sv, 1.0, atol=1e-12)
+
+
+def test_rms_displacement_analytic():
+    acc = _script()
+    mask = np.zeros((8, 8, 8))
+    mask[2:6, 1:7, 3:5] = 1
+    shift = np.zeros((3, 4))
+    shift[:, 3] = [3.0, 4.0, 0.0]
+    assert acc.rms_displacement(shift, mask) == pytest.approx(5.0)
+    zoom = np.hstack([0.1 * np.eye(3), np.zeros((3, 1))])  # error 0.1·(x − c)
+    x = np.argwhere(mask > 0) - 4.0
+    assert acc.rms_displacement(zoom, mask) == pytest.approx(0.1 * np.sqrt(np.mean(np.sum(x * x, 1))))
+    assert np.isnan(acc.rms_displacement(shift, np.zeros((4, 4, 4))))
+
+
+def test_identity_network_end_to_end(tmp_path, capsys):
+    """A fresh network predicts the identity: its displacement error is the augmentation's own, its
+    warped image the moving one (same LNCC), its slopes 0; the JSON holds what the terminal says."""
+    from cohort import make_fake_run
+
+    manifest = make_cohort(str(tmp_path / "cohort"), n_patients=2, n_timepoints=2, seed=4, splits=("test", "test"))
+    run = make_fake_run(tmp_path / "run")
+    out = tmp_path / "acc.json"
+    acc = _script()
+    assert acc.main(["--model", run, "--manifest", manifest, "--pairs", "6", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["samples"] == 6 and result["grid"] == 32 and result["target_met"] is False
+    assert result["rms_network"]["median"] == pytest.approx(result["rms_identity"]["median"], rel=1e-5)
+    assert result["rms_identity"]["median"] > 0.5  # the augmentation moved the pairs
+    assert result["lncc_network"]["median"] == pytest.approx(result["lncc_identity"]["median"], abs=2e-3)
+    assert result["translation"]["slope"] == pytest.approx(0.0, abs=1e-5)
+    assert result["linear"]["slope"] == pytest.approx(0.0, abs=1e-5)
+    assert "NOT met" in capsys.readouterr().out
+    assert acc.main(["--model", run, "--manifest", manifest, "--split", "val"]) == 2
