@@ -381,7 +381,7 @@ def parse_args(argv):
                         help="wall seconds for the whole recipe from --t0 (default 540; smoke 150)")
     parser.add_argument("--t0", type=float, default=None,
                         help="start time (Unix seconds) the budget counts from (run.sh passes its own start)")
-    parser.add_argument("--shares", default="0.3,0.3,0.4",
+    parser.add_argument("--shares", default="0.25,0.25,0.5",
                         help="shares of the training time of stages 1,2,3 (unused time passes on)")
     parser.add_argument("--patients", type=int, default=None, help="synthetic patients (default 64; smoke 3)")
     parser.add_argument("--seed", type=int, default=2026, help="cohort seed")
