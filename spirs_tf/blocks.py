@@ -197,6 +197,8 @@ class AffineHead:
     Five BN-ReLU-Conv1³ blocks (``8b, 4b, 2b, b, b/2``) → Flatten → Dense(units, ReLU, he_normal) →
     Dropout → Dense(15, kernel zeros, bias = identity parameters ``[0,0,0, 0,0,0, 1,1,1, 0×6]``) →
     :class:`spirs_tf.layers.AffineMatrix` (translation, rotation, scale, shear → ``[M | t]``).
+    With ``model.affine_radius`` r > 0 (not the authors'), Dense(15) starts at zero and a fixed
+    ``aff_units`` rescaling maps its outputs to ``identity + (t, θ/r, (s−1)/r, h/r)`` (no weights).
     The Flatten size is ``(coarsest/8)³ · b/2``, the same at every level because SE2 always runs on
     the coarsest grid.
     """
@@ -209,10 +211,18 @@ class AffineHead:
         self.dense = keras.layers.Dense(model_cfg.affine_dense_units, activation="relu",
                                         kernel_initializer="he_normal", name="aff_dense")
         self.dropout = keras.layers.Dropout(model_cfg.affine_dropout, name="aff_dropout")
+        radius = float(model_cfg.affine_radius)
         self.params = keras.layers.Dense(
             15, kernel_initializer="zeros",
-            bias_initializer=keras.initializers.Constant([float(v) for v in IDENTITY_PARAMS]),
+            bias_initializer=keras.initializers.Constant([0.0 if radius > 0 else float(v) for v in IDENTITY_PARAMS]),
             name="aff_params")
+        # affine_radius r > 0: the dense layer's outputs are "voxels of displacement at radius r" for every
+        # parameter (translation 1, rotation/scale/shear 1/r), so that one unit of any output moves the
+        # image about one voxel: the displacement loss is then about equally steep in all 15 directions
+        # (with r = 0, the authors' raw parameters, a rotation output is ~r² times steeper than a translation)
+        self.units = None if radius <= 0 else keras.layers.Rescaling(
+            scale=[1.0] * 3 + [1.0 / radius] * 12, offset=[float(v) for v in IDENTITY_PARAMS],
+            name="aff_units", dtype="float32")
         self.matrix = AffineMatrix(name="aff_matrix", dtype="float32")
 
     def __call__(self, bottleneck):
@@ -220,8 +230,8 @@ class AffineHead:
         x = bottleneck
         for block in self.blocks:
             x = block(x)
-        x = self.dropout(self.dense(self.flatten(x)))
-        return self.matrix(self.params(x))
+        x = self.params(self.dropout(self.dense(self.flatten(x))))
+        return self.matrix(x if self.units is None else self.units(x))
 
 
 class Decoder:

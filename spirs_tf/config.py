@@ -84,6 +84,10 @@ class ModelConfig:
     #: from batch statistics and fails on the moving ones (cpu-medium: displacement error 16 voxels² with
     #: batch statistics, 54 with the moving ones, also after re-estimating them; issue 15).
     normalization: str = "batch"
+    #: 0 (authors): the affine head's Dense(15) outputs the raw parameters (translation in voxels,
+    #: rotations in radians, scales, shears). r > 0: its outputs are displacements at radius r voxels of
+    #: the coarsest grid (rotation, scale−1 and shear divided by r), which equalises their scale.
+    affine_radius: float = 0.0
 
 
 @dataclass
@@ -246,6 +250,9 @@ class SpirsConfig:
         if self.model.normalization not in ("batch", "instance"):
             raise SpirsInputError(f"config {self.name!r}: model.normalization must be 'batch' or 'instance', "
                                   f"got {self.model.normalization!r}")
+        if not self.model.affine_radius >= 0:
+            raise SpirsInputError(f"config {self.name!r}: model.affine_radius must be >= 0, "
+                                  f"got {self.model.affine_radius!r}")
         bottleneck = self.data.grid_size // 2 ** (m.num_levels - 1) // 8
         if self.model.normalization == "instance" and bottleneck < 2:
             raise SpirsInputError(f"config {self.name!r}: model.normalization 'instance' needs a bottleneck of at "

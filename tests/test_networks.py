@@ -415,3 +415,21 @@ def test_instance_normalisation_matches_numpy(rng):
         get_config("test", ["model.normalization=group"])
     with pytest.raises(SpirsInputError, match="bottleneck"):  # test: 8³ coarsest grid, 1³ bottleneck
         get_config("test", ["model.normalization=instance"])
+
+
+def test_affine_radius_rescales_the_head_outputs(rng):
+    """``model.affine_radius`` r: identity at initialisation; a raw output v gives the parameters
+    identity + (v_t, v_rest / r), checked against geometry.params_to_matrix."""
+    from spirs_tf.geometry import params_to_matrix
+
+    cfg = get_config("test", ["model.affine_radius=4"])
+    model = networks.build_spirs(cfg, 1, bn_trainable=False)
+    inputs = make_inputs(cfg, 1, rng)
+    np.testing.assert_allclose(run(model, inputs)["affine_1"][0], np.eye(3, 4), atol=1e-6)
+    raw = np.concatenate([rng.normal(0, 2, 3), rng.normal(0, 0.5, 12)]).astype(np.float32)
+    model.get_layer("aff_params").bias.assign(raw)
+    expected = params_to_matrix(IDENTITY_PARAMS + raw * np.r_[np.ones(3), np.full(12, 0.25)])
+    np.testing.assert_allclose(run(model, inputs)["affine_1"][0], expected, rtol=1e-5, atol=1e-5)
+    assert not model.get_layer("aff_units").weights  # a fixed map: checkpoints keep their layout
+    with pytest.raises(SpirsInputError, match="affine_radius"):
+        get_config("test", ["model.affine_radius=-1"])
