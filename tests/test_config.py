@@ -54,9 +54,9 @@ def test_unknown_config_and_bad_json(tmp_path):
 
 def test_affine_supervision_field(tmp_path):
     # Eq. 1 as written stays the default of every named config (the shipped cpu-small weights used it),
-    # except cpu-medium, built for the balanced form
+    # except cpu-medium and gpu-1p5mm, built for the balanced form
     supervision = {name: C.get_config(name).loss.affine_supervision for name in C.NAMED_CONFIGS}
-    assert supervision.pop("cpu-medium") == "displacement"
+    assert supervision.pop("cpu-medium") == supervision.pop("gpu-1p5mm") == "displacement"
     assert set(supervision.values()) == {"matrix"}
     cfg = C.get_config("cpu-small", ["loss.affine_supervision=displacement"])
     path = tmp_path / "cfg.json"
