@@ -70,6 +70,13 @@ def serving_outputs(raw: dict, levels: int) -> dict:
             "prior_mask_warped": f32(raw[f"warped_mask_{levels}"])}
 
 
+def model_grid(cfg: config_lib.SpirsConfig, levels: int) -> tuple[int, int]:
+    """``(S, factor)``: the finest input grid of a ``levels``-level model of ``cfg`` and the working-grid
+    voxels per model voxel (``cfg.data.grid_size / S``); the one rule of :class:`Predictor` and :class:`Run`."""
+    size = cfg.level_grid(levels)
+    return size, cfg.data.grid_size // size
+
+
 @dataclass(eq=False)
 class Predictor:
     """A model ready for inference.
@@ -93,12 +100,13 @@ class Predictor:
 
     @property
     def size(self) -> int:
-        return self.cfg.level_grid(self.levels)
+        """Finest input grid ``S`` of the model."""
+        return model_grid(self.cfg, self.levels)[0]
 
     @property
     def subsample_factor(self) -> int:
         """Working grid (``cfg.data.grid_size``) voxels per model-input voxel."""
-        return self.cfg.data.grid_size // self.size
+        return model_grid(self.cfg, self.levels)[1]
 
     def predict(self, new: np.ndarray, prior: np.ndarray, prior_mask: np.ndarray) -> dict[str, np.ndarray]:
         """Run the model on a batch ``(B, S, S, S, 1)`` each → NumPy outputs (:data:`OUTPUT_NAMES`)."""
@@ -249,12 +257,12 @@ class Run:
     @property
     def size(self) -> int:
         """Finest input grid ``S`` of the model."""
-        return self.cfg.level_grid(self.levels)
+        return model_grid(self.cfg, self.levels)[0]
 
     @property
     def factor(self) -> int:
         """Working-grid voxels per model voxel at the finest level."""
-        return self.cfg.data.grid_size // self.size
+        return model_grid(self.cfg, self.levels)[1]
 
     @property
     def spacing(self) -> tuple[float, float, float]:
