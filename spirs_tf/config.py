@@ -382,9 +382,10 @@ def _gpu_1p5mm() -> SpirsConfig:
     instance normalisation) on the paper's grid, so
     that a micro lesion (< 25 mm³, about 7 voxels of 3.4 mm³) is visible to the network. The width is
     16 base filters (304.5 GFLOP per 128³ pair forward; 3.79 M parameters, 14.5 MiB of float32 weights,
-    under the GPU machine's 16 MiB per returned file; 32 filters would be 56 MiB), so that stage 3 runs hundreds of steps in a few minutes. Epochs and steps are a plan for about
-    2 + 2 + 4 minutes on an H100 (stage 3 counting its compilation); the recipe's wall budget
-    (``experiments/gpu/recipe.py --budget``) ends a stage early at an epoch end when it runs slower.
+    under the GPU machine's 16 MiB per returned file; 32 filters would be 56 MiB), so that stage 3 runs
+    hundreds of steps in a few minutes. Epochs and steps are a plan for about 2 + 2 + 4 minutes on an
+    H100 (stage 3 counting its compilation); the recipe's wall budget (``experiments/gpu/recipe.py
+    --budget``) ends a stage early at an epoch end when it runs slower.
     EXPERIMENTAL: not yet trained with these choices (the two H100 calls of 2026-11-26 ran the BatchNorm,
     matrix-supervised version).
     """
