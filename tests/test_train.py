@@ -303,3 +303,29 @@ def test_deadline_cuts_an_epoch_short_stops_before_the_next_and_resumes(cohort, 
     t = trainer()
     t.fit()
     assert t.epoch == 4 and t.stop_reason is None and len(t.history) == 4
+
+
+def test_instance_normalisation_and_affine_radius_train_two_stages(cohort, tmp_path):
+    """cpu-medium's choices on the test cohort: stage 1 trains β of the instance normalisations, stage 2
+    (``bn_trainable=False``) keeps them while the convolutions move; re-estimation finds no BatchNorm."""
+    from spirs_tf import networks, train
+
+    cfg = config_lib.get_config("test", ["loss.affine_supervision=displacement", "model.affine_radius=4",
+                                         "optim.registration.global_clipnorm=5.0"])
+    cfg.model.num_levels, cfg.train.stages, cfg.model.normalization = 2, cfg.train.stages[:2], "instance"
+    cfg.train.stages[1].bn_recalibration_batches = 1
+    cfg.validate()
+    run = str(tmp_path / "run")
+    t1 = train.run_stage(cfg, 1, cohort, run, verbose=0)
+    best1 = os.path.join(run, "stage1", "checkpoints", "best.npz")
+    state1, _, _ = train.load_checkpoint(best1)
+    assert not [k for k in state1 if "moving_" in k]  # no BatchNorm statistics anywhere
+    assert t1.recalibrate_batchnorm(1) == []
+    t2 = train.run_stage(cfg, 2, cohort, run, verbose=0)
+    for row in t1.history + t2.history:
+        assert np.isfinite(row["total"]) and np.isfinite(row["val_mse_1"])
+    state2 = networks.model_state(t2.model)
+    betas = [k for k in state1 if k.endswith("_in/beta")]
+    assert betas and all(np.array_equal(state1[k], state2[k]) for k in betas)
+    assert np.abs(state2["def_head3_conv/kernel"] - state1["def_head3_conv/kernel"]).max() > 0 or \
+        np.abs(state2["enc_se1_conv/kernel"] - state1["enc_se1_conv/kernel"]).max() > 0
