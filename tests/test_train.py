@@ -181,7 +181,7 @@ def test_batchnorm_recalibration_averages_batch_statistics(cohort, tmp_path):
     from spirs_tf.manifest import load_manifest
 
     cfg = config_lib.get_config("test", ["train.stages.1.bn_recalibration_batches=2",
-                                         "train.stages.1.epochs=1", "train.stages.1.steps_per_epoch=1"])
+                                         "train.stages.1.epochs=1", "train.stages.1.steps_per_epoch=1", "train.xla_losses=false"])
     source = data.PairSource(load_manifest(cohort), "train", cfg.data)
     trainer = train.Trainer(cfg, 2, source, None, str(tmp_path / "a"), verbose=0)
     layers = networks.batchnorm_layers(trainer.model, ["seg"])
@@ -311,7 +311,9 @@ def test_instance_normalisation_and_affine_radius_train_two_stages(cohort, tmp_p
     from spirs_tf import networks, train
 
     cfg = config_lib.get_config("test", ["loss.affine_supervision=displacement", "model.affine_radius=4",
-                                         "optim.registration.global_clipnorm=5.0"])
+                                         "optim.registration.global_clipnorm=5.0", "train.validation_pairs=1",
+                                         "train.stages.0.epochs=1", "train.stages.0.steps_per_epoch=1",
+                                         "train.stages.1.steps_per_epoch=1", "train.xla_losses=false"])
     cfg.model.num_levels, cfg.train.stages, cfg.model.normalization = 2, cfg.train.stages[:2], "instance"
     cfg.train.stages[1].bn_recalibration_batches = 1
     cfg.validate()
