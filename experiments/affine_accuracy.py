@@ -70,11 +70,14 @@ def polar_parts(linear: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def rms_displacement(error: np.ndarray, mask: np.ndarray) -> float:
-    """Root mean squared length of ``error · [x − c; 1]`` over the voxels of ``mask`` (centre ``c = S/2``)."""
+    """Root mean squared length of ``error · [x − c; 1]`` over the voxels of ``mask`` (centre ``c``:
+    :func:`spirs_tf.geometry.grid_centre`)."""
+    from spirs_tf.geometry import grid_centre
+
     idx = np.argwhere(mask > 0.5).astype(np.float64)
     if len(idx) == 0:
         return float("nan")
-    x = idx - np.asarray(mask.shape, np.float64) / 2.0
+    x = idx - grid_centre(mask.shape)
     d = x @ error[:, :3].T + error[:, 3]
     return float(np.sqrt(np.mean(np.sum(d * d, axis=1))))
 
@@ -116,12 +119,11 @@ def main(argv=None) -> int:
         fixed, moving = sample["fixed_image"][..., 0], sample["moving_image"][..., 0]
         warped = np.asarray(out[f"warped_affine_image_{levels}"][0, ..., 0])
         brain = fixed > 0
-        identity = np.hstack([np.eye(3), np.zeros((3, 1))])
         rot_t, sv_t = polar_parts(true[:, :3])
         rot_p, sv_p = polar_parts(pred[:, :3])
         rows.append({
             "true": true, "pred": pred, "rot_t": rot_t, "rot_p": rot_p, "sv_t": sv_t, "sv_p": sv_p,
-            "rms_identity": rms_displacement(true - identity, brain),
+            "rms_identity": rms_displacement(true - np.eye(3, 4), brain),
             "rms_network": rms_displacement(pred - true, brain),
             "lncc_identity": metrics.lncc(fixed, moving, mask=metrics.lncc_mask(fixed, moving)),
             "lncc_network": metrics.lncc(fixed, warped, mask=metrics.lncc_mask(fixed, warped)),

@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass
 
 from spirs_tf._compat import keras, tf
+from spirs_tf.config import NORMALIZATIONS
 from spirs_tf.geometry import IDENTITY_PARAMS
 from spirs_tf.layers import AffineMatrix, GaussianBlur3D, OpeningConv3D, Upsample2x
 
@@ -84,16 +85,16 @@ class PreActBlock:
         if filters < 1:
             raise ValueError(f"block {name!r}: filters must be >= 1, got {filters}")
         self.name = name
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"block {name!r}: normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                             f"got {normalization!r}")
         if normalization == "batch":
             self.bn = keras.layers.BatchNormalization(
                 center=True, scale=False, epsilon=epsilon, momentum=momentum,
                 trainable=bn_trainable, synchronized=bn_trainable and _distributed(), name=f"{name}_bn")
-        elif normalization == "instance":
-            # per sample and channel over space: the same in training and inference (no moving statistics)
+        else:  # "instance": per sample and channel over space, the same in training and inference
             self.bn = keras.layers.GroupNormalization(groups=-1, center=True, scale=False, epsilon=epsilon,
                                                       trainable=bn_trainable, name=f"{name}_in")
-        else:
-            raise ValueError(f"block {name!r}: normalization must be 'batch' or 'instance', got {normalization!r}")
         self.relu = keras.layers.ReLU(name=f"{name}_relu")
         self.conv = keras.layers.Conv3D(
             filters, kernel, strides=1, padding="same", use_bias=use_bias,

@@ -45,6 +45,8 @@ from spirs_tf.errors import SpirsInputError
 MODULE_NAMES = ("enc", "aff", "def", "seg", "fuse")
 #: values of ``loss.affine_supervision`` (``spirs_tf.losses.AFFINE_SUPERVISION``, which needs Keras)
 AFFINE_SUPERVISION = ("matrix", "displacement")
+#: ``model.normalization``: the authors' BatchNorm, or per-sample instance normalisation
+NORMALIZATIONS = ("batch", "instance")
 
 CONFIG_VERSION = 1
 
@@ -247,13 +249,13 @@ class SpirsConfig:
             raise SpirsInputError(f"config {self.name!r}: data.pairing must be 'consecutive' or 'all'")
         if self.loss.optimisation not in ("isolated", "joint"):
             raise SpirsInputError(f"config {self.name!r}: loss.optimisation must be 'isolated' or 'joint'")
-        if self.model.normalization not in ("batch", "instance"):
-            raise SpirsInputError(f"config {self.name!r}: model.normalization must be 'batch' or 'instance', "
-                                  f"got {self.model.normalization!r}")
+        if self.model.normalization not in NORMALIZATIONS:
+            raise SpirsInputError(f"config {self.name!r}: model.normalization must be one of "
+                                  f"{', '.join(NORMALIZATIONS)}, got {self.model.normalization!r}")
         if not self.model.affine_radius >= 0:
             raise SpirsInputError(f"config {self.name!r}: model.affine_radius must be >= 0, "
                                   f"got {self.model.affine_radius!r}")
-        bottleneck = self.data.grid_size // 2 ** (m.num_levels - 1) // 8
+        bottleneck = coarsest // 8
         if self.model.normalization == "instance" and bottleneck < 2:
             raise SpirsInputError(f"config {self.name!r}: model.normalization 'instance' needs a bottleneck of at "
                                   f"least 2³ voxels (one voxel normalises to a constant and the affine head "
