@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -90,10 +91,15 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test")
     parser.add_argument("--pairs", type=int, default=32, help="samples (pairs are reused if the split has fewer)")
     parser.add_argument("--seed", type=int, default=2027)
+    parser.add_argument("--fixed-pose", type=float, default=None, metavar="P",
+                        help="pose the fixed image too with probability P (augment.fixed_pose_probability; "
+                             "default: the model's config). 1 = pairs in which neither scan is upright")
+    parser.add_argument("--passes", type=int, default=1, help="network passes (model.affine_passes; default 1)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 
     from spirs_tf import data, metrics
+    from spirs_tf.geometry import warp_working
     from spirs_tf.errors import SpirsInputError
     from spirs_tf.manifest import load_manifest
     from spirs_tf.predictor import load_run, open_run
@@ -107,17 +113,18 @@ def main(argv=None) -> int:
         print(f"affine_accuracy: error: {exc}", file=sys.stderr)
         return 2
     cfg, size, levels = run.cfg, run.size, run.levels
-    predict = run.predict_fn()
+    augment = cfg.augment if args.fixed_pose is None else \
+        dataclasses.replace(cfg.augment, fixed_pose_probability=args.fixed_pose)
+    predictor = run.predictor()
     spacing = run.spacing[0]
     rows, t0 = [], time.time()
     for k in range(args.pairs):
-        sample = data.make_sample(source, (k % len(source), AFFINE_TEST_STREAM, 0, k), args.seed, cfg.augment, size)
-        inputs = {name: sample[name][None] for name in data.MODEL_INPUT_KEYS}
-        out = predict(inputs)
-        pred = np.asarray(out[f"affine_{levels}"][0], np.float64)
+        sample = data.make_sample(source, (k % len(source), AFFINE_TEST_STREAM, 0, k), args.seed, augment, size)
+        out = predictor.predict(*(sample[name][None] for name in data.MODEL_INPUT_KEYS), passes=args.passes)
+        pred = np.asarray(out["affine"][0], np.float64)
         true = np.asarray(sample["true_affine"], np.float64)
         fixed, moving = sample["fixed_image"][..., 0], sample["moving_image"][..., 0]
-        warped = np.asarray(out[f"warped_affine_image_{levels}"][0, ..., 0])
+        warped = warp_working(moving, pred, None)
         brain = fixed > 0
         rot_t, sv_t = polar_parts(true[:, :3])
         rot_p, sv_p = polar_parts(pred[:, :3])
@@ -137,6 +144,7 @@ def main(argv=None) -> int:
     eye = np.eye(3)
     result = {
         "model": os.path.abspath(args.model), "config": cfg.name, "levels": levels, "grid": size,
+        "passes": args.passes, "fixed_pose_probability": augment.fixed_pose_probability,
         "spacing_mm": spacing, "manifest": os.path.abspath(args.manifest), "split": args.split,
         "samples": len(rows), "seed": args.seed, "seconds": seconds,
         "linear": slope_correlation(stack("true", lin) - eye, stack("pred", lin) - eye),
@@ -152,8 +160,9 @@ def main(argv=None) -> int:
     result["target_met"] = bool(all(result[p]["slope"] >= 0.8 and result[p]["correlation"] >= 0.9
                                     for p in ("linear", "translation")))
 
-    print(f"SYNTHETIC: {len(rows)} augmented pairs of split {args.split!r}, model {args.model} "
-          f"({cfg.name}, {size}³ at {spacing:g} mm), {seconds:.1f} s")
+    print(f"SYNTHETIC: {len(rows)} augmented pairs of split {args.split!r} (fixed image posed with probability "
+          f"{augment.fixed_pose_probability:g}), model {args.model} ({cfg.name}, {size}³ at {spacing:g} mm, "
+          f"{args.passes} pass(es)), {seconds:.1f} s")
     for part in ("linear", "rotation", "scale", "translation"):
         r = result[part]
         print(f"  {part:<12} slope {r['slope']:6.3f}  correlation {r['correlation']:6.3f}  (n = {r['n']})")

@@ -14,6 +14,10 @@ FACTS decisions 2 and 9, section D. The pair arrives pre-aligned on the new scan
    so that the network's transformer, which samples the moving volume at ``p(x) = M(x − c) + t + c``,
    brings the augmented moving volume back onto the fixed one: ``warp(moving_aug, T_true) ≈ moving``.
    ``T_true`` is therefore exactly the affine the network should predict (the MSE target);
+   With ``augment.fixed_pose_probability = p > 0`` (not the authors'), the fixed volumes also move,
+   with probability p, by a rigid pose ``P`` (:func:`random_fixed_pose`): ``fixed_aug(x) = fixed(P x)``
+   (image, mask, ``dice_target`` and ``ncc_mask``, the same resampling rules as the moving pair), and
+   the target becomes ``T_true·P``, so that the fixed image is not always upright;
 3. applies gamma correction (p = ``gamma_probability`` per image, independently) to non-zero voxels;
 4. returns everything at the model input size ``S = G / factor`` (a strided subsample, fine voxel
    ``factor·i`` = output voxel ``i``), with ``true_affine`` expressed in voxels of the ``S`` grid
@@ -79,6 +83,26 @@ def random_affine_params(rng: np.random.Generator, aug_cfg: AugmentConfig, grid_
         if on:
             params[lo:hi] = part
     return params
+
+
+def random_fixed_pose(rng: np.random.Generator, aug_cfg: AugmentConfig, grid_size: int) -> np.ndarray | None:
+    """The rigid pose ``P`` (centred 3×4, voxels of ``grid_size``) given to the fixed image, or ``None``.
+
+    ``augment.fixed_pose_probability = 0`` (authors): ``None`` and no draws, so the random stream is
+    the authors'. Otherwise always 7 draws: whether (probability p), rotations ``U(±fixed_rotation_degrees)``
+    and a translation drawn as the moving image's (:func:`random_affine_params`).
+    """
+    if not aug_cfg.fixed_pose_probability > 0:
+        return None
+    on = rng.random() < aug_cfg.fixed_pose_probability
+    angles = np.deg2rad(rng.uniform(-aug_cfg.fixed_rotation_degrees, aug_cfg.fixed_rotation_degrees, 3))
+    t_max = aug_cfg.translation_voxels_at_128 * grid_size / 128.0
+    translation = rng.uniform(-t_max, t_max, 3)
+    if not on:
+        return None
+    params = geometry.IDENTITY_PARAMS.astype(np.float64)
+    params[0:3], params[3:6] = translation, angles
+    return geometry.params_to_matrix(params)
 
 
 def lesion_targets(fixed_mask: np.ndarray, moving_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -252,16 +276,27 @@ def augment_pair(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray, 
     flips = tuple(int(a) for a in np.flatnonzero(rng.random(3) < aug_cfg.flip_probability))
     params = random_affine_params(rng, aug_cfg, grid)
     true_affine = geometry.params_to_matrix(params)
+    pose = random_fixed_pose(rng, aug_cfg, grid)
 
     def flip(x):
         return np.flip(np.asarray(x), axis=flips) if flips else np.asarray(x)
 
-    out = {k: np.ascontiguousarray(flip(v)[stride], dtype=np.float32) for k, v in fixed_space.items()}
+    if pose is None:
+        out = {k: np.ascontiguousarray(flip(v)[stride], dtype=np.float32) for k, v in fixed_space.items()}
+    else:  # fixed(P x): the fixed image and its label channels at the posed strided positions
+        at = strided_positions(pose, grid, out_size)
+        out = {}
+        out["fixed_image"], out["fixed_mask"] = resample_moving(flip(fixed), flip(fixed_mask), at,
+                                                                aug_cfg.image_order, aug_cfg.mask_order)
+        for k in ("dice_target", "ncc_mask"):
+            out[k] = resample_mask(flip(fixed_space[k]), at, aug_cfg.mask_order)
     out["fixed_mask"] = (out["fixed_mask"] > 0.5).astype(np.float32)
     coords = strided_positions(geometry.invert_affine(true_affine), grid, out_size)
     out["moving_image"], out["moving_mask"] = resample_moving(flip(moving), flip(moving_mask), coords,
                                                               aug_cfg.image_order, aug_cfg.mask_order)
     out["fixed_image"] = random_gamma(out["fixed_image"], rng, aug_cfg)
     out["moving_image"] = random_gamma(out["moving_image"], rng, aug_cfg)
+    if pose is not None:  # moving_aug(T⁻¹ A x) = fixed(P x) for the pre-aligned pair  ⇒  A = T·P
+        true_affine = (geometry.to_homogeneous(true_affine) @ geometry.to_homogeneous(pose))[:3]
     out["true_affine"] = geometry.scale_translation(true_affine, 1.0 / factor)
     return out

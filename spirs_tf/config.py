@@ -90,6 +90,11 @@ class ModelConfig:
     #: rotations in radians, scales, shears). r > 0: its outputs are displacements at radius r voxels of
     #: the coarsest grid (rotation, scale−1 and shear divided by r), which equalises their scale.
     affine_radius: float = 0.0
+    #: 1 (authors): inference runs the network once. k > 1 (not the authors'): a recursive cascade of
+    #: the same weights at inference: the prior, warped by the affine found so far, is registered
+    #: again k − 1 times; the affines compose and the last pass's field and P2 are kept
+    #: (:meth:`spirs_tf.predictor.Predictor.predict`). Training and the checkpoint are unaffected.
+    affine_passes: int = 1
 
 
 @dataclass
@@ -169,6 +174,14 @@ class AugmentConfig:
     gamma_range: tuple[float, float] = (0.75, 1.25)
     image_order: int = 3  #: spline order for images (authors: cubic)
     mask_order: int = 0  #: 0 = nearest (authors), 1 = linear then threshold 0.5
+    #: 0 (authors): only the moving image moves; the fixed one keeps the pose of the pre-aligned data
+    #: (upright, brain-centred), so the network can learn "undo the moving image's tilt" without looking
+    #: at the fixed image, which fails where neither scan is upright (raw-pose native pairs, issue 15).
+    #: p > 0 (not the authors'): with probability p the fixed image and its masks get a rigid pose too
+    #: (rotations U(±fixed_rotation_degrees) per axis, translation as the moving's), and the target
+    #: affine composes both (:func:`spirs_tf.augment.augment_pair`).
+    fixed_pose_probability: float = 0.0
+    fixed_rotation_degrees: float = 10.0
 
 
 @dataclass
@@ -252,6 +265,14 @@ class SpirsConfig:
         if self.model.normalization not in NORMALIZATIONS:
             raise SpirsInputError(f"config {self.name!r}: model.normalization must be one of "
                                   f"{', '.join(NORMALIZATIONS)}, got {self.model.normalization!r}")
+        if isinstance(self.model.affine_passes, bool) or not isinstance(self.model.affine_passes, int) \
+                or self.model.affine_passes < 1:
+            raise SpirsInputError(f"config {self.name!r}: model.affine_passes must be an integer >= 1, "
+                                  f"got {self.model.affine_passes!r}")
+        if not 0.0 <= self.augment.fixed_pose_probability <= 1.0 or not self.augment.fixed_rotation_degrees >= 0:
+            raise SpirsInputError(f"config {self.name!r}: augment.fixed_pose_probability must be in [0, 1] and "
+                                  f"augment.fixed_rotation_degrees >= 0, got {self.augment.fixed_pose_probability!r}, "
+                                  f"{self.augment.fixed_rotation_degrees!r}")
         if not self.model.affine_radius >= 0:
             raise SpirsInputError(f"config {self.name!r}: model.affine_radius must be >= 0, "
                                   f"got {self.model.affine_radius!r}")

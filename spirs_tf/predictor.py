@@ -90,6 +90,8 @@ class Predictor:
         p2_fn: ``(new, warped_prior, warped_prior_mask) → p2_prob`` on batches ``(B, S, S, S, 1)``:
             P2 recomputed from a replaced warped prior (test-time refinement); ``None`` when the
             model cannot provide it (a SavedModel).
+        affine_passes: network passes at inference (:meth:`predict`); ``None`` = the config's
+            ``model.affine_passes`` (``spirs predict --affine-passes`` sets it).
     """
 
     cfg: config_lib.SpirsConfig
@@ -97,6 +99,12 @@ class Predictor:
     run_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], dict]
     info: dict = field(default_factory=dict)
     p2_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
+    affine_passes: int | None = None
+
+    @property
+    def passes(self) -> int:
+        """Network passes :meth:`predict` runs by default (``affine_passes``, else the config's)."""
+        return int(self.affine_passes if self.affine_passes is not None else self.cfg.model.affine_passes)
 
     @property
     def size(self) -> int:
@@ -108,15 +116,46 @@ class Predictor:
         """Working grid (``cfg.data.grid_size``) voxels per model-input voxel."""
         return model_grid(self.cfg, self.levels)[1]
 
-    def predict(self, new: np.ndarray, prior: np.ndarray, prior_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """Run the model on a batch ``(B, S, S, S, 1)`` each → NumPy outputs (:data:`OUTPUT_NAMES`)."""
+    def predict(self, new: np.ndarray, prior: np.ndarray, prior_mask: np.ndarray,
+                passes: int | None = None) -> dict[str, np.ndarray]:
+        """Run the model on a batch ``(B, S, S, S, 1)`` each → NumPy outputs (:data:`OUTPUT_NAMES`).
+
+        ``passes`` (default :attr:`passes`; 1 = the paper's single pass): with k > 1 the
+        network registers the prior k times, each pass on the ORIGINAL prior resampled once by the
+        affine ``A`` found so far (trilinear, :func:`spirs_tf.geometry.warp_working`); its affine
+        ``R`` composes as ``A ← A·R`` (``R`` applied first). The returned field is the last pass's
+        ``u``, expressed in the prior's voxels (``M_A·u``), so that ``p(x) = A(x) + u(x)`` as for one
+        pass; ``prior_warped``/``prior_mask_warped`` are the original prior and mask resampled once by
+        that transform, and P2 is recomputed from them where the model can (else the last pass's).
+        """
         arrays = [np.asarray(a, dtype=np.float32) for a in (new, prior, prior_mask)]
         s = self.size
         for a in arrays:
             if a.ndim != 5 or a.shape[1:] != (s, s, s, 1):
                 raise ValueError(f"model inputs must be (B, {s}, {s}, {s}, 1), got {a.shape}")
-        out = self.run_fn(*arrays)
-        return {k: np.asarray(out[k]) for k in OUTPUT_NAMES}
+        passes = self.passes if passes is None else int(passes)
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
+        out = {k: np.asarray(v) for k, v in self.run_fn(*arrays).items()}
+        if passes == 1:
+            return {k: out[k] for k in OUTPUT_NAMES}
+        from spirs_tf.geometry import to_homogeneous, warp_working
+
+        new_, prior_, mask_ = arrays
+        total = np.asarray(out["affine"], np.float64)
+        for _ in range(passes - 1):
+            before = total
+            moved = [np.stack([warp_working(v[b, ..., 0], before[b], None) for b in range(len(v))])[..., None]
+                     for v in (prior_, mask_)]
+            out = {k: np.asarray(v) for k, v in self.run_fn(new_, *moved).items()}
+            total = (to_homogeneous(before) @ to_homogeneous(np.asarray(out["affine"], np.float64)))[:, :3]
+        dvf = np.einsum("bij,bxyzj->bxyzi", before[:, :, :3], np.asarray(out["dvf"], np.float64)).astype(np.float32)
+        warped = [np.stack([warp_working(v[b, ..., 0], total[b], dvf[b]) for b in range(len(v))])[..., None]
+                  for v in (prior_, mask_)]
+        p2 = self.p2_fn(new_, *warped) if self.p2_fn is not None else out["p2_prob"]
+        return {"p1_prob": out["p1_prob"], "p2_prob": np.asarray(p2, np.float32),
+                "affine": total.astype(np.float32), "dvf": dvf,
+                "prior_warped": warped[0], "prior_mask_warped": warped[1]}
 
 
 def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict | None = None) -> Predictor:

@@ -319,3 +319,55 @@ def test_packed_moving_resampling_equals_separate_passes(order):
     np.testing.assert_array_equal(lesion, A.resample_mask(mask, coords, 0))
     expected = ndimage.map_coordinates(mask, coords, order=0, mode="constant") > 0.5
     np.testing.assert_array_equal(lesion, expected)
+
+
+# ---------------------------------------------------------------------------- the fixed image's pose
+def test_fixed_pose_moves_the_fixed_image_and_the_true_affine_still_realigns():
+    """fixed_pose_probability = 1: the fixed image is no longer the pre-aligned one, and warping the
+    augmented moving image by the (composed) true affine lands on the posed fixed image."""
+    vol = ramp_volume()
+    cfg = no_intensity(spatial_probability=1.0, fixed_pose_probability=1.0, flip_probability=0.0)
+    for seed in range(4):
+        out = A.augment_pair(vol, vol, ZEROS, ZEROS, np.random.default_rng(seed), cfg, GRID)
+        c = slice(10, 22)  # both poses together may sample outside the volume nearer the border
+        assert not np.allclose(out["fixed_image"][c, c, c], vol[c, c, c], atol=0.02)  # posed
+        back = scipy_warp(out["moving_image"], out["true_affine"])[c, c, c]
+        inside = back > 0  # a corner may map outside the moving volume (zeros there)
+        assert inside.mean() > 0.95
+        np.testing.assert_allclose(back[inside], out["fixed_image"][c, c, c][inside], atol=2e-3)
+
+
+def test_fixed_pose_is_rigid_within_range_and_label_channels_follow():
+    cfg = no_intensity(spatial_probability=0.0, fixed_pose_probability=1.0, flip_probability=0.0,
+                       fixed_rotation_degrees=10.0)
+    vol = smooth_volume(2)
+    lesion = sphere(GRID, (16, 16, 16), 5.0)
+    for seed in range(6):
+        pose = A.random_fixed_pose(np.random.default_rng(seed), cfg, GRID)
+        linear = pose[:, :3]
+        np.testing.assert_allclose(linear @ linear.T, np.eye(3), atol=1e-6)  # a rotation (float32)
+        assert np.linalg.det(linear) > 0
+        rng = np.random.default_rng(seed)
+        out = A.augment_pair(vol, vol, lesion, lesion, rng, cfg, GRID)
+        # no moving transform was applied (spatial_probability 0): the target is the pose itself
+        rng = np.random.default_rng(seed)
+        rng.random(3), A.random_affine_params(rng, cfg, GRID)
+        np.testing.assert_allclose(out["true_affine"], A.random_fixed_pose(rng, cfg, GRID), atol=1e-6)
+        # the fixed mask is the lesion sphere at the posed positions (nearest neighbour)
+        expected = ndimage.map_coordinates(lesion, G.sample_locations(out["true_affine"], lesion.shape), order=0,
+                                           mode="constant")
+        np.testing.assert_array_equal(out["fixed_mask"], expected)
+        np.testing.assert_array_equal(out["ncc_mask"], np.maximum(out["fixed_mask"], out["ncc_mask"]))
+    angles = [np.degrees(np.arccos((np.trace(A.random_fixed_pose(np.random.default_rng(s), cfg, GRID)[:, :3]) - 1)
+                                   / 2)) for s in range(200)]
+    assert max(angles) <= 10.0 * np.sqrt(3) + 1e-3 and np.median(angles) > 3.0
+
+
+def test_fixed_pose_probability_zero_draws_nothing():
+    """Probability 0 (authors) leaves the random stream untouched: the same output as before."""
+    rng = np.random.default_rng(5)
+    assert A.random_fixed_pose(rng, AugmentConfig(), GRID) is None
+    assert rng.random() == np.random.default_rng(5).random()
+    half = no_intensity(fixed_pose_probability=0.5)
+    posed = sum(A.random_fixed_pose(np.random.default_rng(s), half, GRID) is not None for s in range(400))
+    assert 150 < posed < 250

@@ -55,6 +55,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--refine", default=None, metavar="{off,affine,full}",
                         help="test-time refinement of the registration: full = affine + dense field (default), "
                              "affine = affine only, off = the network alone (the paper)")
+    parser.add_argument("--affine-passes", type=int, default=None, metavar="K",
+                        help="network passes: the prior, warped by the affine found so far, is registered again "
+                             "K-1 times (default: the model's config, model.affine_passes; 1 = the paper)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing case folder (one case)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
@@ -65,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from spirs_tf.refinement import DEFAULT_REFINE, check_mode, make_refine
 
     refine = check_mode(args.refine if args.refine is not None else DEFAULT_REFINE)
+    if args.affine_passes is not None and args.affine_passes < 1:
+        raise SpirsInputError(f"--affine-passes must be >= 1, got {args.affine_passes}")
     single = [args.new, args.prior, args.prior_mask]
     if args.manifest:
         if any(single):
@@ -76,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         manifest = load_manifest(args.manifest)  # manifest problems are reported before the model loads
         make_pairs(manifest, args.split, args.pairing)
         predictor = inference.load_predictor(args.model)
+        predictor.affine_passes = args.affine_passes
         rows = cohort_predict.predict_cohort(predictor, manifest, args.split, args.out, pairing=args.pairing,
                                              batch_size=args.batch_size, verbose=not args.quiet,
                                              transforms=args.transforms, refine=refine)
@@ -90,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = inference.read_case_inputs(args.new, args.prior, args.prior_mask)  # validate before loading
     inference.check_out_dir(args.out, [args.new, args.prior, args.prior_mask], args.overwrite)
     predictor = inference.load_predictor(args.model)
+    predictor.affine_passes = args.affine_passes
     # a mode string shows the refinement's progress; --quiet: the same refinement without it (warnings stay)
     result = inference.run_case(predictor, inputs, args.out, overwrite=args.overwrite, transforms=args.transforms,
                                 refine=make_refine(refine) if args.quiet and refine != "off" else refine)
