@@ -57,9 +57,11 @@ def slope_correlation(true: np.ndarray, pred: np.ndarray) -> dict:
 
 
 def polar_parts(linear: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(rotation vector in degrees, singular values)`` of a 3×3 linear map (polar decomposition)."""
-    u, s, vt = np.linalg.svd(linear)
-    rot = u @ vt
+    """``(rotation vector in degrees, singular values)`` of a 3×3 linear map
+    (:func:`spirs_tf.qc.polar_decomposition`)."""
+    from spirs_tf.qc import polar_decomposition
+
+    rot, s, u, vt = polar_decomposition(linear)
     if np.linalg.det(rot) < 0:  # not expected for these maps; keep a proper rotation
         u[:, -1] *= -1
         rot = u @ vt

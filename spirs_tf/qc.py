@@ -108,12 +108,18 @@ def intensity_problems(volume: Volume) -> list[str]:
     return problems
 
 
+def polar_decomposition(linear: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Polar decomposition of a 3×3 linear map ``L = R·S`` in float64 (SVD ``L = UΣVᵀ``, ``R = UVᵀ``,
+    ``S = VΣVᵀ``) → ``(R, Σ, U, Vᵀ)`` (``Σ`` as the SVD orders it; ``det R = −1`` for a reflection)."""
+    u, sigma, vt = np.linalg.svd(np.asarray(linear, np.float64))
+    return u @ vt, sigma, u, vt
+
+
 def affine_scales_rotation(linear: np.ndarray) -> tuple[np.ndarray, float]:
-    """Polar decomposition of a 3×3 linear map ``L = R·S`` (SVD ``L = UΣVᵀ``, ``R = UVᵀ``,
-    ``S = VΣVᵀ``): the principal scales ``Σ`` (ascending) and the rotation angle of ``R`` in degrees,
-    ``arccos((tr R − 1)/2)``. A reflection (``det L < 0``) gives angle 180."""
-    u, sigma, vt = np.linalg.svd(np.asarray(linear, float))
-    r = u @ vt
+    """:func:`polar_decomposition` of a 3×3 linear map: the principal scales ``Σ`` (ascending) and the
+    rotation angle of ``R`` in degrees, ``arccos((tr R − 1)/2)``. A reflection (``det L < 0``) gives
+    angle 180."""
+    r, sigma, _, _ = polar_decomposition(linear)
     if np.linalg.det(r) < 0:
         return np.sort(sigma), 180.0
     angle = math.degrees(math.acos(float(np.clip((np.trace(r) - 1) / 2, -1.0, 1.0))))
