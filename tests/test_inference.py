@@ -453,3 +453,19 @@ def test_qc_slices_go_through_largest_lesions_and_png_is_written(tmp_path):
     shown = qc.write_qc_png(str(tmp_path / "qc.png"), "case-x", image, image, big, big, small, affine)
     png = imread(tmp_path / "qc.png")
     assert shown == [12, 4] and png.shape[0] > png.shape[1] * 0.5 and png.shape[2] in (3, 4)
+
+
+def test_cli_affine_passes_recorded_and_checked(run_dir, scans, tmp_path, capsys):
+    """--affine-passes K: the identity network stays the identity after K passes (the prior is carried
+    exactly), report.json records K; K < 1 is refused with exit 2 and no output."""
+    paths, image, lesions = scans
+    out = str(tmp_path / "passes")
+    base = ["predict", "--new", paths["new"], "--prior", paths["prior"], "--prior-mask", paths["mask"],
+            "--model", run_dir, "--refine", "off", "--quiet"]
+    assert cli.main(base + ["--out", out, "--affine-passes", "3"]) == 0
+    with open(os.path.join(out, "report.json")) as f:
+        assert json.load(f)["registration"]["network_passes"] == 3
+    np.testing.assert_array_equal(load(os.path.join(out, "prior_mask_warped.nii.gz"))[0], lesions)
+    assert cli.main(base + ["--out", str(tmp_path / "zero"), "--affine-passes", "0"]) == 2
+    assert "--affine-passes must be >= 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "zero")
