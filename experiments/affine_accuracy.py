@@ -25,8 +25,8 @@ Usage::
     spirs synth --patients 48 --out runs/data/train64r --grid 64 --spacing 3 --pose aligned --seed 2026 ...
     python experiments/affine_accuracy.py --model runs/cm3 --manifest runs/data/train64r/manifest.csv \\
         --pairs 32 --json runs/cm3/affine_accuracy.json
-    python experiments/affine_accuracy.py --model spirs_tf/weights/cpu-small.npz \\
-        --config spirs_tf/weights/cpu-small.json --manifest runs/data/train64r/manifest.csv
+    python experiments/affine_accuracy.py --model spirs_tf/weights/demo.npz \\
+        --config spirs_tf/weights/demo.json --manifest runs/data/train64r/manifest.csv
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Test-time refinement (:mod:`spirs_tf.refine`) on synthetic pairs: figures before/after, and seconds.
 
 SYNTHETIC DATA. Per (prior, new) pair of a ``spirs synth`` cohort (consecutive time points, raw pose:
-the head moves between scans), the shipped network (``spirs_tf/weights/cpu-small``, or ``--model``)
+the head moves between scans), the shipped network (``spirs_tf/weights/demo``, or ``--model``)
 runs as in ``spirs predict`` (:func:`spirs_tf.inference.prepare_case` + ``Predictor.predict``); its
 affine and DVF are the start of the refinement, on the network's working grid of the new scan
 (cpu-small: 64³ at 3 mm). Rows, all on that grid:
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--demo-seeds", default=None, metavar="A-B",
                         help="instead: the `spirs demo` patients of these seeds, Dice on the native grid per "
                              "refinement mode next to the ceiling of the true transform")
-    parser.add_argument("--model", default=None, help="model (default: the shipped cpu-small weights)")
+    parser.add_argument("--model", default=None, help="model (default: the shipped demo weights)")
     parser.add_argument("--pairs", type=int, default=12, help="pairs to evaluate (default 12)")
     parser.add_argument("--self", dest="self_pairs", type=int, default=4, help="self-registration checks (default 4)")
     parser.add_argument("--grid", type=int, default=None, help="refine on this working grid instead (timing)")

@@ -2,8 +2,8 @@
 
     python experiments/ship_weights.py --run runs/cpu-small
 
-Writes ``spirs_tf/weights/cpu-small.npz`` (model variables only, no optimiser state, float32),
-``cpu-small.json`` (the resolved config) and ``cpu-small.provenance.json`` (where they came from: the
+Writes ``spirs_tf/weights/demo.npz`` (model variables only, no optimiser state, float32),
+``demo.json`` (the resolved config) and ``demo.provenance.json`` (where they came from: the
 run, stage, epoch, validation metrics of the checkpoint, and the commands that trained them).
 The weights were trained on SYNTHETIC data: they demonstrate the package and are not for clinical use.
 """

@@ -9,11 +9,12 @@ Named experiments (:data:`NAMED_CONFIGS`):
 ``cpu-small``
     8 base filters, 64³ at 3 mm, stages of 150 / 24 / 10 epochs (segmentation off in stage 1, P1
     without the shared encoder, stage 3 re-estimates P1's BatchNorm statistics first): trains on a
-    2-core CPU in about an hour; registration and P1/P2 segmentation both learn. The shipped demo
-    weights (``spirs_tf/weights/cpu-small.*``; ``experiments/RESULTS.md``).
+    2-core CPU in about an hour; registration and P1/P2 segmentation both learn. The demo weights
+    shipped until 2026-11-26 (``experiments/RESULTS.md``).
 ``cpu-medium``
-    Experimental: cpu-small's widths on two pyramid levels (32³, 64³) with an affine head that learns:
-    displacement supervision, outputs scaled to a radius, instance normalisation (:func:`_cpu_medium`).
+    cpu-small's widths on two pyramid levels (32³, 64³) with an affine head that learns: displacement
+    supervision, outputs scaled to a radius, instance normalisation, posed fixed images
+    (:func:`_cpu_medium`). The shipped demo weights (``spirs_tf/weights/demo.*``).
 ``gpu-1p5mm``
     The paper's 128³ grid at 1.5 mm (micro lesions span several voxels) at a quarter of the paper's width
     (16 base filters; the float32 weights, 14.5 MiB, come back from the GPU machine as one file), with
@@ -22,8 +23,8 @@ Named experiments (:data:`NAMED_CONFIGS`):
 ``test``
     Tiny: for unit tests only.
 
-Every named config keeps ``loss.affine_supervision = "matrix"`` (Eq. 1 as written; the shipped cpu-small
-weights were trained with it); ``"displacement"`` supervises the affine by its mean squared displacement
+Every named config but ``cpu-medium`` and ``gpu-1p5mm`` keeps ``loss.affine_supervision = "matrix"`` (Eq. 1
+as written; the cpu-small weights shipped until 2026-11-26 were trained with it); ``"displacement"`` supervises the affine by its mean squared displacement
 error over the brain instead (:mod:`spirs_tf.affine_losses`).
 
 A config is built with :func:`get_config` (a name or a JSON file, plus ``key.sub=value`` overrides)
@@ -90,10 +91,9 @@ class ModelConfig:
     #: rotations in radians, scales, shears). r > 0: its outputs are displacements at radius r voxels of
     #: the coarsest grid (rotation, scale−1 and shear divided by r), which equalises their scale.
     affine_radius: float = 0.0
-    #: 1 (authors): inference runs the network once. k > 1 (not the authors'): a recursive cascade of
-    #: the same weights at inference: the prior, warped by the affine found so far, is registered
-    #: again k − 1 times; the affines compose and the last pass's field and P2 are kept
-    #: (:meth:`spirs_tf.predictor.Predictor.predict`). Training and the checkpoint are unaffected.
+    #: 1 (authors): inference runs the network once. k > 1: the prior, warped by the affine found so
+    #: far, is registered again k − 1 times (:meth:`spirs_tf.predictor.Predictor.predict`; the affines
+    #: compose, the last pass's field and P2 are kept). Training and the checkpoint are unaffected.
     affine_passes: int = 1
 
 
@@ -113,7 +113,8 @@ class LossConfig:
     #: 0.12-voxel shift); "displacement" = the mean squared displacement error ‖(T̂ − T)[x − c; 1]‖²
     #: over the fixed image's brain, in voxels of the level grid, so rotation, scale, shear and
     #: translation weigh by how far they move the brain (spirs_tf.affine_losses; for a pure translation
-    #: error it is 12× the matrix MSE). The shipped cpu-small weights were trained with "matrix".
+    #: error it is 12× the matrix MSE). The former cpu-small demo weights were trained with "matrix", the
+    #: cpu-medium ones shipped now with "displacement".
     #: With "displacement" lower weight_mse: at weight 1 cpu-small's stage-1 training turned NaN within
     #: 10 steps; 1/12 (translation weighted as in Eq. 1) trained stably (spirs_tf.affine_losses).
     affine_supervision: str = "matrix"
@@ -174,12 +175,10 @@ class AugmentConfig:
     gamma_range: tuple[float, float] = (0.75, 1.25)
     image_order: int = 3  #: spline order for images (authors: cubic)
     mask_order: int = 0  #: 0 = nearest (authors), 1 = linear then threshold 0.5
-    #: 0 (authors): only the moving image moves; the fixed one keeps the pose of the pre-aligned data
-    #: (upright, brain-centred), so the network can learn "undo the moving image's tilt" without looking
-    #: at the fixed image, which fails where neither scan is upright (raw-pose native pairs, issue 15).
-    #: p > 0 (not the authors'): with probability p the fixed image and its masks get a rigid pose too
-    #: (rotations U(±fixed_rotation_degrees) per axis, translation as the moving's), and the target
-    #: affine composes both (:func:`spirs_tf.augment.augment_pair`).
+    #: 0 (authors): only the moving image moves, the fixed one stays upright, and the network can learn
+    #: to undo the moving image's tilt without looking at the fixed one (fails on raw-pose pairs). p > 0:
+    #: with probability p the fixed image gets a rigid pose too (rotations U(±fixed_rotation_degrees),
+    #: translation as the moving's); the target composes both (:func:`spirs_tf.augment.augment_pair`).
     fixed_pose_probability: float = 0.0
     fixed_rotation_degrees: float = 10.0
 
@@ -378,7 +377,7 @@ def _cpu_medium() -> SpirsConfig:
       fixed image and 25.6 mm with a posed one (``experiments/affine_accuracy.py --fixed-pose 1``); 15
       more stage-1 epochs with posed fixed images: 12.4 and 14.6 mm.
 
-    EXPERIMENTAL: no shipped weights yet.
+    The shipped demo weights (``spirs_tf/weights/demo.*``, ``runs/cm7``: see their provenance file).
     """
     cfg = _cpu_small()
     cfg.name = "cpu-medium"

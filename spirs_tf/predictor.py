@@ -24,7 +24,7 @@ else ``latest.npz``, and its ``config.json``; :func:`spirs_tf.checkpoints.find_r
 checkpoint ``.npz`` with ``config.json`` beside it or one folder up
 (:func:`spirs_tf.checkpoints.checkpoint_config`), a SavedModel folder written by ``spirs export``
 (:mod:`spirs_tf.export`; inference only), or ``None``: the shipped demo weights
-``spirs_tf/weights/cpu-small.npz`` + ``cpu-small.json``. Every path builds the model with BatchNorm
+``spirs_tf/weights/demo.npz`` + ``demo.json``. Every path builds the model with BatchNorm
 frozen (inference mode) and loads the weights by variable path.
 
 Keras and TensorFlow are imported only when a model is built (:func:`import_runtime`), so that
@@ -46,7 +46,7 @@ from spirs_tf.checkpoints import (checkpoint_config, find_run_checkpoint,  # noq
 from spirs_tf.errors import SpirsInputError
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-DEMO_NAME = "cpu-small"
+DEMO_NAME = "demo"
 
 OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
 LOGIT_CLIP = 50.0
@@ -412,7 +412,7 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
         model: a run directory (highest stage; ``best.npz`` else ``latest.npz``; its ``config.json``),
             a checkpoint ``.npz`` (``config.json`` beside it or one folder up), a SavedModel folder
             written by ``spirs export``, or ``None`` for the shipped demo weights
-            (``spirs_tf/weights/cpu-small.npz`` + ``cpu-small.json``).
+            (``spirs_tf/weights/demo.npz`` + ``demo.json``).
 
     Raises:
         SpirsInputError: missing path, unrecognised folder, no config, checkpoint/config mismatch,

@@ -53,7 +53,7 @@ def test_unknown_config_and_bad_json(tmp_path):
 
 
 def test_affine_supervision_field(tmp_path):
-    # Eq. 1 as written stays the default of every named config (the shipped cpu-small weights used it),
+    # Eq. 1 as written stays the default of every named config (the former cpu-small demo weights used it),
     # except cpu-medium and gpu-1p5mm, built for the balanced form
     supervision = {name: C.get_config(name).loss.affine_supervision for name in C.NAMED_CONFIGS}
     assert supervision.pop("cpu-medium") == supervision.pop("gpu-1p5mm") == "displacement"

@@ -48,7 +48,7 @@ def test_demo_refuses_to_overwrite(tiny_run, tmp_path):
 
 
 def test_shipped_weights_carry_the_prior_mask_onto_the_new_scan(tmp_path):
-    """The README's main job with the shipped cpu-small weights and the default ``--refine full``, on the
+    """The README's main job with the shipped demo weights and the default ``--refine full``, on the
     demo patients of seeds 1-4 (head repositioned between the scans): on average the warped prior mask
     overlaps the new mask much better than the unregistered prior mask does (measured: mean Dice 0.06
     before, 0.68 after, against 0.70 with the TRUE synthetic transform; the network alone 0.20), and on the

@@ -1,7 +1,7 @@
 """``spirs demo``: synthesise a patient, run ``spirs predict`` on it with the shipped weights, summarise.
 
-The shipped weights (``spirs_tf/weights/cpu-small.*``) were trained on SYNTHETIC data only (the
-``cpu-small`` configuration; see README). They show that the package works end to end; they are not
+The shipped weights (``spirs_tf/weights/demo.*``) were trained on SYNTHETIC data only (the
+``cpu-medium`` configuration; see README). They show that the package works end to end; they are not
 a model of real patients and are not for clinical use.
 
 ``--refine`` (default ``full``) is ``spirs predict --refine``: the network's registration refined on
