@@ -1,0 +1,110 @@
+"""Lesion detection of P1 and P2 in the case folders of ``spirs predict --manifest``, against the truth masks.
+
+SYNTHETIC-DATA tool (or any cohort with lesion masks of the new scans). For every case folder
+``<patient>_<prior tp>_to_<new tp>`` of a cohort output, the new scan's mask in the manifest is the truth;
+``p1_mask.nii.gz`` and ``p2_mask.nii.gz`` (written on the new scan's grid) are the predictions. Each truth
+lesion (26-connected component) is detected by a method when a predicted component overlaps it
+(:func:`spirs_tf.metrics.lesion_table`, the rule of ``experiments/evaluate.py``). Printed per size bin:
+lesions found by P1 and by P2, found by one only, and the exact McNemar p (two-sided binomial test on
+the discordant lesions); and the false-positive components per scan. Unlike ``evaluate.py``, this
+scores what ``spirs predict`` wrote, i.e. P2 computed from the registration it used (refined by default).
+
+Usage::
+
+    spirs predict --manifest M.csv --split S --out OUT
+    python experiments/score_cohort_lesions.py --manifest M.csv --cases OUT [--json OUT/lesions_p1_p2.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+BINS = ("micro", "small", "medium", "large")
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Two-sided exact McNemar p: binomial test of ``only_b`` among ``only_a + only_b`` at 1/2."""
+    from scipy.stats import binomtest
+
+    n = only_a + only_b
+    return 1.0 if n == 0 else float(binomtest(only_b, n, 0.5).pvalue)
+
+
+def score(manifest_path: str, cases_dir: str) -> dict:
+    """Per-bin detection counts of P1 and P2 and false positives per scan (module docstring)."""
+    from spirs_tf import metrics
+    from spirs_tf.errors import SpirsInputError
+    from spirs_tf.io import read_volume
+    from spirs_tf.manifest import load_manifest
+
+    manifest = load_manifest(manifest_path)
+    truth = {(s.patient_id, str(s.timepoint)): s.mask for s in manifest.scans}
+    lesions, false_pos = [], {"P1": [], "P2": []}
+    for case in sorted(os.listdir(cases_dir)):
+        folder = os.path.join(cases_dir, case)
+        if not (os.path.isdir(folder) and "_to_" in case and os.path.isfile(os.path.join(folder, "p1_mask.nii.gz"))):
+            continue
+        head, new_tp = case.rsplit("_to_", 1)
+        patient = head.rsplit("_", 1)[0]
+        if (patient, new_tp) not in truth or truth[(patient, new_tp)] is None:
+            raise SpirsInputError(f"case {case}: no mask of patient {patient}, time point {new_tp} in the manifest",
+                                  manifest_path)
+        gt_volume = read_volume(truth[(patient, new_tp)], "mask")
+        gt = gt_volume.data > 0.5
+        spacing = tuple(np.linalg.norm(np.asarray(gt_volume.affine)[:3, :3], axis=0))
+        found = {}
+        for method in ("P1", "P2"):
+            pred = read_volume(os.path.join(folder, f"{method.lower()}_mask.nii.gz"), "mask").data > 0.5
+            if pred.shape != gt.shape:
+                raise SpirsInputError(f"{method.lower()}_mask is not on the new scan's grid ({pred.shape} vs "
+                                      f"{gt.shape})", folder)
+            found[method] = {r["lesion_id"]: (r["size_bin"], bool(r["detected"]))
+                             for r in metrics.lesion_table(gt, pred, spacing)}
+            false_pos[method].append(len(metrics.false_positive_components(gt, pred, spacing)))
+        for lid, (size_bin, p1) in found["P1"].items():
+            lesions.append({"case": case, "lesion_id": lid, "bin": size_bin, "P1": p1, "P2": found["P2"][lid][1]})
+    if not false_pos["P1"]:
+        raise SpirsInputError("no case folders with p1_mask.nii.gz", cases_dir)
+    result = {"cases": len(false_pos["P1"]), "lesions": len(lesions), "bins": {},
+              "false_positives_per_scan": {m: float(np.mean(v)) for m, v in false_pos.items()}}
+    for b in BINS + ("all",):
+        rows = [r for r in lesions if b == "all" or r["bin"] == b]
+        only1 = sum(r["P1"] and not r["P2"] for r in rows)
+        only2 = sum(r["P2"] and not r["P1"] for r in rows)
+        result["bins"][b] = {"n": len(rows), "P1": sum(r["P1"] for r in rows), "P2": sum(r["P2"] for r in rows),
+                             "P1_only": only1, "P2_only": only2, "mcnemar_p": mcnemar_exact(only1, only2)}
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", required=True, help="the manifest spirs predict read")
+    parser.add_argument("--cases", required=True, help="spirs predict --manifest output folder")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+    from spirs_tf.errors import SpirsInputError
+
+    try:
+        result = score(args.manifest, args.cases)
+    except SpirsInputError as exc:
+        print(f"score_cohort_lesions: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.cases}: {result['cases']} cases, {result['lesions']} lesions")
+    for b, r in result["bins"].items():
+        if r["n"]:
+            print(f"  {b:<7} n={r['n']:4d}  P1 {r['P1']:3d}  P2 {r['P2']:3d}  P1 only {r['P1_only']:3d}  "
+                  f"P2 only {r['P2_only']:3d}  McNemar p = {r['mcnemar_p']:.2g}")
+    fp = result["false_positives_per_scan"]
+    print(f"  false-positive components per scan: P1 {fp['P1']:.2f}, P2 {fp['P2']:.2f}")
+    if args.json:
+        from spirs_tf.atomic import atomic_write_json
+        atomic_write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
