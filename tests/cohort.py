@@ -1,5 +1,8 @@
-"""A tiny on-disk longitudinal cohort for tests that need files (no TensorFlow here)."""
+"""A tiny on-disk longitudinal cohort for tests that need files (no TensorFlow here), and the loader of
+the ``experiments/`` scripts the tests exercise."""
 from __future__ import annotations
+
+import importlib.util
 
 import csv
 import os
@@ -7,6 +10,16 @@ import os
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def experiment_script(name: str):
+    """``experiments/<name>.py`` imported as a module (``_experiments_<name>``; the folder is no package)."""
+    spec = importlib.util.spec_from_file_location(f"_experiments_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _brain(shape, rng):

@@ -1,24 +1,16 @@
 """experiments/affine_accuracy.py: its statistics against analytic truths, and one run end to end."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
-from cohort import make_cohort
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cohort import experiment_script, make_cohort
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("_experiments_affine_accuracy",
-                                                  os.path.join(ROOT, "experiments", "affine_accuracy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_script("affine_accuracy")
 
 
 def test_slope_correlation_analytic(rng):

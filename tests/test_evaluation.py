@@ -19,21 +19,13 @@ import sys
 import numpy as np
 import pytest
 
-from cohort import make_cohort
+from cohort import experiment_script, make_cohort
 from spirs_tf import config, evaluation, metrics, networks
 from spirs_tf.data import PairSource
 from spirs_tf.manifest import load_manifest
 from spirs_tf.checkpoints import save_checkpoint
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _script(name):
-    path = os.path.join(ROOT, "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_experiments_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_script = experiment_script
 
 
 def _read(path):

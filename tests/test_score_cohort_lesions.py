@@ -1,7 +1,6 @@
 """experiments/score_cohort_lesions.py: P1/P2 lesion detection in spirs predict case folders, by hand-made masks."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -9,16 +8,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from cohort import experiment_script
+
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("_experiments_score_cohort_lesions",
-                                                  os.path.join(ROOT, "experiments", "score_cohort_lesions.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return experiment_script("score_cohort_lesions")
 
 
 def _save(path, data):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -17,15 +16,12 @@ from statsmodels.stats.multitest import multipletests
 from spirs_tf import stats
 from spirs_tf.errors import SpirsInputError
 
+from cohort import experiment_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_script(name):
-    path = os.path.join(ROOT, "experiments", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_experiments_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_load_script = experiment_script
 
 
 def _write_csv(path, header, rows):
