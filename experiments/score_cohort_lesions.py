@@ -1,8 +1,8 @@
 """Lesion detection of P1 and P2 in the case folders of ``spirs predict --manifest``, against the truth masks.
 
-SYNTHETIC-DATA tool (or any cohort with lesion masks of the new scans). For every case folder
-``<patient>_<prior tp>_to_<new tp>`` of a cohort output, the new scan's mask in the manifest is the truth;
-``p1_mask.nii.gz`` and ``p2_mask.nii.gz`` (written on the new scan's grid) are the predictions. Each truth
+SYNTHETIC-DATA tool (or any cohort with lesion masks of the new scans). For every case folder of a
+cohort output (named by :func:`spirs_tf.cohort_predict.case_name` from its manifest pair), the new scan's mask
+is the truth; ``p1_mask.nii.gz`` and ``p2_mask.nii.gz`` (written on the new scan's grid) are the predictions. Each truth
 lesion (26-connected component) is detected by a method when a predicted component overlaps it
 (:func:`spirs_tf.metrics.lesion_table`, the rule of ``experiments/evaluate.py``). Printed per size bin:
 lesions found by P1 and by P2, found by one only, and the exact McNemar p (two-sided binomial test on
@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -37,23 +36,23 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
 def score(manifest_path: str, cases_dir: str) -> dict:
     """Per-bin detection counts of P1 and P2 and false positives per scan (module docstring)."""
     from spirs_tf import metrics
+    from spirs_tf.cohort_predict import case_name
     from spirs_tf.errors import SpirsInputError
     from spirs_tf.io import read_volume
-    from spirs_tf.manifest import load_manifest
+    from spirs_tf.manifest import load_manifest, make_pairs
 
     manifest = load_manifest(manifest_path)
-    truth = {(s.patient_id, str(s.timepoint)): s.mask for s in manifest.scans}
+    # every (prior, new) pair the manifest can form, by the folder name spirs predict gives it
+    pairs = {case_name(p): p for p in make_pairs(manifest, None, "all", both_directions=True)}
     lesions, false_pos = [], {"P1": [], "P2": []}
     for case in sorted(os.listdir(cases_dir)):
         folder = os.path.join(cases_dir, case)
-        if not (os.path.isdir(folder) and "_to_" in case and os.path.isfile(os.path.join(folder, "p1_mask.nii.gz"))):
+        if not os.path.isfile(os.path.join(folder, "p1_mask.nii.gz")):
             continue
-        head, new_tp = case.rsplit("_to_", 1)
-        patient = head.rsplit("_", 1)[0]
-        if (patient, new_tp) not in truth or truth[(patient, new_tp)] is None:
-            raise SpirsInputError(f"case {case}: no mask of patient {patient}, time point {new_tp} in the manifest",
+        if case not in pairs or pairs[case].new.mask is None:
+            raise SpirsInputError(f"case {case}: no pair of the manifest with a mask of its new scan is named so",
                                   manifest_path)
-        gt_volume = read_volume(truth[(patient, new_tp)], "mask")
+        gt_volume = read_volume(pairs[case].new.mask, "mask")
         gt = gt_volume.data > 0.5
         spacing = tuple(np.linalg.norm(np.asarray(gt_volume.affine)[:3, :3], axis=0))
         found = {}
