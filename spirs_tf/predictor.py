@@ -141,17 +141,18 @@ class Predictor:
             return {k: out[k] for k in OUTPUT_NAMES}
         from spirs_tf.geometry import to_homogeneous, warp_working
 
+        def warp_batch(volumes, matrices, dvfs):  # (B, S, S, S, 1) each by its own transform
+            return np.stack([warp_working(v[..., 0], m, d) for v, m, d in zip(volumes, matrices, dvfs)])[..., None]
+
         new_, prior_, mask_ = arrays
         total = np.asarray(out["affine"], np.float64)
         for _ in range(passes - 1):
             before = total
-            moved = [np.stack([warp_working(v[b, ..., 0], before[b], None) for b in range(len(v))])[..., None]
-                     for v in (prior_, mask_)]
+            moved = [warp_batch(v, before, [None] * len(v)) for v in (prior_, mask_)]
             out = {k: np.asarray(v) for k, v in self.run_fn(new_, *moved).items()}
             total = (to_homogeneous(before) @ to_homogeneous(np.asarray(out["affine"], np.float64)))[:, :3]
         dvf = np.einsum("bij,bxyzj->bxyzi", before[:, :, :3], np.asarray(out["dvf"], np.float64)).astype(np.float32)
-        warped = [np.stack([warp_working(v[b, ..., 0], total[b], dvf[b]) for b in range(len(v))])[..., None]
-                  for v in (prior_, mask_)]
+        warped = [warp_batch(v, total, dvf) for v in (prior_, mask_)]
         p2 = self.p2_fn(new_, *warped) if self.p2_fn is not None else out["p2_prob"]
         return {"p1_prob": out["p1_prob"], "p2_prob": np.asarray(p2, np.float32),
                 "affine": total.astype(np.float32), "dvf": dvf,
