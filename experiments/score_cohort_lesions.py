@@ -9,10 +9,19 @@ lesions found by P1 and by P2, found by one only, and the exact McNemar p (two-s
 the discordant lesions); and the false-positive components per scan. Unlike ``evaluate.py``, this
 scores what ``spirs predict`` wrote, i.e. P2 computed from the registration it used (refined by default).
 
+The McNemar p of the four size bins are also Holm-adjusted as one family (``mcnemar_p_holm``).
+
+With ``--synthetic-lesions COHORT/lesions.csv`` (a ``spirs synth`` cohort: lesion ids in
+``lesions.nii.gz`` next to each mask, stable across time points) the lesions are also counted by what the
+prior says of them: ``with_prior`` (present in the prior scan), of those ``faded`` (rendered faint in the
+new scan, ``contrast`` < 1), and ``new`` (absent from the prior scan) — where P2 should gain, and where it
+must not lose.
+
 Usage::
 
     spirs predict --manifest M.csv --split S --out OUT
     python experiments/score_cohort_lesions.py --manifest M.csv --cases OUT [--json OUT/lesions_p1_p2.json]
+        [--synthetic-lesions COHORT/lesions.csv]
 """
 from __future__ import annotations
 
@@ -23,6 +32,8 @@ import sys
 import numpy as np
 
 BINS = ("micro", "small", "medium", "large")
+#: lesion groups of ``--synthetic-lesions`` (module docstring)
+PRIOR_GROUPS = ("with_prior", "faded", "new")
 
 
 def mcnemar_exact(only_a: int, only_b: int) -> float:
@@ -33,7 +44,60 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return 1.0 if n == 0 else float(binomtest(only_b, n, 0.5).pvalue)
 
 
-def score(manifest_path: str, cases_dir: str) -> dict:
+def _synthetic_lesions(path: str) -> dict:
+    """``{(patient, timepoint): {lesion id: (volume_mm3, contrast)}}`` of a ``spirs synth`` lesions.csv."""
+    from spirs_tf.errors import SpirsInputError
+    from spirs_tf.manifest import parse_timepoint
+    from spirs_tf.stats import parse_float, read_csv
+
+    table: dict = {}
+    for row in read_csv(path, ("patient_id", "timepoint", "lesion_id", "volume_mm3", "contrast")):
+        try:
+            key = (row["patient_id"], parse_timepoint(row["timepoint"]))
+            lesion = int(row["lesion_id"])
+        except ValueError as exc:
+            raise SpirsInputError(f"line {row['_line']}: {exc}", path) from None
+        table.setdefault(key, {})[lesion] = (parse_float(row, "volume_mm3", path, allow_empty=False),
+                                             parse_float(row, "contrast", path, allow_empty=False))
+    return table
+
+
+def _prior_groups(pair, gt, synthetic: dict) -> dict:
+    """``{truth component id: [groups]}``: each 26-connected lesion of ``gt`` named by the synthetic
+    lesion id most of its voxels carry in ``lesions.nii.gz`` next to the new scan's mask."""
+    from spirs_tf import metrics
+    from spirs_tf.errors import SpirsInputError
+    from spirs_tf.io import read_volume
+
+    ids_path = os.path.join(os.path.dirname(pair.new.mask), "lesions.nii.gz")
+    if not os.path.isfile(ids_path):
+        raise SpirsInputError("--synthetic-lesions needs the lesion-id map lesions.nii.gz next to the mask",
+                              pair.new.mask)
+    ids = np.rint(read_volume(ids_path, "labels").data).astype(np.int64)
+    labels, count = metrics.label_lesions(gt)
+    before = synthetic.get((pair.prior.patient_id, pair.prior.timepoint), {})
+    now = synthetic.get((pair.new.patient_id, pair.new.timepoint), {})
+    groups = {}
+    for cid in range(1, count + 1):
+        inside = ids[(labels == cid) & (ids > 0)]
+        if not inside.size:
+            raise SpirsInputError(f"lesion {cid} of the mask has no id in lesions.nii.gz", pair.new.mask)
+        lesion = int(np.bincount(inside).argmax())
+        if before.get(lesion, (0.0, 1.0))[0] > 0:
+            groups[cid] = ["with_prior"] + (["faded"] if now.get(lesion, (0.0, 1.0))[1] < 1.0 else [])
+        else:
+            groups[cid] = ["new"]
+    return groups
+
+
+def _counts(rows: list) -> dict:
+    only1 = sum(r["P1"] and not r["P2"] for r in rows)
+    only2 = sum(r["P2"] and not r["P1"] for r in rows)
+    return {"n": len(rows), "P1": sum(r["P1"] for r in rows), "P2": sum(r["P2"] for r in rows),
+            "P1_only": only1, "P2_only": only2, "mcnemar_p": mcnemar_exact(only1, only2)}
+
+
+def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = None) -> dict:
     """Per-bin detection counts of P1 and P2 and false positives per scan (module docstring)."""
     from spirs_tf import metrics
     from spirs_tf.cohort_predict import case_name
@@ -42,6 +106,7 @@ def score(manifest_path: str, cases_dir: str) -> dict:
     from spirs_tf.manifest import load_manifest, make_pairs
 
     manifest = load_manifest(manifest_path)
+    synthetic = _synthetic_lesions(synthetic_lesions) if synthetic_lesions else None
     # every (prior, new) pair the manifest can form, by the folder name spirs predict gives it
     pairs = {case_name(p): p for p in make_pairs(manifest, None, "all", both_directions=True)}
     lesions, false_pos = [], {"P1": [], "P2": []}
@@ -64,18 +129,25 @@ def score(manifest_path: str, cases_dir: str) -> dict:
             found[method] = {r["lesion_id"]: (r["size_bin"], bool(r["detected"]))
                              for r in metrics.lesion_table(gt, pred, spacing)}
             false_pos[method].append(len(metrics.false_positive_components(gt, pred, spacing)))
+        groups = _prior_groups(pairs[case], gt, synthetic) if synthetic is not None else {}
         for lid, (size_bin, p1) in found["P1"].items():
-            lesions.append({"case": case, "lesion_id": lid, "bin": size_bin, "P1": p1, "P2": found["P2"][lid][1]})
+            lesions.append({"case": case, "lesion_id": lid, "bin": size_bin, "P1": p1, "P2": found["P2"][lid][1],
+                            "groups": groups.get(lid, [])})
     if not false_pos["P1"]:
         raise SpirsInputError("no case folders with p1_mask.nii.gz", cases_dir)
     result = {"cases": len(false_pos["P1"]), "lesions": len(lesions), "bins": {},
               "false_positives_per_scan": {m: float(np.mean(v)) for m, v in false_pos.items()}}
     for b in BINS + ("all",):
-        rows = [r for r in lesions if b == "all" or r["bin"] == b]
-        only1 = sum(r["P1"] and not r["P2"] for r in rows)
-        only2 = sum(r["P2"] and not r["P1"] for r in rows)
-        result["bins"][b] = {"n": len(rows), "P1": sum(r["P1"] for r in rows), "P2": sum(r["P2"] for r in rows),
-                             "P1_only": only1, "P2_only": only2, "mcnemar_p": mcnemar_exact(only1, only2)}
+        result["bins"][b] = _counts([r for r in lesions if b == "all" or r["bin"] == b])
+    from spirs_tf.stats import holm
+
+    tested = [b for b in BINS if result["bins"][b]["n"]]
+    for b, p in zip(tested, holm([result["bins"][b]["mcnemar_p"] for b in tested])):
+        result["bins"][b]["mcnemar_p_holm"] = float(p)
+    if synthetic is not None:
+        result["prior_groups"] = {
+            g: {b: _counts([r for r in lesions if g in r["groups"] and (b == "all" or r["bin"] == b)])
+                for b in BINS + ("all",)} for g in PRIOR_GROUPS}
     return result
 
 
@@ -84,19 +156,28 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", required=True, help="the manifest spirs predict read")
     parser.add_argument("--cases", required=True, help="spirs predict --manifest output folder")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--synthetic-lesions", metavar="CSV",
+                        help="a spirs synth cohort's lesions.csv: also count lesions with a prior, faded ones "
+                             "and new ones")
     args = parser.parse_args(argv)
     from spirs_tf.errors import SpirsInputError
 
     try:
-        result = score(args.manifest, args.cases)
+        result = score(args.manifest, args.cases, args.synthetic_lesions)
     except SpirsInputError as exc:
         print(f"score_cohort_lesions: error: {exc}", file=sys.stderr)
         return 2
     print(f"{args.cases}: {result['cases']} cases, {result['lesions']} lesions")
     for b, r in result["bins"].items():
         if r["n"]:
+            holm_p = f" (Holm {r['mcnemar_p_holm']:.2g})" if "mcnemar_p_holm" in r else ""
             print(f"  {b:<7} n={r['n']:4d}  P1 {r['P1']:3d}  P2 {r['P2']:3d}  P1 only {r['P1_only']:3d}  "
-                  f"P2 only {r['P2_only']:3d}  McNemar p = {r['mcnemar_p']:.2g}")
+                  f"P2 only {r['P2_only']:3d}  McNemar p = {r['mcnemar_p']:.2g}{holm_p}")
+    for g, bins in result.get("prior_groups", {}).items():
+        for b, r in bins.items():
+            if r["n"]:
+                print(f"  {g:<10} {b:<7} n={r['n']:4d}  P1 {r['P1']:3d}  P2 {r['P2']:3d}  P1 only {r['P1_only']:3d}  "
+                      f"P2 only {r['P2_only']:3d}  McNemar p = {r['mcnemar_p']:.2g}")
     fp = result["false_positives_per_scan"]
     print(f"  false-positive components per scan: P1 {fp['P1']:.2f}, P2 {fp['P2']:.2f}")
     if args.json:

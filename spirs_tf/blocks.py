@@ -317,11 +317,15 @@ class FusionBlock:
     Inputs ``[I_f, sigmoid(P1 logits), I_wD, GaussianBlur(S_wD, size, σ)]`` (4 channels) → plain
     Conv3³(``opening_filters``, no norm, no bias) = skip → BN-ReLU-Conv3³ → BN-ReLU-Conv3³ → + skip →
     BN-ReLU-Conv1³(1, bias = RetinaNet prior) → P2 logits ``(B, D, H, W, 1)``.
+
+    With ``model_cfg.p2_residual`` (not the authors'): the head's kernel and bias start at zero and its
+    output is added to P1's logits (``fuse_residual``), so P2 starts as P1 and learns what the prior adds.
     """
 
     def __init__(self, model_cfg, bn_trainable: bool = True):
         f = model_cfg.opening_filters
         make = _BlockMaker(model_cfg, bn_trainable)
+        self.residual = bool(getattr(model_cfg, "p2_residual", False))
         self.sigmoid = keras.layers.Activation("sigmoid", name="fuse_p1_sigmoid")
         self.blur = GaussianBlur3D(size=model_cfg.blur_size, sigma=model_cfg.blur_sigma, name="fuse_blur")
         self.concat = keras.layers.Concatenate(axis=-1, name="fuse_inputs")
@@ -329,12 +333,18 @@ class FusionBlock:
         self.block1 = make("fuse_block1", f, 3)
         self.block2 = make("fuse_block2", f, 3)
         self.add = keras.layers.Add(name="fuse_add")
-        self.head = make("fuse_head", 1, 1, use_bias=True, kernel_initializer="he_normal",
-                         bias_initializer=keras.initializers.Constant(
-                             prior_bias(model_cfg.seg_prior_probability)))
+        if self.residual:
+            self.head = make("fuse_head", 1, 1, use_bias=True, kernel_initializer="zeros",
+                             bias_initializer="zeros")
+            self.to_p2 = keras.layers.Add(name="fuse_residual", dtype="float32")
+        else:
+            self.head = make("fuse_head", 1, 1, use_bias=True, kernel_initializer="he_normal",
+                             bias_initializer=keras.initializers.Constant(
+                                 prior_bias(model_cfg.seg_prior_probability)))
 
     def __call__(self, fixed_image, p1_logits, warped_image, warped_mask):
         x = self.concat([fixed_image, self.sigmoid(p1_logits), warped_image, self.blur(warped_mask)])
         skip = self.open(x)
         x = self.block2(self.block1(skip))
-        return self.head(self.add([x, skip]))
+        out = self.head(self.add([x, skip]))
+        return self.to_p2([p1_logits, out]) if self.residual else out

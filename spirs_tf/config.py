@@ -48,6 +48,8 @@ MODULE_NAMES = ("enc", "aff", "def", "seg", "fuse")
 AFFINE_SUPERVISION = ("matrix", "displacement")
 #: ``model.normalization``: the authors' BatchNorm, or per-sample instance normalisation
 NORMALIZATIONS = ("batch", "instance")
+#: ``train.p2_prior``: which registration places the prior that P2's fusion block learns from
+P2_PRIORS = ("network", "truth")
 
 CONFIG_VERSION = 1
 
@@ -95,6 +97,12 @@ class ModelConfig:
     #: far, is registered again k − 1 times (:meth:`spirs_tf.predictor.Predictor.predict`; the affines
     #: compose, the last pass's field and P2 are kept). Training and the checkpoint are unaffected.
     affine_passes: int = 1
+    #: False (authors): P2's logits are the fusion block's output, its head starting at the prior bias.
+    #: True: P2 = P1's logits + the fusion block's output, whose head starts at zero, so that P2 starts
+    #: as P1 and learns only what the prior adds (issue 16: P2 trained the authors' way found fewer
+    #: lesions than P1). A checkpoint trained one way does not fit the other's fusion block:
+    #: re-initialise it (``experiments/run_stage.py --init-skip fuse``).
+    p2_residual: bool = False
 
 
 @dataclass
@@ -227,6 +235,12 @@ class TrainConfig:
     xla_losses: bool = True
     distribute: str = "none"  #: "none", "mirrored" or "multi_worker"
     loader_workers: int = 2
+    #: the prior P2's fusion block is trained on. "network" (authors): the prior warped by the network's
+    #: own registration, as the model outputs it. "truth": the prior warped by the augmentation's true
+    #: affine (``true_affine``), as a good registration places it; spirs predict's default refined
+    #: registration gives P2 such a prior at inference. Applies to P2's loss and to ``val_dice_p2``;
+    #: the registration and P1 terms are unchanged.
+    p2_prior: str = "network"
 
     def recalibration_modules(self) -> tuple[str, ...]:
         """``bn_recalibration_modules`` as a tuple of stripped names (validated against :data:`MODULE_NAMES`)."""
@@ -283,6 +297,12 @@ class SpirsConfig:
         if self.loss.affine_supervision not in AFFINE_SUPERVISION:
             raise SpirsInputError(f"config {self.name!r}: loss.affine_supervision must be one of "
                                   f"{', '.join(AFFINE_SUPERVISION)}, got {self.loss.affine_supervision!r}")
+        if self.train.p2_prior not in P2_PRIORS:
+            raise SpirsInputError(f"config {self.name!r}: train.p2_prior must be one of {', '.join(P2_PRIORS)}, "
+                                  f"got {self.train.p2_prior!r}")
+        if not isinstance(self.model.p2_residual, bool):
+            raise SpirsInputError(f"config {self.name!r}: model.p2_residual must be true or false, "
+                                  f"got {self.model.p2_residual!r}")
         if self.train.distribute not in ("none", "mirrored", "multi_worker"):
             raise SpirsInputError(
                 f"config {self.name!r}: train.distribute must be 'none', 'mirrored' or 'multi_worker'")

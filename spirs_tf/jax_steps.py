@@ -123,6 +123,13 @@ class JaxSteps:
                 raise ValueError(f"optimizer {name!r} must be built on trainable variables of the model, in "
                                  "the order of its variable list")
             self.indices[name] = [position[id(v)] for v in built]
+        # train.p2_prior "truth": the fusion block runs again as trainer.p2_head, on the model's variables
+        # (positions in the model's lists; its BatchNorm statistics are written back like the model's)
+        self.p2_head = trainer.p2_head
+        if self.p2_head is not None:
+            fixed = {id(v): i for i, v in enumerate(self.model.non_trainable_variables)}
+            self._head_trainable = [position[id(v)] for v in self.p2_head.trainable_variables]
+            self._head_non_trainable = [fixed[id(v)] for v in self.p2_head.non_trainable_variables]
         self._reached = None  # {name: [bool per variable of the optimiser]}, from the first traced step
         self._train = jax.jit(self._train_fn)
         self._forward = jax.jit(self._forward_fn)
@@ -139,8 +146,21 @@ class JaxSteps:
 
         outputs, non_trainable = self.model.stateless_call(trainable, non_trainable, self._inputs(batch),
                                                            training=True)
+        outputs, non_trainable = self._truth_p2(trainable, non_trainable, outputs, batch, training=True)
         per_sample = self.loss_fn(outputs, batch)
         return {k: ops.mean(v) for k, v in per_sample.items()}, non_trainable
+
+    def _truth_p2(self, trainable, non_trainable, outputs, batch, training: bool):
+        """``outputs`` with P2 on the prior placed by the true affine (``train.p2_prior = "truth"``)."""
+        if self.p2_head is None:
+            return outputs, non_trainable
+        p2, head_state = self.p2_head.stateless_call(
+            [trainable[i] for i in self._head_trainable], [non_trainable[i] for i in self._head_non_trainable],
+            self.trainer.truth_p2_inputs(outputs, batch), training=training)
+        non_trainable = list(non_trainable)
+        for i, value in zip(self._head_non_trainable, head_state):
+            non_trainable[i] = value
+        return dict(outputs, p2_logits=p2), non_trainable
 
     def _gradients(self, trainable, non_trainable, batch):
         """``(scalars, new non-trainable values, {optimiser: [gradient per variable of its list]})``."""
@@ -173,8 +193,9 @@ class JaxSteps:
                 trainable[i] = value
         return scalars, trainable, non_trainable, opt_values
 
-    def _forward_fn(self, trainable, non_trainable, inputs):
-        outputs, _ = self.model.stateless_call(trainable, non_trainable, inputs, training=False)
+    def _forward_fn(self, trainable, non_trainable, batch):
+        outputs, _ = self.model.stateless_call(trainable, non_trainable, self._inputs(batch), training=False)
+        outputs, _ = self._truth_p2(trainable, non_trainable, outputs, batch, training=False)
         return outputs
 
     def _metrics_fn(self, outputs, batch):
@@ -218,7 +239,7 @@ class JaxSteps:
         """The loss terms (exact LNCC) and validation metrics of ``batch`` (batch means); nothing is updated."""
         trainable, non_trainable, _ = self._values()
         batch = dict(batch)
-        outputs = self._forward(trainable, non_trainable, self._inputs(batch))
+        outputs = self._forward(trainable, non_trainable, batch)
         with _x64():
             return self._metrics(outputs, batch)
 

@@ -200,13 +200,27 @@ def build_spirs(cfg, levels: int, bn_trainable: bool = True) -> keras.Model:
                 [source, a_level[i], dvf[i]])
 
     # ---- segmentation at the finest level only
-    p1 = seg_dec(encoder(seg_open(fixed), extra=levels - 1), tag=f"l{levels}")
-    p2 = fusion(fixed, p1, out[f"warped_image_{levels}"], out[f"warped_mask_{levels}"])
-    out["p1_logits"] = _named(p1, "p1_logits")
+    # P2 reads the named P1 output, so that the fusion block alone is the sub-model
+    # (fixed_image, p1_logits, warped_image_L, warped_mask_L) → p2_logits (p2_head)
+    out["p1_logits"] = _named(seg_dec(encoder(seg_open(fixed), extra=levels - 1), tag=f"l{levels}"), "p1_logits")
+    p2 = fusion(fixed, out["p1_logits"], out[f"warped_image_{levels}"], out[f"warped_mask_{levels}"])
     out["p2_logits"] = _named(p2, "p2_logits")
 
     ordered = {key: out[key] for key in output_keys(levels)}
     return keras.Model(inputs=inputs, outputs=ordered, name=f"spirs_{levels}level")
+
+
+def p2_head(model: keras.Model, levels: int) -> keras.Model:
+    """The fusion block of ``model`` alone, sharing its weights: ``[fixed_image, p1_logits, warped_image,
+    warped_mask] → p2_logits`` on the finest grid (all ``(B, S, S, S, 1)``).
+
+    It gives P2 for a prior placed by another registration than the network's (``train.p2_prior =
+    "truth"``; the refined registration of :mod:`spirs_tf.inference`) without running the model again.
+    """
+    return keras.Model([model.get_layer("fixed_image").output, model.get_layer("p1_logits").output,
+                        model.get_layer(f"warped_image_{levels}").output,
+                        model.get_layer(f"warped_mask_{levels}").output],
+                       model.get_layer("p2_logits").output, name=f"{model.name}_p2_head")
 
 
 # ------------------------------------------------------------------------------ variables and state

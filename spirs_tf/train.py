@@ -73,7 +73,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: config_lib.SpirsConfig, stage: int, train_source, val_source, run_dir: str,
-                 init_from: str | None = None, verbose: int = 1, strategy=None):
+                 init_from: str | None = None, verbose: int = 1, strategy=None, init_skip: tuple = ()):
         if not 1 <= stage <= len(cfg.train.stages):
             raise SpirsInputError(f"stage must be in 1..{len(cfg.train.stages)}, got {stage}")
         self.cfg = cfg
@@ -102,6 +102,8 @@ class Trainer:
             self.model = networks.build_spirs(cfg, self.levels, bn_trainable=self.stage_cfg.bn_trainable)
             self.groups = networks.variable_groups(self.model, cfg.loss.p1_trains_encoder)
             self.optimizers = self._make_optimizers()
+            #: P2 on the prior placed by the true affine (``train.p2_prior = "truth"``), else None
+            self.p2_head = networks.p2_head(self.model, self.levels) if cfg.train.p2_prior == "truth" else None
         # Dropout draws: seed-generator states as built from the run's seed, re-derived per epoch in
         # on_epoch_start (they are not weights, so checkpoints do not hold them).
         self._seed_states = [(v, np.array(keras.ops.convert_to_numpy(v))) for v in self.model.variables
@@ -115,10 +117,17 @@ class Trainer:
             self._restore(self.paths.latest)
         elif init_from:
             state, _, meta = load_checkpoint(init_from)
-            networks.load_model_state(self.model, state)
+            unknown = [m for m in init_skip if m not in config_lib.MODULE_NAMES]
+            if unknown:
+                raise SpirsInputError(f"init_skip: unknown module(s) {', '.join(unknown)}; "
+                                      f"known: {', '.join(config_lib.MODULE_NAMES)}")
+            # modules in init_skip keep their fresh initialisation (e.g. a fusion block of another design)
+            state = {p: v for p, v in state.items() if not any(p.startswith(f"{m}_") for m in init_skip)}
+            networks.load_model_state(self.model, state, allow_missing=bool(init_skip))
             if verbose:
+                skipped = f", {', '.join(init_skip)} freshly initialised" if init_skip else ""
                 print(f"stage {stage}: initialised from {init_from} (stage {meta.get('stage')}, "
-                      f"epoch {meta.get('epoch')})")
+                      f"epoch {meta.get('epoch')}{skipped})")
         self._steps = None  # train_steps.make_steps(self), made on first use
         self._losses = None  # loss_function(cfg, levels), made on first use
 
@@ -173,11 +182,22 @@ class Trainer:
         exact float64 box sums, op by op.
         """
         outputs = self.model(self.model_inputs(batch), training=training)
+        if self.p2_head is not None:
+            outputs = dict(outputs, p2_logits=self.p2_head(self.truth_p2_inputs(outputs, batch), training=training))
         if not training:
             return outputs, losses_lib.spirs_losses(outputs, batch, self.cfg, self.levels, exact_lncc=True)
         if self._losses is None:  # not compiled under a strategy (XLA there is untested)
             self._losses = loss_function(self.cfg, self.levels, compile=self.strategy is None)
         return outputs, self._losses(outputs, batch)
+
+    def truth_p2_inputs(self, outputs: dict, batch: dict) -> list:
+        """Inputs of :attr:`p2_head` with the prior placed by the true affine: ``[fixed_image, p1_logits,
+        warp(moving_image, T), warp(moving_mask, T)]``, ``T = true_affine`` (finest grid of the stage)."""
+        from spirs_tf import transforms
+
+        return [batch["fixed_image"], outputs["p1_logits"],
+                transforms.warp(batch["moving_image"], batch["true_affine"]),
+                transforms.warp(batch["moving_mask"], batch["true_affine"])]
 
     def validation_terms(self, outputs: dict, batch: dict) -> dict:
         """The finest level's validation metrics beyond the loss terms, per sample ``(B,)``.
@@ -476,10 +496,12 @@ def _current_lr(opt) -> float:
 # --------------------------------------------------------------------------------------- entry
 def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_dir: str,
               init_from: str | None = None, epochs: int | None = None, verbose: int = 1,
-              strategy=None, deadline: float | None = None) -> Trainer:
+              strategy=None, deadline: float | None = None, init_skip: tuple = ()) -> Trainer:
     """Train stage ``stage`` of ``cfg`` on a manifest; stage n > 1 starts from stage n−1's best checkpoint.
 
-    ``deadline`` (``time.time()``) ends training early, resumably (:meth:`Trainer.fit`)."""
+    ``deadline`` (``time.time()``) ends training early, resumably (:meth:`Trainer.fit`). ``init_skip``:
+    module prefixes (:data:`spirs_tf.config.MODULE_NAMES`) whose weights are not taken from the initial
+    checkpoint (a run that resumes from its own checkpoint restores everything)."""
     manifest = load_manifest(manifest_path)
     train_source = data_lib.PairSource(manifest, "train", cfg.data)
     if "val" in manifest.splits():
@@ -496,6 +518,6 @@ def run_stage(cfg: config_lib.SpirsConfig, stage: int, manifest_path: str, run_d
                                   f"stage-{stage - 1} checkpoint; run --stage {stage - 1} first (or pass "
                                   "--init-from)", run_dir)
     trainer = Trainer(cfg, stage, train_source, val_source, run_dir, init_from=init_from, verbose=verbose,
-                      strategy=strategy)
+                      strategy=strategy, init_skip=tuple(init_skip))
     trainer.fit(epochs, deadline=deadline)
     return trainer

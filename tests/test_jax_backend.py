@@ -122,16 +122,17 @@ from spirs_tf.checkpoints import save_checkpoint
 from spirs_tf.data import PairSource
 from spirs_tf.train import Trainer
 
+EVALUATED = ("isolated", "truth")
 tmp = sys.argv[1]
-report = {}
-for mode, stage in (("isolated", 1), ("joint", 2)):
-    cfg = config.apply_overrides(config.get_config("test"), [f"loss.optimisation={mode}", "model.affine_dropout=0"])
-    batch = dict(np.load(f"{tmp}/batch_{stage}.npz"))
+report = {"eval": {}}
+for mode, (stage, overrides) in json.load(open(f"{tmp}/modes.json")).items():
+    cfg = config.apply_overrides(config.get_config("test"), overrides + ["model.affine_dropout=0"])
+    batch = dict(np.load(f"{tmp}/batch_{mode}.npz"))
     source = PairSource.from_arrays([(batch["fixed_image"][0, ..., 0],) * 2 + (batch["fixed_mask"][0, ..., 0],) * 2])
     trainer = Trainer(cfg, stage, source, None, f"{tmp}/jax_{mode}", verbose=0)
-    networks.load_model_state(trainer.model, dict(np.load(f"{tmp}/init_{stage}.npz")))
-    if mode == "isolated":  # the validation numbers of the initial weights
-        report["eval"] = {k: float(v) for k, v in trainer.eval_step(batch).items()}
+    networks.load_model_state(trainer.model, dict(np.load(f"{tmp}/init_{mode}.npz")))
+    if mode in EVALUATED:  # the validation numbers of the initial weights
+        report["eval"][mode] = {k: float(v) for k, v in trainer.eval_step(batch).items()}
     scalars = trainer.train_step(batch)
     report[mode] = trainer._steps.unreached_variables()
     state = {f"model/{k}": v for k, v in networks.model_state(trainer.model).items()}
@@ -154,12 +155,20 @@ print("RESULT " + json.dumps(report))
 """
 
 
-def _tf_trainer(mode: str, stage: int, batch: dict, run_dir):
+#: mode → (stage, config overrides) of the step comparisons: ``isolated`` at stage 1 (BatchNorm training),
+#: ``joint`` at stage 2 (BatchNorm frozen), ``truth`` = isolated at stage 2 with P2 trained on the prior
+#: placed by the true affine through a residual fusion block (``train.p2_prior``, ``model.p2_residual``)
+MODES = {"isolated": (1, ["loss.optimisation=isolated"]), "joint": (2, ["loss.optimisation=joint"]),
+         "truth": (2, ["loss.optimisation=isolated", "train.p2_prior=truth", "model.p2_residual=true"])}
+
+
+def _tf_trainer(mode: str, batch: dict, run_dir):
     from spirs_tf import config
     from spirs_tf.data import PairSource
     from spirs_tf.train import Trainer
 
-    cfg = config.apply_overrides(config.get_config("test"), [f"loss.optimisation={mode}", "model.affine_dropout=0"])
+    stage, overrides = MODES[mode]
+    cfg = config.apply_overrides(config.get_config("test"), overrides + ["model.affine_dropout=0"])
     source = PairSource.from_arrays([(batch["fixed_image"][0, ..., 0],) * 2 + (batch["fixed_mask"][0, ..., 0],) * 2])
     return Trainer(cfg, stage, source, None, str(run_dir), verbose=0)
 
@@ -175,37 +184,37 @@ def _state(trainer) -> dict:
 
 @pytest.fixture(scope="module")
 def step_results(tmp_path_factory):
-    """One TensorFlow and one JAX training step from the same weights and batch: ``isolated`` at stage 1
-    (BatchNorm training), ``joint`` at stage 2 (BatchNorm frozen); the JAX trainers' checkpoints, and the
-    JAX predictor's outputs from the joint one."""
+    """One TensorFlow and one JAX training step from the same weights and batch in each of :data:`MODES`;
+    the JAX trainers' checkpoints, and the JAX predictor's outputs from the joint one."""
     from spirs_tf import data, networks
     from spirs_tf._compat import tf
     from test_data import blob_pair
 
     tmp = tmp_path_factory.mktemp("jax_step")
     source = data.PairSource.from_arrays([blob_pair(s) for s in range(3)])
-    results = {}
-    for mode, stage in (("isolated", 1), ("joint", 2)):
-        trainer = _tf_trainer(mode, stage, {"fixed_image": np.zeros((1, 32, 32, 32, 1), np.float32),
-                                            "fixed_mask": np.zeros((1, 32, 32, 32, 1), np.float32)},
-                              tmp / f"tf_{mode}")
+    results = {"eval": {}}
+    with open(tmp / "modes.json", "w") as f:
+        json.dump(MODES, f)
+    for mode, (stage, _) in MODES.items():
+        trainer = _tf_trainer(mode, {"fixed_image": np.zeros((1, 32, 32, 32, 1), np.float32),
+                                     "fixed_mask": np.zeros((1, 32, 32, 32, 1), np.float32)}, tmp / f"tf_{mode}")
         batch = next(iter(data.numpy_batches(source, trainer.cfg, trainer.levels, trainer.stage_cfg.batch_size,
                                              True, seed=stage)))
-        np.savez(tmp / f"batch_{stage}.npz", **batch)
-        if stage == 2:  # inputs for the predictors (16³)
+        np.savez(tmp / f"batch_{mode}.npz", **batch)
+        if mode == "joint":  # inputs for the predictors (16³)
             np.savez(tmp / "predict_in.npz", new=batch["fixed_image"], prior=batch["moving_image"],
                      mask=batch["moving_mask"])
         init = networks.model_state(trainer.model)
-        np.savez(tmp / f"init_{stage}.npz", **init)
-        if mode == "isolated":
-            results["eval"] = {k: float(v) for k, v in trainer.eval_step({k: tf.constant(v) for k, v in batch.items()}
-                                                                          ).items()}
+        np.savez(tmp / f"init_{mode}.npz", **init)
+        if mode in ("isolated", "truth"):
+            results["eval"][mode] = {k: float(v) for k, v in trainer.eval_step(
+                {k: tf.constant(v) for k, v in batch.items()}).items()}
         scalars = trainer.train_step({k: tf.constant(v) for k, v in batch.items()})
         results[mode] = {"init": init, "tf": _state(trainer), "batch": batch,
                          "tf_loss": {k: float(v) for k, v in scalars.items()}}
     unreached = run_jax(STEP_SCRIPT, tmp)
     results["eval"] = (results["eval"], unreached.pop("eval"))
-    for mode in ("isolated", "joint"):
+    for mode in MODES:
         got = dict(np.load(tmp / f"jax_{mode}.npz"))
         results[mode]["jax_loss"] = {k[len("loss/"):]: float(v) for k, v in got.items() if k.startswith("loss/")}
         results[mode]["jax"] = {k: v for k, v in got.items() if not k.startswith("loss/")}
@@ -215,7 +224,7 @@ def step_results(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("mode", ["isolated", "joint"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_jax_training_step_equals_tensorflow_step(step_results, mode):
     """Same weights and batch: the same loss terms, and the same updated weights, BatchNorm statistics and
     optimiser slots up to float rounding (|JAX − TF| ≤ 1e-3 of each tensor's update + 1e-7)."""
@@ -233,19 +242,18 @@ def test_jax_training_step_equals_tensorflow_step(step_results, mode):
         assert error <= 1e-3 * updates[k] + 1e-7, (k, error, updates[k])
     optimised = {k.split("/momentum/", 1)[1] for k in r["tf"] if "/momentum/" in k}
     assert sum(updates[f"model/{path}"] > 0 for path in optimised) > len(optimised) // 2  # the step did move
-    stage = 1 if mode == "isolated" else 2
+    stage = MODES[mode][0]
     means = {k: v for k, v in r["tf"].items() if k.endswith("moving_mean")}
     changed = [k for k, v in means.items() if not np.array_equal(v, r["init"][k[len("model/"):]])]
     assert (len(changed) > 0) == (stage == 1)  # BatchNorm trains in stage 1, frozen from stage 2
 
 
-@pytest.mark.parametrize("mode", ["isolated", "joint"])
+@pytest.mark.parametrize("mode", list(MODES))
 def test_jax_checkpoint_resumes_under_tensorflow(step_results, mode):
     """The JAX trainer's ``latest.npz`` resumes a TensorFlow trainer: every model variable and optimiser
     slot (name-keyed) is the JAX one, and the epoch count carries over."""
     r = step_results[mode]
-    stage = 1 if mode == "isolated" else 2
-    trainer = _tf_trainer(mode, stage, r["batch"], r["jax_run"])
+    trainer = _tf_trainer(mode, r["batch"], r["jax_run"])
     assert trainer.epoch == 1
     state = _state(trainer)
     assert sorted(state) == sorted(r["jax"])
@@ -275,7 +283,10 @@ def test_jax_checkpoint_predicts_the_same_under_tensorflow(step_results):
 def test_jax_validation_numbers_equal_tensorflow(step_results):
     """The logged validation numbers (loss terms with exact LNCC, unmasked float64-box-sum LNCC, Dice) of the
     same weights and batch agree to float32 rounding: the JAX eval step switches 64-bit types on."""
-    want, got = step_results["eval"]
-    assert sorted(got) == sorted(want) and "lncc_identity" in want
-    for k, v in want.items():
-        assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-6), k
+    wants, gots = step_results["eval"]
+    assert sorted(gots) == sorted(wants) == ["isolated", "truth"]
+    for mode, want in wants.items():  # "truth": P2 and its loss on the prior placed by the true affine
+        got = gots[mode]
+        assert sorted(got) == sorted(want) and "lncc_identity" in want
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-6), (mode, k)

@@ -47,7 +47,8 @@ def test_counts_false_positives_and_mcnemar(tmp_path, capsys):
     script = _script()
     result = script.score(str(manifest), str(tmp_path / "out"))
     assert (result["cases"], result["lesions"]) == (1, 2)
-    assert result["bins"]["small"] == {"n": 1, "P1": 1, "P2": 0, "P1_only": 1, "P2_only": 0, "mcnemar_p": 1.0}
+    assert result["bins"]["small"] == {"n": 1, "P1": 1, "P2": 0, "P1_only": 1, "P2_only": 0, "mcnemar_p": 1.0,
+                                       "mcnemar_p_holm": 1.0}
     assert result["bins"]["medium"]["P1"] == result["bins"]["medium"]["P2"] == 1
     assert result["false_positives_per_scan"] == {"P1": 1.0, "P2": 0.0}
     assert script.mcnemar_exact(0, 10) == pytest.approx(2 * 0.5 ** 10)
@@ -58,3 +59,38 @@ def test_counts_false_positives_and_mcnemar(tmp_path, capsys):
     _save(str(tmp_path / "out" / "p9_0_to_1" / "p1_mask.nii.gz"), medium)
     assert script.main(["--manifest", str(manifest), "--cases", str(tmp_path / "out")]) == 2
     assert "p9" in capsys.readouterr().err
+
+
+def test_synthetic_lesion_groups_and_holm(tmp_path):
+    """--synthetic-lesions: a lesion present in the prior and faded now (id 1) and a new one (id 2), named by
+    the majority id of lesions.nii.gz; P1 finds both, P2 the faded one only. Holm-adjusted bin p ≥ raw p."""
+    shape = (24, 24, 24)
+    small, medium = _cube(shape, (3, 3, 3), 2), _cube(shape, (12, 12, 12), 4)
+    d = tmp_path / "d"
+    for t, mask in ((0, small), (1, small + medium)):
+        _save(str(d / "p0" / f"t{t}" / "image.nii.gz"), small + medium + 0.5)
+        _save(str(d / "p0" / f"t{t}" / "mask.nii.gz"), mask)
+        ids = small * 1 + (medium * 2 if t == 1 else 0)
+        ids[3, 3, 3] = 2 if t == 1 else 1  # one stray voxel of another id: the majority names the lesion
+        _save(str(d / "p0" / f"t{t}" / "lesions.nii.gz"), ids)
+    (d / "manifest.csv").write_text("patient_id,timepoint,image,mask,split\n"
+                                    "p0,0,p0/t0/image.nii.gz,p0/t0/mask.nii.gz,test\n"
+                                    "p0,1,p0/t1/image.nii.gz,p0/t1/mask.nii.gz,test\n")
+    (d / "lesions.csv").write_text("patient_id,timepoint,lesion_id,volume_mm3,contrast\n"
+                                   "p0,0,1,64,1.0\np0,1,1,64,0.3\np0,1,2,512,1.0\n")
+    case = tmp_path / "out" / "p0_0_to_1"
+    _save(str(case / "p1_mask.nii.gz"), small + medium)
+    _save(str(case / "p2_mask.nii.gz"), small)
+    script = _script()
+    result = script.score(str(d / "manifest.csv"), str(tmp_path / "out"), str(d / "lesions.csv"))
+    groups = result["prior_groups"]
+    assert groups["with_prior"]["all"] == groups["faded"]["all"] == {
+        "n": 1, "P1": 1, "P2": 1, "P1_only": 0, "P2_only": 0, "mcnemar_p": 1.0}
+    assert groups["new"]["medium"] == {"n": 1, "P1": 1, "P2": 0, "P1_only": 1, "P2_only": 0, "mcnemar_p": 1.0}
+    for b in ("small", "medium"):
+        assert result["bins"][b]["mcnemar_p_holm"] >= result["bins"][b]["mcnemar_p"]
+    assert "mcnemar_p_holm" not in result["bins"]["micro"]  # an empty bin is not tested
+    assert "prior_groups" not in script.score(str(d / "manifest.csv"), str(tmp_path / "out"))
+    os.remove(d / "p0" / "t1" / "lesions.nii.gz")
+    assert script.main(["--manifest", str(d / "manifest.csv"), "--cases", str(tmp_path / "out"),
+                        "--synthetic-lesions", str(d / "lesions.csv")]) == 2
