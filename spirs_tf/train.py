@@ -122,8 +122,10 @@ class Trainer:
                 raise SpirsInputError(f"init_skip: unknown module(s) {', '.join(unknown)}; "
                                       f"known: {', '.join(config_lib.MODULE_NAMES)}")
             # modules in init_skip keep their fresh initialisation (e.g. a fusion block of another design)
-            state = {p: v for p, v in state.items() if not any(p.startswith(f"{m}_") for m in init_skip)}
-            networks.load_model_state(self.model, state, allow_missing=bool(init_skip))
+            skip = tuple(f"{m}_" for m in init_skip)
+            state = {**{p: v for p, v in state.items() if not p.startswith(skip)},
+                     **{p: v for p, v in networks.model_state(self.model).items() if skip and p.startswith(skip)}}
+            networks.load_model_state(self.model, state)
             if verbose:
                 skipped = f", {', '.join(init_skip)} freshly initialised" if init_skip else ""
                 print(f"stage {stage}: initialised from {init_from} (stage {meta.get('stage')}, "
