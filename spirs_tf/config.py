@@ -135,6 +135,9 @@ class LossConfig:
     bce_positive_weight: float = 3.0
     #: positive-class weight of the P1/P2 BCE; None = ``bce_positive_weight`` (authors: 3 for both)
     segmentation_bce_positive_weight: float | None = None
+    #: the same for P2 alone; None = P1's. A P2 that should mark the faint lesions its prior points at
+    #: trades a few false positives for them (P2's false-positive components are counted in evaluations)
+    p2_bce_positive_weight: float | None = None
     dice_smooth: float = 1.0
 
 
@@ -297,6 +300,11 @@ class SpirsConfig:
         if self.loss.affine_supervision not in AFFINE_SUPERVISION:
             raise SpirsInputError(f"config {self.name!r}: loss.affine_supervision must be one of "
                                   f"{', '.join(AFFINE_SUPERVISION)}, got {self.loss.affine_supervision!r}")
+        for key in ("segmentation_bce_positive_weight", "p2_bce_positive_weight"):
+            w = getattr(self.loss, key)
+            if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0):
+                raise SpirsInputError(f"config {self.name!r}: loss.{key} must be a positive number or null, "
+                                      f"got {w!r}")
         if self.train.p2_prior not in P2_PRIORS:
             raise SpirsInputError(f"config {self.name!r}: train.p2_prior must be one of {', '.join(P2_PRIORS)}, "
                                   f"got {self.train.p2_prior!r}")

@@ -468,7 +468,8 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int, exact_lncc:
     The ``lncc_*`` entries are similarities (higher is better); they enter the loss with a minus sign.
     Then ``registration = Σ_i registration_i``, ``segmentation_p1 = w_seg·segmentation_loss(fixed_mask,
     p1_logits)`` (positive weight ``segmentation_bce_positive_weight``, default ``bce_positive_weight``),
-    ``segmentation_p2`` likewise with ``p2_logits`` (finest level only, no γ), and
+    ``segmentation_p2`` likewise with ``p2_logits`` (positive weight ``p2_bce_positive_weight`` when set;
+    finest level only, no γ), and
     ``total = registration + segmentation_p1 + segmentation_p2`` (Eq. 10 as used in ``joint`` mode; in
     ``isolated`` mode the three parts are minimised by separate optimisers).
 
@@ -558,8 +559,10 @@ def spirs_losses(outputs: Mapping, batch: Mapping, cfg, levels: int, exact_lncc:
     result["registration"] = registration
     seg_pos_weight = (lw.bce_positive_weight if lw.segmentation_bce_positive_weight is None
                       else lw.segmentation_bce_positive_weight)
-    for key, logits in (("segmentation_p1", "p1_logits"), ("segmentation_p2", "p2_logits")):
+    p2_pos_weight = seg_pos_weight if lw.p2_bce_positive_weight is None else lw.p2_bce_positive_weight
+    for key, logits, pos_weight in (("segmentation_p1", "p1_logits", seg_pos_weight),
+                                    ("segmentation_p2", "p2_logits", p2_pos_weight)):
         result[key] = lw.weight_segmentation * segmentation_loss(
-            fixed_mask, outputs[logits], pos_weight=seg_pos_weight, smooth=lw.dice_smooth)
+            fixed_mask, outputs[logits], pos_weight=pos_weight, smooth=lw.dice_smooth)
     result["total"] = registration + result["segmentation_p1"] + result["segmentation_p2"]
     return result

@@ -35,6 +35,12 @@ def test_demo_runs_end_to_end(tiny_run, tmp_path, capsys):
     line = next(ln for ln in text.splitlines() if "Dice: before" in ln)
     before, after = (float(x.split()[-1].rstrip(",")) for x in line.split("registration")[1].split("after"))
     assert 0.0 <= before <= 1.0 and 0.0 <= after <= 1.0
+    # the lesions one segmentation found and the other missed, counted on the same truth lesions
+    line = next(ln for ln in text.splitlines() if "missed by P1" in ln)
+    table = {ln.split()[0]: [int(x) for x in ln.split()[1:]] for ln in text.splitlines()
+             if ln.strip().startswith(("micro", "small", "medium", "large", "all"))}
+    p2_only, p1_only = (int(part.split(":")[1].split()[0]) for part in line.split("; by P1"))
+    assert table["all"][1] - p1_only + p2_only == table["all"][2]  # P1 − P1 only + P2 only = P2
 
 
 def test_demo_refuses_to_overwrite(tiny_run, tmp_path):

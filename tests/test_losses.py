@@ -11,6 +11,7 @@ from scipy.spatial.distance import dice as scipy_dice
 from spirs_tf import losses as L
 from spirs_tf._compat import ops, tf
 from spirs_tf.config import get_config
+from spirs_tf.errors import SpirsInputError
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -527,6 +528,14 @@ def test_segmentation_positive_weight_is_separate_from_the_registration_bce(rng)
         assert np.all(np_(heavy[key]) > np_(base[key]))
     # the registration Dice/BCE keeps bce_positive_weight
     np.testing.assert_allclose(np_(heavy["registration"]), np_(base["registration"]), rtol=1e-6)
+    # loss.p2_bce_positive_weight: P2's alone; P1 keeps the segmentation weight
+    p2_heavy = L.spirs_losses(outputs, batch, get_config("test", ["loss.segmentation_bce_positive_weight=5",
+                                                                  "loss.p2_bce_positive_weight=50"]), levels=2)
+    np.testing.assert_allclose(np_(p2_heavy["segmentation_p2"]), np_(heavy["segmentation_p2"]), rtol=1e-6)
+    np.testing.assert_allclose(np_(p2_heavy["segmentation_p1"]), np_(L.segmentation_loss(
+        batch["fixed_mask"], outputs["p1_logits"], pos_weight=5.0)), rtol=1e-6)
+    with pytest.raises(SpirsInputError, match="p2_bce_positive_weight"):
+        get_config("test", ["loss.p2_bce_positive_weight=-1"])
 
 
 @pytest.mark.parametrize("levels, factor", [(1, 1.0), (2, 1.5), (3, 1.75)])

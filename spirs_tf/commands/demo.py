@@ -106,6 +106,15 @@ def run_demo(out: str, seed: int = 7, model: str | None = None, grid: int = 128,
         p2 = sum(found["p2"][i]["detected"] for i in rows_b)
         say(f"    {b:<8} {len(rows_b):>6} {p1:>6} {p2:>6}")
     say(f"    {'all':<8} {n_truth:>6} {summary['lesions_found_p1']:>6} {summary['lesions_found_p2']:>6}")
+    # what the prior changed: lesions one segmentation found and the other missed (same truth lesions)
+    for key, a, b in (("lesions_p2_only", "p2", "p1"), ("lesions_p1_only", "p1", "p2")):
+        rows = [r for r, other in zip(found[a], found[b]) if r["detected"] and not other["detected"]]
+        summary[key] = [{"size_bin": r["size_bin"], "volume_mm3": float(r["volume_mm3"])} for r in rows]
+    listed = {k: ", ".join(f"{r['size_bin']} {r['volume_mm3']:.0f} mm³" for r in summary[k]) or "none"
+              for k in ("lesions_p2_only", "lesions_p1_only")}
+    say(f"  found by P2 (with the prior) and missed by P1: {len(summary['lesions_p2_only'])} "
+        f"({listed['lesions_p2_only']}); by P1 and missed by P2: {len(summary['lesions_p1_only'])} "
+        f"({listed['lesions_p1_only']})")
     say(f"  prior mask vs new mask, Dice: before registration {summary['dice_prior_mask_before']:.3f}, "
         f"after {summary['dice_prior_mask_after']:.3f}")
     say(f"  registration: the network alone (--refine off)" if refine == "off" else
