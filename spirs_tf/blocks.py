@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from spirs_tf._compat import keras, tf
 from spirs_tf.config import NORMALIZATIONS
 from spirs_tf.geometry import IDENTITY_PARAMS
-from spirs_tf.layers import AffineMatrix, GaussianBlur3D, OpeningConv3D, Upsample2x
+from spirs_tf.layers import AffineMatrix, ClipValues, GaussianBlur3D, OpeningConv3D, Upsample2x
 
 MAX_EXTRA_POOLS = 2  #: the FACTS describe levels whose grid is at most 4× the coarsest grid
 
@@ -319,7 +319,8 @@ class FusionBlock:
     BN-ReLU-Conv1³(1, bias = RetinaNet prior) → P2 logits ``(B, D, H, W, 1)``.
 
     With ``model_cfg.p2_residual`` (not the authors'): the head's kernel and bias start at zero and its
-    output is added to P1's logits (``fuse_residual``), so P2 starts as P1 and learns what the prior adds.
+    output is added to P1's logits (``fuse_residual``; clipped to ±``p2_residual_clip`` first when > 0), so
+    P2 starts with P1's mask and learns what the prior adds.
     """
 
     def __init__(self, model_cfg, bn_trainable: bool = True):
@@ -337,6 +338,8 @@ class FusionBlock:
             self.head = make("fuse_head", 1, 1, use_bias=True, kernel_initializer="zeros",
                              bias_initializer="zeros")
             self.to_p2 = keras.layers.Add(name="fuse_residual", dtype="float32")
+            limit = float(getattr(model_cfg, "p2_residual_clip", 0.0))
+            self.clip = ClipValues(limit, name="fuse_p1_clip") if limit > 0 else None
         else:
             self.head = make("fuse_head", 1, 1, use_bias=True, kernel_initializer="he_normal",
                              bias_initializer=keras.initializers.Constant(
@@ -347,4 +350,6 @@ class FusionBlock:
         skip = self.open(x)
         x = self.block2(self.block1(skip))
         out = self.head(self.add([x, skip]))
-        return self.to_p2([p1_logits, out]) if self.residual else out
+        if not self.residual:
+            return out
+        return self.to_p2([p1_logits if self.clip is None else self.clip(p1_logits), out])

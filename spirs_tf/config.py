@@ -103,6 +103,10 @@ class ModelConfig:
     #: lesions than P1). A checkpoint trained one way does not fit the other's fusion block:
     #: re-initialise it (``experiments/run_stage.py --init-skip fuse``).
     p2_residual: bool = False
+    #: with ``p2_residual``: P1's logits are clipped to ±this before the fusion output is added (0 = not
+    #: clipped). P1 is confidently negative on faint lesions (logits −6 to −15 at 3 mm), which the
+    #: fusion block would have to outweigh; clipped, P2 still starts with P1's mask (the sign is kept)
+    p2_residual_clip: float = 0.0
 
 
 @dataclass
@@ -308,6 +312,9 @@ class SpirsConfig:
         if self.train.p2_prior not in P2_PRIORS:
             raise SpirsInputError(f"config {self.name!r}: train.p2_prior must be one of {', '.join(P2_PRIORS)}, "
                                   f"got {self.train.p2_prior!r}")
+        clip = self.model.p2_residual_clip
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+            raise SpirsInputError(f"config {self.name!r}: model.p2_residual_clip must be a number >= 0, got {clip!r}")
         if not isinstance(self.model.p2_residual, bool):
             raise SpirsInputError(f"config {self.name!r}: model.p2_residual must be true or false, "
                                   f"got {self.model.p2_residual!r}")

@@ -16,6 +16,7 @@ from spirs_tf._compat import BACKEND, keras, ops, tf
 
 __all__ = [
     "AffineMatrix",
+    "ClipValues",
     "ComposeAffines",
     "ComposeDVF",
     "GaussianBlur3D",
@@ -115,6 +116,24 @@ class ScaleTranslation(_Float32Layer):
 
     def get_config(self):
         return {**super().get_config(), "factor": self.factor}
+
+
+@_register
+class ClipValues(_Float32Layer):
+    """``x → clip(x, −limit, limit)`` elementwise (float32), e.g. P1's logits before P2 adds to them."""
+
+    def __init__(self, limit: float = 4.0, **kwargs):
+        super().__init__(**kwargs)
+        self.limit = float(limit)
+
+    def call(self, x):
+        return ops.clip(ops.cast(x, "float32"), -self.limit, self.limit)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "limit": self.limit}
 
 
 @_register

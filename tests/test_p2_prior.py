@@ -44,6 +44,21 @@ def test_p2_head_is_the_models_fusion_block_and_the_residual_design_starts_as_p1
     assert (gap == 0.0) if residual else (gap > 1.0), gap
 
 
+def test_residual_clip_keeps_p1s_mask_and_bounds_the_start():
+    """``model.p2_residual_clip``: a fresh residual P2 is P1's logits clipped to ±c — the same mask
+    (sign), |P2| ≤ c, and P1 unclipped where |P1| < c; a negative clip is a config error."""
+    from spirs_tf import networks
+
+    cfg = config_lib.get_config("test", ["model.p2_residual=true", "model.p2_residual_clip=0.5"])
+    out = networks.build_spirs(cfg, 3)(_inputs(1))
+    p1, p2 = np.asarray(out["p1_logits"]), np.asarray(out["p2_logits"])
+    assert np.abs(p1).max() > 0.5  # the clip is exercised
+    np.testing.assert_array_equal(p2, np.clip(p1, -0.5, 0.5))
+    np.testing.assert_array_equal(p2 > 0, p1 > 0)
+    with pytest.raises(SpirsInputError, match="p2_residual_clip"):
+        config_lib.get_config("test", ["model.p2_residual_clip=-1"])
+
+
 def _trainer(tmp_path, overrides, stage: int = 3, pairs=None):
     from spirs_tf import data
     from spirs_tf.train import Trainer
