@@ -6,7 +6,8 @@ is the truth; ``p1_mask.nii.gz`` and ``p2_mask.nii.gz`` (written on the new scan
 lesion (26-connected component) is detected by a method when a predicted component overlaps it
 (:func:`spirs_tf.metrics.lesion_table`, the rule of ``experiments/evaluate.py``). Printed per size bin:
 lesions found by P1 and by P2, found by one only, and the exact McNemar p (two-sided binomial test on
-the discordant lesions); and the false-positive components per scan. Unlike ``evaluate.py``, this
+the discordant lesions); and the false-positive components per scan. ``in_warped_prior``: lesions that the
+case's ``prior_mask_warped.nii.gz`` overlaps (where the registered prior points at them). Unlike ``evaluate.py``, this
 scores what ``spirs predict`` wrote, i.e. P2 computed from the registration it used (refined by default).
 
 The McNemar p of the four size bins are also Holm-adjusted as one family (``mcnemar_p_holm``).
@@ -90,11 +91,25 @@ def _prior_groups(pair, gt, synthetic: dict) -> dict:
     return groups
 
 
+def _in_warped_prior(folder: str, gt) -> dict:
+    """``{truth component id: overlaps prior_mask_warped.nii.gz}`` (empty when the case has no such file)."""
+    from spirs_tf import metrics
+    from spirs_tf.io import read_volume
+
+    path = os.path.join(folder, "prior_mask_warped.nii.gz")
+    if not os.path.isfile(path):
+        return {}
+    prior = read_volume(path, "mask").data > 0.5
+    labels, _ = metrics.label_lesions(gt)
+    return {int(c): True for c in np.unique(labels[prior & (labels > 0)])}
+
+
 def _counts(rows: list) -> dict:
     only1 = sum(r["P1"] and not r["P2"] for r in rows)
     only2 = sum(r["P2"] and not r["P1"] for r in rows)
     return {"n": len(rows), "P1": sum(r["P1"] for r in rows), "P2": sum(r["P2"] for r in rows),
-            "P1_only": only1, "P2_only": only2, "mcnemar_p": mcnemar_exact(only1, only2)}
+            "P1_only": only1, "P2_only": only2, "mcnemar_p": mcnemar_exact(only1, only2),
+            "in_warped_prior": sum(r.get("in_prior", False) for r in rows)}
 
 
 def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = None) -> dict:
@@ -130,9 +145,10 @@ def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = No
                              for r in metrics.lesion_table(gt, pred, spacing)}
             false_pos[method].append(len(metrics.false_positive_components(gt, pred, spacing)))
         groups = _prior_groups(pairs[case], gt, synthetic) if synthetic is not None else {}
+        in_prior = _in_warped_prior(folder, gt)
         for lid, (size_bin, p1) in found["P1"].items():
             lesions.append({"case": case, "lesion_id": lid, "bin": size_bin, "P1": p1, "P2": found["P2"][lid][1],
-                            "groups": groups.get(lid, [])})
+                            "groups": groups.get(lid, []), "in_prior": in_prior.get(lid, False)})
     if not false_pos["P1"]:
         raise SpirsInputError("no case folders with p1_mask.nii.gz", cases_dir)
     result = {"cases": len(false_pos["P1"]), "lesions": len(lesions), "bins": {},
@@ -177,7 +193,8 @@ def main(argv=None) -> int:
         for b, r in bins.items():
             if r["n"]:
                 print(f"  {g:<10} {b:<7} n={r['n']:4d}  P1 {r['P1']:3d}  P2 {r['P2']:3d}  P1 only {r['P1_only']:3d}  "
-                      f"P2 only {r['P2_only']:3d}  McNemar p = {r['mcnemar_p']:.2g}")
+                      f"P2 only {r['P2_only']:3d}  McNemar p = {r['mcnemar_p']:.2g}  "
+                      f"in the warped prior {r['in_warped_prior']}")
     fp = result["false_positives_per_scan"]
     print(f"  false-positive components per scan: P1 {fp['P1']:.2f}, P2 {fp['P2']:.2f}")
     if args.json:

@@ -170,3 +170,21 @@ def test_config_and_cli_refuse_bad_p2_settings(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "init-skip" in proc.stderr and "Traceback" not in proc.stderr
         assert not out.exists()
+
+
+def test_p2_prior_probe_counts_lesions_and_a_fresh_residual_p2_equals_p1(tmp_path):
+    """experiments/p2_prior_probe.py on a tiny run whose residual P2 never trained (its optimiser at rate 0):
+    P2 is P1, so it reaches exactly the lesions P1 reaches; the counts add up to the lesions probed."""
+    from cohort import experiment_script, make_cohort
+    from spirs_tf import train
+
+    manifest = make_cohort(str(tmp_path / "cohort"), n_patients=3)
+    frozen = [f"optim.segmentation_p2.{k}=0" for k in ("learning_rate", "learning_rate_min", "weight_decay",
+                                                        "weight_decay_min")]
+    cfg = config_lib.get_config("test", ["model.p2_residual=true", "train.stages.0.epochs=1", *frozen])
+    train.run_stage(cfg, 1, manifest, str(tmp_path / "run"), verbose=0)
+    result = experiment_script("p2_prior_probe").probe(str(tmp_path / "run"), manifest, split="val", pairs=2)
+    counted = [part for entry in result["bins"].values() for part in entry.values()]
+    assert result["lesions"] > 0 and sum(p["n"] for p in counted) == result["lesions"]
+    for part in counted:
+        assert part["P1"] == part["P2"] <= part["n"]

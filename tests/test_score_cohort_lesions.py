@@ -48,7 +48,7 @@ def test_counts_false_positives_and_mcnemar(tmp_path, capsys):
     result = script.score(str(manifest), str(tmp_path / "out"))
     assert (result["cases"], result["lesions"]) == (1, 2)
     assert result["bins"]["small"] == {"n": 1, "P1": 1, "P2": 0, "P1_only": 1, "P2_only": 0, "mcnemar_p": 1.0,
-                                       "mcnemar_p_holm": 1.0}
+                                       "in_warped_prior": 0, "mcnemar_p_holm": 1.0}
     assert result["bins"]["medium"]["P1"] == result["bins"]["medium"]["P2"] == 1
     assert result["false_positives_per_scan"] == {"P1": 1.0, "P2": 0.0}
     assert script.mcnemar_exact(0, 10) == pytest.approx(2 * 0.5 ** 10)
@@ -81,12 +81,14 @@ def test_synthetic_lesion_groups_and_holm(tmp_path):
     case = tmp_path / "out" / "p0_0_to_1"
     _save(str(case / "p1_mask.nii.gz"), small + medium)
     _save(str(case / "p2_mask.nii.gz"), small)
+    _save(str(case / "prior_mask_warped.nii.gz"), _cube(shape, (4, 4, 4), 1))  # on the small lesion only
     script = _script()
     result = script.score(str(d / "manifest.csv"), str(tmp_path / "out"), str(d / "lesions.csv"))
     groups = result["prior_groups"]
     assert groups["with_prior"]["all"] == groups["faded"]["all"] == {
-        "n": 1, "P1": 1, "P2": 1, "P1_only": 0, "P2_only": 0, "mcnemar_p": 1.0}
-    assert groups["new"]["medium"] == {"n": 1, "P1": 1, "P2": 0, "P1_only": 1, "P2_only": 0, "mcnemar_p": 1.0}
+        "n": 1, "P1": 1, "P2": 1, "P1_only": 0, "P2_only": 0, "mcnemar_p": 1.0, "in_warped_prior": 1}
+    assert groups["new"]["medium"] == {"n": 1, "P1": 1, "P2": 0, "P1_only": 1, "P2_only": 0, "mcnemar_p": 1.0,
+                                       "in_warped_prior": 0}
     for b in ("small", "medium"):
         assert result["bins"][b]["mcnemar_p_holm"] >= result["bins"][b]["mcnemar_p"]
     assert "mcnemar_p_holm" not in result["bins"]["micro"]  # an empty bin is not tested
