@@ -40,16 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from spirs_tf.atomic import atomic_write_text
+from spirs_tf.config_checks import (AFFINE_SUPERVISION, MODULE_NAMES, NORMALIZATIONS,  # noqa: F401 (re-exported)
+                                    P2_PRIORS, check_config)
 from spirs_tf.errors import SpirsInputError
 
-#: the network's module prefixes (the keys of ``spirs_tf.networks.MODULE_PREFIXES``, which needs Keras)
-MODULE_NAMES = ("enc", "aff", "def", "seg", "fuse")
-#: values of ``loss.affine_supervision`` (``spirs_tf.losses.AFFINE_SUPERVISION``, which needs Keras)
-AFFINE_SUPERVISION = ("matrix", "displacement")
-#: ``model.normalization``: the authors' BatchNorm, or per-sample instance normalisation
-NORMALIZATIONS = ("batch", "instance")
-#: ``train.p2_prior``: which registration places the prior that P2's fusion block learns from
-P2_PRIORS = ("network", "truth")
 
 CONFIG_VERSION = 1
 
@@ -270,72 +264,12 @@ class SpirsConfig:
         return self.data.grid_size // 2 ** (self.model.num_levels - level)
 
     def validate(self) -> "SpirsConfig":
-        d, m = self.data, self.model
-        coarsest = d.grid_size // 2 ** (m.num_levels - 1)
-        if d.grid_size <= 0 or coarsest % 8:
-            raise SpirsInputError(
-                f"config {self.name!r}: data.grid_size={d.grid_size} must make the coarsest level "
-                f"({coarsest}) divisible by 8 (three poolings in the shared encoder)")
-        if d.spacing_mm <= 0:
-            raise SpirsInputError(f"config {self.name!r}: data.spacing_mm must be > 0, got {d.spacing_mm}")
-        if d.pairing not in ("consecutive", "all"):
-            raise SpirsInputError(f"config {self.name!r}: data.pairing must be 'consecutive' or 'all'")
-        if self.loss.optimisation not in ("isolated", "joint"):
-            raise SpirsInputError(f"config {self.name!r}: loss.optimisation must be 'isolated' or 'joint'")
-        if self.model.normalization not in NORMALIZATIONS:
-            raise SpirsInputError(f"config {self.name!r}: model.normalization must be one of "
-                                  f"{', '.join(NORMALIZATIONS)}, got {self.model.normalization!r}")
-        if isinstance(self.model.affine_passes, bool) or not isinstance(self.model.affine_passes, int) \
-                or self.model.affine_passes < 1:
-            raise SpirsInputError(f"config {self.name!r}: model.affine_passes must be an integer >= 1, "
-                                  f"got {self.model.affine_passes!r}")
-        if not 0.0 <= self.augment.fixed_pose_probability <= 1.0 or not self.augment.fixed_rotation_degrees >= 0:
-            raise SpirsInputError(f"config {self.name!r}: augment.fixed_pose_probability must be in [0, 1] and "
-                                  f"augment.fixed_rotation_degrees >= 0, got {self.augment.fixed_pose_probability!r}, "
-                                  f"{self.augment.fixed_rotation_degrees!r}")
-        if not self.model.affine_radius >= 0:
-            raise SpirsInputError(f"config {self.name!r}: model.affine_radius must be >= 0, "
-                                  f"got {self.model.affine_radius!r}")
-        bottleneck = coarsest // 8
-        if self.model.normalization == "instance" and bottleneck < 2:
-            raise SpirsInputError(f"config {self.name!r}: model.normalization 'instance' needs a bottleneck of at "
-                                  f"least 2³ voxels (one voxel normalises to a constant and the affine head "
-                                  f"sees nothing); this grid gives {bottleneck}³")
-        if self.loss.affine_supervision not in AFFINE_SUPERVISION:
-            raise SpirsInputError(f"config {self.name!r}: loss.affine_supervision must be one of "
-                                  f"{', '.join(AFFINE_SUPERVISION)}, got {self.loss.affine_supervision!r}")
-        for key in ("segmentation_bce_positive_weight", "p2_bce_positive_weight"):
-            w = getattr(self.loss, key)
-            if w is not None and (isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0):
-                raise SpirsInputError(f"config {self.name!r}: loss.{key} must be a positive number or null, "
-                                      f"got {w!r}")
-        if self.train.p2_prior not in P2_PRIORS:
-            raise SpirsInputError(f"config {self.name!r}: train.p2_prior must be one of {', '.join(P2_PRIORS)}, "
-                                  f"got {self.train.p2_prior!r}")
-        clip = self.model.p2_residual_clip
-        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
-            raise SpirsInputError(f"config {self.name!r}: model.p2_residual_clip must be a number >= 0, got {clip!r}")
-        if not isinstance(self.model.p2_residual, bool):
-            raise SpirsInputError(f"config {self.name!r}: model.p2_residual must be true or false, "
-                                  f"got {self.model.p2_residual!r}")
-        if self.train.distribute not in ("none", "mirrored", "multi_worker"):
-            raise SpirsInputError(
-                f"config {self.name!r}: train.distribute must be 'none', 'mirrored' or 'multi_worker'")
-        for s in self.train.stages:
-            if not 1 <= s.levels <= m.num_levels:
-                raise SpirsInputError(f"config {self.name!r}: stage levels must be in 1..{m.num_levels}")
-            if s.bn_recalibration_batches < 0:
-                raise SpirsInputError(f"config {self.name!r}: bn_recalibration_batches must be >= 0")
-        for name in ("registration", "segmentation_p1", "segmentation_p2"):
-            clip = getattr(self.optim, name).global_clipnorm
-            if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or
-                                     not clip > 0):
-                raise SpirsInputError(f"config {self.name!r}: optim.{name}.global_clipnorm must be a positive "
-                                      f"number or null, got {clip!r}")
-        unknown = [m for m in self.train.recalibration_modules() if m not in MODULE_NAMES]
-        if unknown:
-            raise SpirsInputError(f"config {self.name!r}: train.bn_recalibration_modules: unknown module(s) "
-                                  f"{unknown}; known: {', '.join(MODULE_NAMES)}")
+        """Check every field's range and the fields' consistency (:func:`spirs_tf.config_checks.check_config`).
+
+        Raises:
+            SpirsInputError: naming the config and the first bad field.
+        """
+        check_config(self)
         return self
 
 
@@ -412,8 +346,9 @@ def _cpu_medium() -> SpirsConfig:
       fixed image and 25.6 mm with a posed one (``experiments/affine_accuracy.py --fixed-pose 1``); 15
       more stage-1 epochs with posed fixed images: 12.4 and 14.6 mm.
 
-    The shipped demo weights (``spirs_tf/weights/demo.*``: registration of ``runs/cm7``, P1 and P2 of ``runs/cm9p2``,
-    trained with ``model.p2_residual`` and ``train.p2_prior = "truth"`` set on the command line; see their provenance file).
+    The shipped demo weights (``spirs_tf/weights/demo.*``): registration of ``runs/cm7``, P1 and P2 of
+    ``runs/cm9p2``, trained with ``model.p2_residual`` and ``train.p2_prior = "truth"`` set on the command
+    line (see their provenance file).
     """
     cfg = _cpu_small()
     cfg.name = "cpu-medium"
