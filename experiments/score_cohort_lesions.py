@@ -63,10 +63,10 @@ def _synthetic_lesions(path: str) -> dict:
     return table
 
 
-def _prior_groups(pair, gt, synthetic: dict) -> dict:
-    """``{truth component id: [groups]}``: each 26-connected lesion of ``gt`` named by the synthetic
-    lesion id most of its voxels carry in ``lesions.nii.gz`` next to the new scan's mask."""
-    from spirs_tf import metrics
+def _prior_groups(pair, labels, count: int, synthetic: dict) -> dict:
+    """``{truth component id: [groups]}``: each 26-connected truth lesion (``labels``, ``count`` of
+    :func:`spirs_tf.metrics.label_lesions`) named by the synthetic lesion id most of its voxels carry in
+    ``lesions.nii.gz`` next to the new scan's mask."""
     from spirs_tf.errors import SpirsInputError
     from spirs_tf.io import read_volume
 
@@ -75,7 +75,6 @@ def _prior_groups(pair, gt, synthetic: dict) -> dict:
         raise SpirsInputError("--synthetic-lesions needs the lesion-id map lesions.nii.gz next to the mask",
                               pair.new.mask)
     ids = np.rint(read_volume(ids_path, "labels").data).astype(np.int64)
-    labels, count = metrics.label_lesions(gt)
     before = synthetic.get((pair.prior.patient_id, pair.prior.timepoint), {})
     now = synthetic.get((pair.new.patient_id, pair.new.timepoint), {})
     groups = {}
@@ -91,16 +90,14 @@ def _prior_groups(pair, gt, synthetic: dict) -> dict:
     return groups
 
 
-def _in_warped_prior(folder: str, gt) -> dict:
+def _in_warped_prior(folder: str, labels) -> dict:
     """``{truth component id: overlaps prior_mask_warped.nii.gz}`` (empty when the case has no such file)."""
-    from spirs_tf import metrics
     from spirs_tf.io import read_volume
 
     path = os.path.join(folder, "prior_mask_warped.nii.gz")
     if not os.path.isfile(path):
         return {}
     prior = read_volume(path, "mask").data > 0.5
-    labels, _ = metrics.label_lesions(gt)
     return {int(c): True for c in np.unique(labels[prior & (labels > 0)])}
 
 
@@ -144,8 +141,9 @@ def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = No
             found[method] = {r["lesion_id"]: (r["size_bin"], bool(r["detected"]))
                              for r in metrics.lesion_table(gt, pred, spacing)}
             false_pos[method].append(len(metrics.false_positive_components(gt, pred, spacing)))
-        groups = _prior_groups(pairs[case], gt, synthetic) if synthetic is not None else {}
-        in_prior = _in_warped_prior(folder, gt)
+        labels, count = metrics.label_lesions(gt)  # the components lesion_table numbers (its lesion_id)
+        groups = _prior_groups(pairs[case], labels, count, synthetic) if synthetic is not None else {}
+        in_prior = _in_warped_prior(folder, labels)
         for lid, (size_bin, p1) in found["P1"].items():
             lesions.append({"case": case, "lesion_id": lid, "bin": size_bin, "P1": p1, "P2": found["P2"][lid][1],
                             "groups": groups.get(lid, []), "in_prior": in_prior.get(lid, False)})
