@@ -112,6 +112,9 @@ class Trainer:
         self.best = math.inf
         self.history: list[dict] = []
         self._metrics: dict = {}
+        self.step_seconds: float | None = None  #: the last epoch's steady seconds per step (train_epoch)
+        self.stop_reason: str | None = None
+        self._other_seconds = 0.0  # the last epoch's validation and checkpoint seconds (fit)
 
         if os.path.isfile(self.paths.latest):
             self._restore(self.paths.latest)
@@ -332,13 +335,21 @@ class Trainer:
     def fit(self, epochs: int | None = None, deadline: float | None = None) -> list[dict]:
         """Train until ``epochs`` (default the stage's) epochs are complete → the history rows.
 
-        ``deadline`` (a ``time.time()`` value) stops earlier: no epoch starts that would, at the last
-        epoch's duration, end after it, and an epoch still running at the deadline ends after its current
-        step, validated and checkpointed like a full one (its history row has ``steps``; a resumed run
-        goes on with the next epoch). ``stop_reason`` says why fit stopped early (None: it did not).
+        ``deadline`` (a ``time.time()`` value) stops earlier. An epoch's length is estimated from the last
+        one: its median step time after the first step (which holds the compilation) times the steps per
+        epoch, plus its validation and checkpoint time. An epoch that fits starts; one of which at least
+        half fits starts and is cut, so that its validation ends near the deadline; otherwise fit stops.
+        An epoch still running at its deadline ends after its current step, validated and checkpointed
+        like a full one (its history row has ``steps``; a resumed run goes on with the next epoch).
+        ``stop_reason`` says why fit stopped early (None: it did not). (The first estimate used to be the
+        whole first epoch, compilation included: on the H100 every stage of the GPU recipe stopped after
+        one epoch with a third of its time unused, ``experiments/gpu/provenance/``.)
         """
         epochs = self.stage_cfg.epochs if epochs is None else epochs
-        self.stop_reason, last_seconds = None, 0.0
+        self.stop_reason = None
+        # seconds of the next epoch's steps, and of its validation and checkpoints (known after an epoch)
+        train_estimate = None if self.step_seconds is None else self.step_seconds * self.steps_per_epoch
+        other_estimate = self._other_seconds
         if self._steps is None:
             if self.epoch == 0 and self.stage_cfg.bn_recalibration_batches > 0:
                 names = self.recalibrate_batchnorm(self.stage_cfg.bn_recalibration_batches)
@@ -347,14 +358,20 @@ class Trainer:
                           f"over {self.stage_cfg.bn_recalibration_batches} batches")
             self.build_steps()
         while self.epoch < epochs and self.stop_reason is None:
-            if deadline is not None and time.time() + last_seconds > deadline:
-                self.stop_reason = f"deadline: epoch {self.epoch + 1} would end after it"
-                break
-            epoch, started = self.epoch + 1, time.time()
+            cut_at = deadline
+            if deadline is not None and train_estimate is not None:
+                left = deadline - time.time()
+                if left < other_estimate + 0.5 * train_estimate:
+                    self.stop_reason = f"deadline: epoch {self.epoch + 1} would end after it"
+                    break
+                if left < other_estimate + train_estimate:
+                    cut_at = deadline - other_estimate  # leave the validation its time
+            epoch = self.epoch + 1
             self.on_epoch_start(epoch)
-            logs = self.train_epoch(epoch, deadline)
+            logs = self.train_epoch(epoch, cut_at)
             if "steps" in logs:
                 self.stop_reason = f"deadline: epoch {epoch} cut after {logs['steps']} of {self.steps_per_epoch} steps"
+            train_estimate, after_steps = self.step_seconds * self.steps_per_epoch, time.time()
             logs.update(self.validate(epoch))
             if self.verbose:
                 shown = {k: round(v, 4) for k, v in logs.items()
@@ -363,7 +380,7 @@ class Trainer:
                 print(f"stage {self.stage} epoch {epoch}/{epochs}: {shown}")
             self.epoch = epoch
             self.on_epoch_end(epoch, logs)
-            last_seconds = time.time() - started
+            other_estimate = self._other_seconds = time.time() - after_steps
         plot_curves(self.history, os.path.join(self.paths.root, "curves.png"), title=f"stage {self.stage}")
         return self.history
 
@@ -383,13 +400,14 @@ class Trainer:
             ds = distribute_dataset(self.strategy, ds)  # each replica gets batch / replicas pairs
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
                                   stateful_metrics=None) if self.verbose else None
-        start, cut = time.perf_counter(), None
+        start, cut, durations = time.perf_counter(), None, []
         for step, batch in enumerate(ds):
             if step >= self.steps_per_epoch:
                 break
             if deadline is not None and step > 0 and time.time() > deadline:
                 cut = step
                 break
+            began = time.perf_counter()
             scalars = self.train_step(batch)
             if not math.isfinite(float(scalars["total"])):
                 raise SpirsInputError(
@@ -397,12 +415,18 @@ class Trainer:
                     f"{float(scalars['total'])}); the last good checkpoint is kept. Lower the learning rate, "
                     f"e.g. --set train.stages.{self.stage - 1}.lr_scale=0.01", self.paths.root)
             self._track("", scalars)
+            durations.append(time.perf_counter() - began)
             if bar is not None:
                 bar.update(step + 1, values=[(k, float(self._metrics[k].result()))
                                              for k in ("registration", "segmentation_p1", "segmentation_p2")
                                              if k in self._metrics])
         logs = {k: float(m.result()) for k, m in self._metrics.items() if not k.startswith("val_")}
         logs["seconds"] = time.perf_counter() - start
+        # the steady step time (data wait included: the next batch is fetched before the clock starts
+        # again, so add the epoch's unaccounted time per step); the first step holds the compilation
+        if durations:
+            wait = max(0.0, logs["seconds"] - sum(durations)) / len(durations)
+            self.step_seconds = float(np.median(durations[1:] if len(durations) > 1 else durations)) + wait
         logs["learning_rate"] = float(_current_lr(next(iter(self.optimizers.values()))))
         if cut is not None:
             logs["steps"] = cut

@@ -344,6 +344,28 @@ def test_numpy_batches_equal_the_tf_data_batches(cfg, source, training, batch_si
             np.testing.assert_array_equal(a[k], b[k])
 
 
+def test_numpy_batches_keep_every_worker_busy(cfg, source, monkeypatch):
+    """Batch 1, no prefetch, 4 workers: 4 samples are in flight at once (it was (prefetch + 1) · batch = 1).
+    The first four loads wait for each other at a barrier, which breaks (and fails the test) unless all
+    four run concurrently."""
+    import threading
+
+    real, barrier, calls, lock = data.make_sample, threading.Barrier(4, timeout=20), [0], threading.Lock()
+
+    def gated(*args, **kwargs):
+        with lock:
+            calls[0] += 1
+            first_four = calls[0] <= 4
+        if first_four:
+            barrier.wait()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "make_sample", gated)
+    got = list(data.numpy_batches(source, cfg, 1, batch_size=1, training=True, seed=0, steps=6, workers=4,
+                                  prefetch=0))
+    assert len(got) == 6 and calls[0] == 6 and not barrier.broken
+
+
 def test_numpy_batches_stop_early_and_check_the_grid(cfg, source):
     it = data.numpy_batches(source, cfg, 1, batch_size=1, training=True, seed=0, steps=50, prefetch=1)
     first = next(it)

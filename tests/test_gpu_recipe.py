@@ -116,3 +116,19 @@ def test_gpu_config_fits_the_device_limits():
 
     model = networks.build_spirs(cfg, 1)
     assert 4 * sum(int(np.prod(v.shape)) for v in model.weights) < recipe.FILE_LIMIT - 2**20
+
+
+def test_step_profile_reports_loader_and_step_times():
+    """experiments/gpu/step_profile.py on the test config, stage 1: every timing is there and positive, and
+    the verdict follows from them."""
+    import step_profile
+
+    from spirs_tf import config as config_lib
+
+    cfg = config_lib.get_config("test")
+    out = step_profile.profile_stage(cfg, 1, [1, 2], batches=2, repeats=1, end_to_end=2)
+    assert out["stage"] == 1 and out["levels"] == 1 and out["input"] == cfg.level_grid(1)
+    assert set(out["loader_s_per_batch"]) == {"1", "2"}
+    assert all(v > 0 for v in out["loader_s_per_batch"].values())
+    assert out["step_s"] > 0 and out["end_to_end_s"] > 0 and out["first_step_s"] > 0
+    assert out["bound"] == ("loader" if min(out["loader_s_per_batch"].values()) > out["step_s"] else "model")

@@ -305,6 +305,38 @@ def test_deadline_cuts_an_epoch_short_stops_before_the_next_and_resumes(cohort, 
     assert t.epoch == 4 and t.stop_reason is None and len(t.history) == 4
 
 
+def test_deadline_estimate_leaves_out_the_compiled_first_step(cohort, tmp_path, monkeypatch):
+    """First step 100 s (compilation), the others 10 s: the next epoch is estimated at 3 × 10 s, not at
+    the first epoch's 120 s; an epoch of which half fits starts and is cut; less than half: none starts."""
+    import types
+
+    from spirs_tf import data, train
+    from spirs_tf.manifest import load_manifest
+
+    cfg = config_lib.get_config("test", ["train.stages.0.epochs=5", "train.stages.0.steps_per_epoch=3"])
+    source = data.PairSource(load_manifest(cohort), "train", cfg.data)
+    clock, calls = [1000.0], [0]
+
+    def fake_step(batch):
+        calls[0] += 1
+        clock[0] += 100.0 if calls[0] == 1 else 10.0
+        return {"total": 1.0, "registration": 1.0}
+
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: clock[0], perf_counter=lambda: clock[0]))
+    t = train.Trainer(cfg, 1, source, None, str(tmp_path / "run"), verbose=0)
+    t._steps = types.SimpleNamespace(train_step=fake_step, eval_step=None)
+    # epoch 1 ends at +120 s; 45 s left: epoch 2 (30 s) fits; 15 s left at +150: half of epoch 3 fits,
+    # it starts and is cut at the deadline (+165 s) after 2 steps; then nothing is left
+    t.fit(deadline=clock[0] + 165.0)
+    assert t.step_seconds == pytest.approx(10.0)
+    assert [r.get("steps") for r in t.history] == [None, None, 2]
+    assert t.stop_reason == "deadline: epoch 3 cut after 2 of 3 steps"
+    # 14 s left: less than half an epoch, so epoch 4 does not start
+    t.stop_reason = None
+    t.fit(deadline=clock[0] + 14.0)
+    assert t.epoch == 3 and t.stop_reason == "deadline: epoch 4 would end after it"
+
+
 def test_instance_normalisation_and_affine_radius_train_two_stages(cohort, tmp_path):
     """cpu-medium's choices on the test cohort: stage 1 trains β of the instance normalisations, stage 2
     (``bn_trainable=False``) keeps them while the convolutions move; re-estimation finds no BatchNorm."""
