@@ -96,6 +96,43 @@ def test_smoke_outputs(smoke, tmp_path):
     assert 4 * sum(v.size for v in state.values()) == prov["weights_bytes"]
 
 
+@pytest.mark.slow
+def test_a_later_call_goes_on_from_an_earlier_calls_weights(smoke, tmp_path):
+    """``--stages 3 --init-from stage2_best.npz``: only stage 3 trains, from those weights (provenance
+    names them by digest), and its run.tar holds stage 3 alone."""
+    out = tmp_path / "again"
+    init = smoke / "stage2_best.npz"
+    env = dict(os.environ, KERAS_BACKEND=SMOKE_BACKEND, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "gpu", "recipe.py"), "--smoke",
+                           "--eager", "--out", str(out), "--budget", "1200", "--workers", "1", "--quiet",
+                           "--stages", "3", "--init-from", str(init)],
+                          capture_output=True, text=True, env=env, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["stages_run"] == [3] and set(prov["stages"]) == {"3"}
+    assert prov["init_from"]["sha256"] == recipe._sha256(str(init)) and prov["init_from"]["stage"] == 2
+    assert prov["stages"]["3"]["init_from"] == "stage2_best.npz" and prov["stages"]["3"]["stop"] == "finished"
+    assert sorted(os.listdir(out)) == ["curves.png", "provenance.json", "recipe.log", "run.tar"]
+    with tarfile.open(out / "run.tar") as tar:
+        assert {os.path.dirname(n) for n in tar.getnames()} == {"gpu-1p5mm/stage3", "gpu-1p5mm/stage3/checkpoints"}
+
+
+def test_stages_and_init_from_are_checked_before_any_work(tmp_path, capsys):
+    assert recipe.parse_stages("1,2,3", 3) == [1, 2, 3] and recipe.parse_stages("3", 3) == [3]
+    for bad in ("1,3", "3,2", "0", "4", "x", ""):
+        with pytest.raises(recipe.SpirsInputError):
+            recipe.parse_stages(bad, 3)
+    out = tmp_path / "out"
+    assert recipe.main(["--smoke", "--out", str(out), "--stages", "2,3"]) == 2
+    assert "give --init-from" in capsys.readouterr().err
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"not a checkpoint")
+    assert recipe.main(["--smoke", "--out", str(out), "--stages", "3", "--init-from", str(broken)]) == 2
+    assert "broken.npz" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["recipe.log"]  # nothing synthesised, nothing trained
+
+
 def test_stage_deadlines_pass_unused_time_on():
     # three stages sharing 100 s as 3:3:4; what stage 1 leaves over is shared by stages 2 and 3
     assert recipe.stage_deadlines(0.0, 100.0, [0.3, 0.3, 0.4], 1) == pytest.approx(30.0)

@@ -240,6 +240,14 @@ def cohort_summary(cohort_dir: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ outputs
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _model_only(src: str, dst: str) -> None:
     """Copy a checkpoint without its optimiser state (half the size; what evaluation and stage hand-off read)."""
     from spirs_tf.checkpoints import load_checkpoint, save_checkpoint
@@ -319,28 +327,49 @@ def stage_deadlines(now: float, end: float, shares: list[float], stage: int) -> 
     return now + max(0.0, end - now) * rest[0] / sum(rest)
 
 
+def parse_stages(text: str, count: int) -> list[int]:
+    """``--stages`` → the consecutive stage numbers to train, e.g. ``"2,3"`` → ``[2, 3]``.
+
+    Raises:
+        SpirsInputError: not consecutive increasing numbers in 1..count.
+    """
+    try:
+        stages = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        stages = []
+    if not stages or stages != list(range(stages[0], stages[0] + len(stages))) or not 1 <= stages[0] <= stages[-1] <= count:
+        raise SpirsInputError(f"--stages needs consecutive stage numbers in 1..{count} (e.g. 1,2,3 or 3), got {text!r}")
+    return stages
+
+
 def train_stages(cfg, train_source, val_source, run_dir: str, train_end: float, shares: list[float],
-                 provenance: dict, after_stage, verbose: int = 1) -> list[int]:
-    """Train stages 1..3 (each from the previous stage's best) until ``train_end``; returns the stages done."""
+                 provenance: dict, after_stage, verbose: int = 1, stages_to_run: list[int] | None = None,
+                 init_from: str | None = None) -> list[int]:
+    """Train ``stages_to_run`` (default 1..3; each from the previous stage's best, the first from
+    ``init_from`` if given) until ``train_end``; returns the stages done. ``shares`` are per stage of the
+    config; the stages left out give their share to the others."""
     from spirs_tf.checkpoints import StagePaths, stage_dir
     from spirs_tf.train import Trainer
 
     done: list[int] = []
     stages = provenance.setdefault("stages", {})
-    for stage in range(1, len(cfg.train.stages) + 1):
+    stages_to_run = stages_to_run or list(range(1, len(cfg.train.stages) + 1))
+    run_shares = [0.0] * (stages_to_run[0] - 1) + list(shares[stages_to_run[0] - 1:])
+    for stage in stages_to_run:
         now = time.time()
-        deadline = stage_deadlines(now, train_end, shares, stage)
+        deadline = stage_deadlines(now, train_end, run_shares, stage)
         info = stages.setdefault(str(stage), {})
         if deadline - now < 5:
             info["stop"] = "skipped: no time left in the budget"
             log(f"stage {stage}: skipped, no time left")
             break
-        init_from = None
-        if stage > 1:
+        start_from = init_from if stage == stages_to_run[0] else None
+        if start_from is None and stage > 1:
             prev = StagePaths(stage_dir(run_dir, stage - 1))
-            init_from = prev.best if os.path.isfile(prev.best) else prev.latest
+            start_from = prev.best if os.path.isfile(prev.best) else prev.latest
+        info["init_from"] = os.path.basename(start_from) if start_from else None
         started = time.time()
-        trainer = Trainer(cfg, stage, train_source, val_source, run_dir, init_from=init_from, verbose=verbose)
+        trainer = Trainer(cfg, stage, train_source, val_source, run_dir, init_from=start_from, verbose=verbose)
         built = time.time()
         weights_bytes = 4 * sum(int(np.prod(v.shape)) for v in trainer.model.weights)
         provenance["weights_bytes"] = weights_bytes
@@ -385,6 +414,11 @@ def parse_args(argv):
                         help="start time (Unix seconds) the budget counts from (run.sh passes its own start)")
     parser.add_argument("--shares", default="0.25,0.25,0.5",
                         help="shares of the training time of stages 1,2,3 (unused time passes on)")
+    parser.add_argument("--stages", default=None,
+                        help="consecutive stages to train (default all, e.g. 1,2,3; 3 = stage 3 only, from --init-from)")
+    parser.add_argument("--init-from", default=None, metavar="NPZ",
+                        help="model weights the first of --stages starts from: a best.npz or stageN_best.npz of "
+                             "an earlier call, carried along, so that training goes on across calls")
     parser.add_argument("--patients", type=int, default=None, help="synthetic patients (default 64; smoke 3)")
     parser.add_argument("--seed", type=int, default=2026, help="cohort seed")
     parser.add_argument("--workers", type=int, default=None, help="processes for synthesis and preprocessing "
@@ -431,6 +465,17 @@ def _run(args, t0: float) -> int:
     shares = [float(s) for s in args.shares.split(",")]
     if len(shares) != len(cfg.train.stages) or min(shares) <= 0:
         raise SpirsInputError(f"--shares needs {len(cfg.train.stages)} positive numbers, got {args.shares!r}")
+    stages_to_run = parse_stages(args.stages, len(cfg.train.stages)) if args.stages else None
+    init_from = os.path.abspath(args.init_from) if args.init_from else None
+    if init_from is not None:
+        from spirs_tf.checkpoints import load_checkpoint
+
+        # unreadable: SpirsInputError (exit 2) before any work. Every stage's model holds the same variables
+        # (the levels share them), so the weights of any stage can start any stage.
+        _, _, init_meta = load_checkpoint(init_from)
+    elif stages_to_run and stages_to_run[0] > 1:
+        raise SpirsInputError(f"--stages {args.stages} starts after stage 1: give --init-from with the weights "
+                              "it starts from")
     work = args.work or tempfile.mkdtemp(prefix="spirs-gpu-")
     run_dir = os.path.join(work, "run")
     provenance: dict = {
@@ -438,6 +483,9 @@ def _run(args, t0: float) -> int:
         "mode": "smoke" if args.smoke else "gpu", "config_name": cfg.name, "overrides": overrides,
         "config": config_lib.to_dict(cfg), "argv": sys.argv, "budget_seconds": budget,
         "stage_shares": shares, "git_commit": git_commit(), "source_digest": source_digest(),
+        "stages_run": stages_to_run or list(range(1, len(cfg.train.stages) + 1)),
+        "init_from": None if init_from is None else {"path": init_from, "sha256": _sha256(init_from),
+                                                      "stage": init_meta.get("stage"), "epoch": init_meta.get("epoch")},
         "python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(),
         "keras_backend": os.environ.get("KERAS_BACKEND", "tensorflow"), "packages": package_versions(),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t0)), "timings": {},
@@ -502,7 +550,7 @@ def _run(args, t0: float) -> int:
 
     start = time.time()
     done = train_stages(cfg, train_source, val_source, run_dir, end - reserve, shares, provenance, after_stage,
-                        verbose=0 if args.quiet else 1)
+                        verbose=0 if args.quiet else 1, stages_to_run=stages_to_run, init_from=init_from)
     timings["train"] = round(time.time() - start, 2)
     timings["total"] = round(time.time() - t0, 2)
     provenance["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
