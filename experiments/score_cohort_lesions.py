@@ -37,14 +37,6 @@ BINS = ("micro", "small", "medium", "large")
 PRIOR_GROUPS = ("with_prior", "faded", "new")
 
 
-def mcnemar_exact(only_a: int, only_b: int) -> float:
-    """Two-sided exact McNemar p: binomial test of ``only_b`` among ``only_a + only_b`` at 1/2."""
-    from scipy.stats import binomtest
-
-    n = only_a + only_b
-    return 1.0 if n == 0 else float(binomtest(only_b, n, 0.5).pvalue)
-
-
 def _synthetic_lesions(path: str) -> dict:
     """``{(patient, timepoint): {lesion id: (volume_mm3, contrast)}}`` of a ``spirs synth`` lesions.csv."""
     from spirs_tf.errors import SpirsInputError
@@ -102,10 +94,13 @@ def _in_warped_prior(folder: str, labels) -> dict:
 
 
 def _counts(rows: list) -> dict:
+    from spirs_tf.stats import mcnemar_exact
+
     only1 = sum(r["P1"] and not r["P2"] for r in rows)
     only2 = sum(r["P2"] and not r["P1"] for r in rows)
     return {"n": len(rows), "P1": sum(r["P1"] for r in rows), "P2": sum(r["P2"] for r in rows),
-            "P1_only": only1, "P2_only": only2, "mcnemar_p": mcnemar_exact(only1, only2),
+            "P1_only": only1, "P2_only": only2,
+            "mcnemar_p": mcnemar_exact([r["P1"] for r in rows], [r["P2"] for r in rows]).pvalue if rows else 1.0,
             "in_warped_prior": sum(r.get("in_prior", False) for r in rows)}
 
 
