@@ -20,6 +20,9 @@
 #   TRAIN_LIMIT [64]         at most this many training pairs for VoxelMorph (spread evenly)
 #   VXM_WEIGHTS []           load these VoxelMorph weights (.weights.h5, e.g. an earlier OUT/figure5/
 #                            vxm.weights.h5) instead of training
+#   REFINE [full]            Table 1 as users get it: `spirs predict --refine REFINE` on the whole test
+#                            split (P2 from that registration), scored on the new scans' own grids
+#                            (table1/table1_predict.md); none skips it. LIMIT does not apply to it.
 #
 # Every script writes its per-case CSV first, then a figure/table and a results.md snippet; all snippets
 # are concatenated into OUT_DIR/RESULTS_snippets.md at the end.
@@ -68,6 +71,19 @@ mkdir -p "$OUT/table1"
 "$PYTHON" "$HERE/segmentation_table.py" "$OUT/evaluate/per_lesion.csv" --out "$OUT/table1/table1.csv" \
   --markdown "$OUT/table1/table1.md" > /dev/null
 
+# 3b. Table 1 as `spirs predict` gives it: P2 from the refined registration (evaluate.py above gives P2 the
+#     network's own registration, as the paper's Table 1 does), scored on each new scan's own grid
+if [ "${REFINE:-full}" != none ]; then
+  "$PYTHON" -m spirs_tf.cli predict --model "$RUN" --manifest "$TEST_MANIFEST" --split "$SPLIT" \
+    --out "$OUT/predict" --refine "${REFINE:-full}" --transforms none --quiet
+  LESIONS_CSV=()
+  COHORT_DIR=$(dirname "$TEST_MANIFEST")
+  [ -f "$COHORT_DIR/lesions.csv" ] && LESIONS_CSV=(--synthetic-lesions "$COHORT_DIR/lesions.csv")
+  "$PYTHON" "$HERE/score_cohort_lesions.py" --manifest "$TEST_MANIFEST" --cases "$OUT/predict" \
+    "${LESIONS_CSV[@]}" --json "$OUT/table1/table1_predict.json" --markdown "$OUT/table1/table1_predict.md" \
+    --title "#### Table 1 — P1 vs P2 by lesion size, spirs predict --refine ${REFINE:-full}" > /dev/null
+fi
+
 # 4. statistics: Wilcoxon SPIRS vs identity per metric, McNemar P1 vs P2 per bin (Holm within each family)
 mkdir -p "$OUT/stats"
 "$PYTHON" "$HERE/stats.py" --registration "$OUT/evaluate/per_pair.csv" \
@@ -101,8 +117,9 @@ fi
 "$PYTHON" "$HERE/examples.py" "${COMMON[@]}" --compare "$OUT/figure5" --out "$OUT/examples"
 
 {
-  for part in evaluate table1/table1.md figure5 table3 figure4 examples; do
+  for part in evaluate table1/table1.md table1/table1_predict.md figure5 table3 figure4 examples; do
     f="$OUT/$part"; [ -d "$f" ] && f="$f/results.md"
+    [ -f "$f" ] || continue
     [ "$part" = table1/table1.md ] && echo "#### Table 1 — P1 vs P2 by lesion size" && echo
     cat "$f"; echo
   done

@@ -22,7 +22,11 @@ Usage::
 
     spirs predict --manifest M.csv --split S --out OUT
     python experiments/score_cohort_lesions.py --manifest M.csv --cases OUT [--json OUT/lesions_p1_p2.json]
-        [--synthetic-lesions COHORT/lesions.csv]
+        [--synthetic-lesions COHORT/lesions.csv] [--markdown TABLE1.md [--title "#### ..."]]
+
+``--markdown`` writes Table 1 (sensitivity per size bin with exact intervals, McNemar and Holm p, false
+positives per scan) and names the registration each case's P2 came from (its ``report.json``);
+``experiments/make_results.sh`` makes it from ``spirs predict``'s default (refined) registration.
 """
 from __future__ import annotations
 
@@ -93,6 +97,49 @@ def _in_warped_prior(folder: str, labels) -> dict:
     return {int(c): True for c in np.unique(labels[prior & (labels > 0)])}
 
 
+def _p2_registration(folder: str) -> str:
+    """What the case's P2 was computed from, as its ``report.json`` says: ``refined (full)``,
+    ``refined (affine)``, ``network`` or ``unknown`` (no report, or one without the field)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "report.json"), encoding="utf-8") as fh:
+            refinement = json.load(fh)["registration"]["refinement"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown"
+    if refinement.get("applied") and refinement.get("p2_from") == "refined registration":
+        return f"refined ({refinement.get('mode')})"
+    return "network"
+
+
+def table1_markdown(result: dict, title: str = "") -> str:
+    """Table 1 of the paper from :func:`score`: per size bin, sensitivity of P1 and P2 with exact 95 %
+    intervals, the discordant lesions, the exact McNemar p and its Holm adjustment over the bins; false
+    positives per scan; what P2's registration was."""
+    from spirs_tf.stats import binomial_ci
+
+    def pct(k, n):
+        if not n:
+            return "–"
+        lo, hi = binomial_ci(k, n)
+        return f"{100 * k / n:.0f} % ({100 * lo:.0f}–{100 * hi:.0f})"
+
+    lines = [title, ""] if title else []
+    lines += ["| lesions | n | P1 sensitivity (95 % CI) | P2 sensitivity (95 % CI) | P1 only | P2 only | "
+              "McNemar p | Holm p |", "|---|---|---|---|---|---|---|---|"]
+    for b, r in result["bins"].items():
+        holm = f"{r['mcnemar_p_holm']:.2g}" if "mcnemar_p_holm" in r else ""
+        lines.append(f"| {b} | {r['n']} | {pct(r['P1'], r['n'])} | {pct(r['P2'], r['n'])} | {r['P1_only']} | "
+                     f"{r['P2_only']} | {r['mcnemar_p']:.2g} | {holm} |")
+    fp = result["false_positives_per_scan"]
+    regs = ", ".join(f"{k}: {v}" for k, v in result.get("p2_registration", {}).items())
+    lines += ["", f"False-positive components per scan: P1 {fp['P1']:.2f}, P2 {fp['P2']:.2f}. "
+              f"{result['cases']} cases, {result['lesions']} lesions; P2 from the registration `spirs predict` "
+              f"used ({regs}). Lesions detected when a predicted component overlaps them; exact McNemar on "
+              "the discordant lesions, Holm over the four size bins."]
+    return "\n".join(lines) + "\n"
+
+
 def _counts(rows: list) -> dict:
     from spirs_tf.stats import mcnemar_exact
 
@@ -116,7 +163,7 @@ def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = No
     synthetic = _synthetic_lesions(synthetic_lesions) if synthetic_lesions else None
     # every (prior, new) pair the manifest can form, by the folder name spirs predict gives it
     pairs = {case_name(p): p for p in make_pairs(manifest, None, "all", both_directions=True)}
-    lesions, false_pos = [], {"P1": [], "P2": []}
+    lesions, false_pos, registrations = [], {"P1": [], "P2": []}, []
     for case in sorted(os.listdir(cases_dir)):
         folder = os.path.join(cases_dir, case)
         if not os.path.isfile(os.path.join(folder, "p1_mask.nii.gz")):
@@ -139,13 +186,15 @@ def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = No
         labels, count = metrics.label_lesions(gt)  # the components lesion_table numbers (its lesion_id)
         groups = _prior_groups(pairs[case], labels, count, synthetic) if synthetic is not None else {}
         in_prior = _in_warped_prior(folder, labels)
+        registrations.append(_p2_registration(folder))
         for lid, (size_bin, p1) in found["P1"].items():
             lesions.append({"case": case, "lesion_id": lid, "bin": size_bin, "P1": p1, "P2": found["P2"][lid][1],
                             "groups": groups.get(lid, []), "in_prior": in_prior.get(lid, False)})
     if not false_pos["P1"]:
         raise SpirsInputError("no case folders with p1_mask.nii.gz", cases_dir)
     result = {"cases": len(false_pos["P1"]), "lesions": len(lesions), "bins": {},
-              "false_positives_per_scan": {m: float(np.mean(v)) for m, v in false_pos.items()}}
+              "false_positives_per_scan": {m: float(np.mean(v)) for m, v in false_pos.items()},
+              "p2_registration": {k: registrations.count(k) for k in sorted(set(registrations))}}
     for b in BINS + ("all",):
         result["bins"][b] = _counts([r for r in lesions if b == "all" or r["bin"] == b])
     from spirs_tf.stats import holm
@@ -165,6 +214,8 @@ def main(argv=None) -> int:
     parser.add_argument("--manifest", required=True, help="the manifest spirs predict read")
     parser.add_argument("--cases", required=True, help="spirs predict --manifest output folder")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--markdown", metavar="MD", help="write Table 1 (sensitivity per size bin) here")
+    parser.add_argument("--title", default="", help="a heading line for --markdown")
     parser.add_argument("--synthetic-lesions", metavar="CSV",
                         help="a spirs synth cohort's lesions.csv: also count lesions with a prior, faded ones "
                              "and new ones")
@@ -190,9 +241,13 @@ def main(argv=None) -> int:
                       f"in the warped prior {r['in_warped_prior']}")
     fp = result["false_positives_per_scan"]
     print(f"  false-positive components per scan: P1 {fp['P1']:.2f}, P2 {fp['P2']:.2f}")
+    print(f"  P2 from: {', '.join(f'{k} ({v} cases)' for k, v in result['p2_registration'].items())}")
     if args.json:
         from spirs_tf.atomic import atomic_write_json
         atomic_write_json(args.json, result)
+    if args.markdown:
+        from spirs_tf.atomic import atomic_write_text
+        atomic_write_text(args.markdown, table1_markdown(result, args.title))
     return 0
 
 

@@ -54,8 +54,14 @@ def test_counts_false_positives_and_mcnemar(tmp_path, capsys):
     # the exact McNemar p is the package's (spirs_tf.stats): 0 against 10 discordant lesions
     assert script._counts([{"P1": False, "P2": True}] * 10 + [{"P1": True, "P2": True}] * 3)["mcnemar_p"] == \
         pytest.approx(2 * 0.5 ** 10)
-    out_json = tmp_path / "r.json"
-    assert script.main(["--manifest", str(manifest), "--cases", str(tmp_path / "out"), "--json", str(out_json)]) == 0
+    assert result["p2_registration"] == {"unknown": 1}  # the hand-made case folder has no report.json
+    out_json, out_md = tmp_path / "r.json", tmp_path / "t1.md"
+    assert script.main(["--manifest", str(manifest), "--cases", str(tmp_path / "out"), "--json", str(out_json),
+                        "--markdown", str(out_md), "--title", "#### T1"]) == 0
+    table = out_md.read_text()
+    # small: 1 lesion, P1 found it (100 %, exact interval 2.5–100 %, shown as 3–100), P2 did not (0 %, 0–97.5 %)
+    assert table.startswith("#### T1") and "| small | 1 | 100 % (3–100) | 0 % (0–98) | 1 | 0 | 1 | 1 |" in table
+    assert "P1 1.00, P2 0.00" in table and "unknown: 1" in table
     assert json.loads(out_json.read_text())["bins"]["all"]["P1_only"] == 1
     # a case whose new time point the manifest lacks: one line, exit 2
     _save(str(tmp_path / "out" / "p9_0_to_1" / "p1_mask.nii.gz"), medium)
@@ -98,3 +104,15 @@ def test_synthetic_lesion_groups_and_holm(tmp_path):
     os.remove(d / "p0" / "t1" / "lesions.nii.gz")
     assert script.main(["--manifest", str(d / "manifest.csv"), "--cases", str(tmp_path / "out"),
                         "--synthetic-lesions", str(d / "lesions.csv")]) == 2
+
+
+@pytest.mark.parametrize("refinement, expected", [
+    ({"mode": "full", "applied": True, "p2_from": "refined registration"}, "refined (full)"),
+    ({"mode": "affine", "applied": True, "p2_from": "refined registration"}, "refined (affine)"),
+    ({"mode": "off", "applied": False}, "network"),
+    (None, "unknown"),
+])
+def test_p2_registration_read_from_the_report(tmp_path, refinement, expected):
+    if refinement is not None:
+        (tmp_path / "report.json").write_text(json.dumps({"registration": {"refinement": refinement}}))
+    assert _script()._p2_registration(str(tmp_path)) == expected
