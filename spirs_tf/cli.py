@@ -22,7 +22,14 @@ import importlib
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ log level (an explicit TF_CPP_MIN_LOG_LEVEL is kept). 3 hides its ERROR lines too:
+# XLA's CPU loader logs six per compiled function that it loads from spirs' XLA cache ("Target machine
+# feature +prefer-no-gather is not supported on the host machine ... could lead to execution errors such
+# as SIGILL") although the entry was compiled on this very machine: it checks LLVM tuning flags as if
+# they were instruction sets (openxla/xla#44565). The entries do load (refinement of a 64³ case: 7-9 s
+# with the cache, 13-14 s without). Errors that matter reach Python as exceptions; SPIRS_DEBUG=1 shows
+# the C++ lines again.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if os.environ.get("SPIRS_DEBUG") else "3")
 
 from spirs_tf import __version__  # noqa: E402
 from spirs_tf.errors import SpirsInputError  # noqa: E402

@@ -552,3 +552,18 @@ def test_fuzzed_nifti_never_escapes_as_traceback_or_hangs(tmp_path, capsys):
     assert outcomes["loaded"] > 20 and outcomes["refused"] > 20, outcomes  # both paths exercised
     assert slowest < 2.0, f"slowest case took {slowest:.2f} s"
     assert time.perf_counter() - start < 30
+
+
+@pytest.mark.parametrize("env, expected", [({}, "3"), ({"SPIRS_DEBUG": "1"}, "2"),
+                                           ({"TF_CPP_MIN_LOG_LEVEL": "0"}, "0")])
+def test_cli_hides_tensorflow_cpp_errors_unless_asked(env, expected):
+    """The CLI's default C++ log level: 3 (XLA's harmless cache-loader lines, docs/troubleshooting.md),
+    2 with SPIRS_DEBUG, and the user's own value when set."""
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "SPIRS_DEBUG")}
+    out = subprocess.run([sys.executable, "-c", "import os, spirs_tf.cli; print(os.environ['TF_CPP_MIN_LOG_LEVEL'])"],
+                         env={**base, **env}, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
