@@ -23,6 +23,26 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def fixed_batch_step_times(trainer, source, repeats: int) -> list[float]:
+    """Seconds of ``repeats + 1`` training steps on one fixed batch of ``source`` (the first one traces and
+    compiles), each with its scalars fetched; under TensorFlow the batch is made a tensor first."""
+    from spirs_tf import data
+    from spirs_tf._compat import BACKEND
+
+    batch = next(iter(data.numpy_batches(source, trainer.cfg, trainer.levels, trainer.stage_cfg.batch_size,
+                                         True, 0, steps=1)))
+    if BACKEND == "tensorflow":
+        from spirs_tf._compat import tf
+
+        batch = {k: tf.constant(v) for k, v in batch.items()}
+    times = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        float(trainer.train_step(batch)["total"])
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def worker(config: str, stage: int, mode: str, repeats: int) -> dict:
     import numpy as np
     from scipy import ndimage
@@ -43,16 +63,7 @@ def worker(config: str, stage: int, mode: str, repeats: int) -> dict:
     t = time.perf_counter()
     trainer = Trainer(cfg, stage, source, None, tempfile.mkdtemp(prefix="spirs-steptime-"), verbose=0)
     build = time.perf_counter() - t
-    batch = next(iter(data.numpy_batches(source, cfg, trainer.levels, trainer.stage_cfg.batch_size, True, 0)))
-    if BACKEND == "tensorflow":
-        from spirs_tf._compat import tf
-
-        batch = {k: tf.constant(v) for k, v in batch.items()}
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        float(trainer.train_step(batch)["total"])
-        times.append(time.perf_counter() - t)
+    times = fixed_batch_step_times(trainer, source, repeats)
     return {"backend": BACKEND, "config": config, "stage": stage, "mode": mode, "batch": trainer.stage_cfg.batch_size,
             "input": trainer.cfg.level_grid(trainer.levels), "build_s": round(build, 2),
             "first_step_s": round(times[0], 2), "steps_s": [round(x, 3) for x in times[1:]],

@@ -27,8 +27,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "experiments")):  # the package, and jax_step_time's step timing
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
 
 def smooth_pairs(grid: int, n: int, seed: int = 0):
@@ -58,8 +59,8 @@ def loader_seconds(source, cfg, levels: int, batch: int, workers: int, batches: 
 def profile_stage(cfg, stage: int, workers: list[int], batches: int, repeats: int, end_to_end: int = 0) -> dict:
     import numpy as np
 
+    from jax_step_time import fixed_batch_step_times
     from spirs_tf import data
-    from spirs_tf._compat import BACKEND
     from spirs_tf.train import Trainer
 
     source = data.PairSource.from_arrays(smooth_pairs(cfg.data.grid_size, 4))
@@ -71,16 +72,7 @@ def profile_stage(cfg, stage: int, workers: list[int], batches: int, repeats: in
     out = {"stage": stage, "levels": levels, "batch": bsz, "input": cfg.level_grid(levels), "build_s": round(build, 2),
            "loader_s_per_batch": {str(w): round(loader_seconds(source, cfg, levels, bsz, w, batches), 3)
                                   for w in workers}}
-    batch = next(iter(data.numpy_batches(source, cfg, levels, bsz, True, 0, steps=1)))
-    if BACKEND == "tensorflow":
-        from spirs_tf._compat import tf
-
-        batch = {k: tf.constant(v) for k, v in batch.items()}
-    times = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        float(trainer.train_step(batch)["total"])
-        times.append(time.perf_counter() - t)
+    times = fixed_batch_step_times(trainer, source, repeats)
     out.update(first_step_s=round(times[0], 2), step_s=round(float(np.median(times[1:])), 4))
     if end_to_end:  # what Trainer.train_epoch does: the loader's next batch, then the step, in turn
         times, t = [], time.perf_counter()
@@ -117,8 +109,9 @@ def main(argv=None) -> int:
         results["stages"].append(profile_stage(cfg, stage, workers, args.batches, args.repeats, args.end_to_end))
         print(json.dumps(results["stages"][-1]), flush=True)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(results, fh, indent=2)
+        from spirs_tf.atomic import atomic_write_json
+
+        atomic_write_json(args.json, results)
     return 0
 
 
