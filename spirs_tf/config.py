@@ -401,6 +401,8 @@ def _gpu_1p5mm() -> SpirsConfig:
     # Measured on one H100 (experiments/gpu/provenance/, 2026-11-26): stage 1 ~10 s per epoch after a
     # 37 s first one; stage 2 ~0.14 s per step plus ~30 s of compilation; stage 3's first step (compile
     # and BatchNorm re-estimation) ~2.5 min. Stage 3 diverged at step 21 at lr_scale 0.03: 0.01 there.
+    # 2026-11-27 (instance norm., truth P2): stage 2 ~0.3 s and stage 3 ~0.8 s per step, loader-bound
+    # (compiled steps 0.075 and 0.24 s; experiments/gpu/README.md), one epoch per stage in 540 s.
     stages[0].batch_size, stages[0].epochs, stages[0].steps_per_epoch = 32, 6, 25
     stages[1].batch_size, stages[1].epochs, stages[1].steps_per_epoch = 4, 3, 100
     stages[2].batch_size, stages[2].epochs, stages[2].steps_per_epoch = 2, 10, 60
