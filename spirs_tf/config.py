@@ -236,6 +236,9 @@ class TrainConfig:
     xla_losses: bool = True
     distribute: str = "none"  #: "none", "mirrored" or "multi_worker"
     loader_workers: int = 2
+    #: data echoing (Choi et al. 2019, arXiv:1907.05550): each loaded batch serves this many consecutive
+    #: steps, for a loader-bound machine (the H100's 128³ augmentation); 1 = every step a new batch (authors)
+    data_echo: int = 1
     #: the prior P2's fusion block is trained on. "network" (authors): the prior warped by the network's
     #: own registration, as the model outputs it. "truth": the prior warped by the augmentation's true
     #: affine (``true_affine``), as a good registration places it; spirs predict's default refined

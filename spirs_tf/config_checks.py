@@ -65,6 +65,9 @@ def check_config(cfg) -> None:
     if not isinstance(cfg.model.p2_residual, bool):
         raise SpirsInputError(f"config {cfg.name!r}: model.p2_residual must be true or false, "
                               f"got {cfg.model.p2_residual!r}")
+    if not isinstance(cfg.train.data_echo, int) or cfg.train.data_echo < 1:
+        raise SpirsInputError(f"config {cfg.name!r}: train.data_echo must be an integer >= 1, "
+                              f"got {cfg.train.data_echo!r}")
     if cfg.train.distribute not in ("none", "mirrored", "multi_worker"):
         raise SpirsInputError(
             f"config {cfg.name!r}: train.distribute must be 'none', 'mirrored' or 'multi_worker'")

@@ -393,11 +393,14 @@ class Trainer:
         Raises:
             SpirsInputError: a non-finite total loss (training diverged; the last good checkpoint is kept).
         """
+        echo = self.cfg.train.data_echo
         ds = data_lib.batches(self.train_source, self.cfg, self.levels,
                               batch_size=self.stage_cfg.batch_size, training=True,
-                              seed=self.cfg.train.seed, epoch=epoch, steps=self.steps_per_epoch)
+                              seed=self.cfg.train.seed, epoch=epoch, steps=-(-self.steps_per_epoch // echo))
         if self.strategy is not None:
             ds = distribute_dataset(self.strategy, ds)  # each replica gets batch / replicas pairs
+        if echo > 1:
+            ds = _echoed(ds, echo)
         bar = keras.utils.Progbar(self.steps_per_epoch, verbose=self.verbose,
                                   stateful_metrics=None) if self.verbose else None
         start, cut, durations = time.perf_counter(), None, []
@@ -482,6 +485,13 @@ class Trainer:
             for k, v in logs.items():
                 tf.summary.scalar(k, v, step=epoch)
         self._tb.flush()
+
+
+def _echoed(batches, times: int):
+    """Each batch of ``batches`` ``times`` times in a row (``train.data_echo``)."""
+    for batch in batches:
+        for _ in range(times):
+            yield batch
 
 
 def loss_function(cfg: config_lib.SpirsConfig, levels: int, compile: bool = True):

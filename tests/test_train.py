@@ -337,6 +337,37 @@ def test_deadline_estimate_leaves_out_the_compiled_first_step(cohort, tmp_path, 
     assert t.epoch == 3 and t.stop_reason == "deadline: epoch 4 would end after it"
 
 
+def test_data_echo_steps_twice_on_each_loaded_batch(cohort, tmp_path, monkeypatch):
+    """``train.data_echo=2``, 3 steps per epoch: two batches are loaded, the steps see A, A, B."""
+    import types
+
+    from spirs_tf import data, train
+    from spirs_tf.manifest import load_manifest
+
+    cfg = config_lib.get_config("test", ["train.stages.0.epochs=1", "train.stages.0.steps_per_epoch=3",
+                                         "train.data_echo=2"])
+    source = data.PairSource(load_manifest(cohort), "train", cfg.data)
+    seen, loaded = [], []
+    real_batches = data.batches
+
+    def counting_batches(*args, **kwargs):
+        loaded.append(kwargs["steps"])
+        return real_batches(*args, **kwargs)
+
+    def fake_step(batch):
+        seen.append(float(np.sum(np.asarray(batch["true_affine"]))))
+        return {"total": 1.0, "registration": 1.0}
+
+    monkeypatch.setattr(train.data_lib, "batches", counting_batches)
+    t = train.Trainer(cfg, 1, source, None, str(tmp_path / "run"), verbose=0)
+    t._steps = types.SimpleNamespace(train_step=fake_step, eval_step=None)
+    t.train_epoch(1)
+    assert loaded == [2] and len(seen) == 3
+    assert seen[0] == seen[1] != seen[2]
+    with pytest.raises(SpirsInputError, match="data_echo"):
+        config_lib.get_config("test", ["train.data_echo=0"])
+
+
 def test_instance_normalisation_and_affine_radius_train_two_stages(cohort, tmp_path):
     """cpu-medium's choices on the test cohort: stage 1 trains β of the instance normalisations, stage 2
     (``bn_trainable=False``) keeps them while the convolutions move; re-estimation finds no BatchNorm."""
