@@ -18,7 +18,8 @@ Steps, each timed in ``provenance.json``:
    (:func:`parallel_pair_source`), before Keras is imported.
 3. Stages 1–3 train in turn (:class:`spirs_tf.train.Trainer`), each until its epochs are done or its share
    of the remaining wall budget is spent (``Trainer.fit(deadline=...)`` stops at an epoch end, or cuts an
-   epoch short, and checkpoints). Stage n > 1 starts from stage n−1's best checkpoint.
+   epoch short, and checkpoints). Stage n > 1 starts from stage n−1's best checkpoint; ``--stages`` picks
+   consecutive stages and ``--init-from`` the weights the first of them starts from (an earlier call's).
 4. After every stage the outputs are (re)written to ``--out`` (so a killed call still returns the stages
    it finished), all of them atomically, each below 16 MiB, at most 8 files:
 
