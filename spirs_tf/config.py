@@ -349,8 +349,8 @@ def _cpu_medium() -> SpirsConfig:
       fixed image and 25.6 mm with a posed one (``experiments/affine_accuracy.py --fixed-pose 1``); 15
       more stage-1 epochs with posed fixed images: 12.4 and 14.6 mm.
 
-    The shipped demo weights (``spirs_tf/weights/demo.*``): registration of ``runs/cm7``, P1 and P2 of
-    ``runs/cm9p2``, trained with ``model.p2_residual`` and ``train.p2_prior = "truth"`` set on the command
+    The shipped demo weights (``spirs_tf/weights/demo.*``): registration of ``runs/cm8``, P1 and P2 of
+    ``runs/cm10p2``, trained with ``model.p2_residual`` and ``train.p2_prior = "truth"`` set on the command
     line (see their provenance file).
     """
     cfg = _cpu_small()
