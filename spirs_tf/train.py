@@ -347,9 +347,6 @@ class Trainer:
         """
         epochs = self.stage_cfg.epochs if epochs is None else epochs
         self.stop_reason = None
-        # seconds of the next epoch's steps, and of its validation and checkpoints (known after an epoch)
-        train_estimate = None if self.step_seconds is None else self.step_seconds * self.steps_per_epoch
-        other_estimate = self._other_seconds
         if self._steps is None:
             if self.epoch == 0 and self.stage_cfg.bn_recalibration_batches > 0:
                 names = self.recalibrate_batchnorm(self.stage_cfg.bn_recalibration_batches)
@@ -359,7 +356,9 @@ class Trainer:
             self.build_steps()
         while self.epoch < epochs and self.stop_reason is None:
             cut_at = deadline
-            if deadline is not None and train_estimate is not None:
+            if deadline is not None and self.step_seconds is not None:  # known after an epoch
+                # seconds of the next epoch's steps, and of its validation and checkpoints
+                train_estimate, other_estimate = self.step_seconds * self.steps_per_epoch, self._other_seconds
                 left = deadline - time.time()
                 if left < other_estimate + 0.5 * train_estimate:
                     self.stop_reason = f"deadline: epoch {self.epoch + 1} would end after it"
@@ -371,7 +370,7 @@ class Trainer:
             logs = self.train_epoch(epoch, cut_at)
             if "steps" in logs:
                 self.stop_reason = f"deadline: epoch {epoch} cut after {logs['steps']} of {self.steps_per_epoch} steps"
-            train_estimate, after_steps = self.step_seconds * self.steps_per_epoch, time.time()
+            after_steps = time.time()
             logs.update(self.validate(epoch))
             if self.verbose:
                 shown = {k: round(v, 4) for k, v in logs.items()
@@ -380,7 +379,7 @@ class Trainer:
                 print(f"stage {self.stage} epoch {epoch}/{epochs}: {shown}")
             self.epoch = epoch
             self.on_epoch_end(epoch, logs)
-            other_estimate = self._other_seconds = time.time() - after_steps
+            self._other_seconds = time.time() - after_steps
         plot_curves(self.history, os.path.join(self.paths.root, "curves.png"), title=f"stage {self.stage}")
         return self.history
 
