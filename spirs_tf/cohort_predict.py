@@ -19,7 +19,7 @@ from typing import Callable
 from spirs_tf.atomic import atomic_write_text
 from spirs_tf.case_inputs import PreparedCase, prepare_case, read_case_inputs
 from spirs_tf.errors import SpirsInputError
-from spirs_tf.inference import TMP_PREFIX, refine_case, run_network, write_case
+from spirs_tf.inference import TMP_PREFIX, refine_case, run_network, segment_case, write_case
 from spirs_tf.manifest import Manifest, load_manifest, make_pairs
 from spirs_tf.predictor import Predictor
 from spirs_tf.refinement import resolve
@@ -156,6 +156,7 @@ def predict_cohort(predictor: Predictor, manifest, split: str | None, out_dir: s
                     try:
                         outputs, refinement = refine_case(predictor, case, results[cid], refine_fn,
                                                           refine_mode)
+                        outputs = segment_case(predictor, case, outputs)
                         res = write_case(predictor, case, outputs, os.path.join(out_dir, cid),
                                          overwrite=True, case_id=cid, network_s=network_s / len(ready),
                                          transforms=transforms, refinement=refinement, verbose=verbose)

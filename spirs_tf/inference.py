@@ -275,8 +275,9 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
             pending.append(writer.submit(write_volume, os.path.join(tmp, name), data, new.affine,
                                          protect=protect, **kw))
 
-        probs = {k: np.clip(from_working(np.asarray(outputs[f"{k}_prob"]), case.new_mapping, order=1), 0, 1)
-                 for k in ("p1", "p2")}
+        seg_mapping = outputs.get("seg_mapping", case.new_mapping)  # a segmenter's finer grid
+        probs = {k: np.clip(from_working(np.asarray(outputs.get(f"{k}_prob_fine", outputs[f"{k}_prob"])),
+                                         seg_mapping, order=1), 0, 1) for k in ("p1", "p2")}
         masks = {k: (v >= 0.5).astype(np.uint8) for k, v in probs.items()}
         for k in ("p1", "p2"):
             vol(f"{k}_prob.nii.gz", probs[k].astype(np.float32))
@@ -326,12 +327,20 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
         registration["affine_scales"], registration["affine_rotation_deg"] = scales.tolist(), angle
         if refinement is not None:
             registration["refinement"] = refinement
+        segmentation = {"model": "network", "grid": list(case.new_mapping.working_shape)}
+        if predictor.segmenter is not None:
+            segmentation = {"model": "segmenter", "segmenter": predictor.segmenter.path,
+                            "grid": list(seg_mapping.working_shape), "factor": int(outputs["seg_factor"]),
+                            "p2_prior_from": "refined registration" if (refinement or {}).get("applied")
+                            else "network registration"}
         warnings = (list(inputs.warnings) + list((refinement or {}).get("warnings", []))
                     + registration_warnings(registration, transform.world_affine()))
         if verbose:
             for text in warnings:
                 print(f"spirs: warning: {case_id}: {text}", file=sys.stderr)
         timings = {"read": inputs.read_s, "preprocess": case.preprocess_s, "network": network_s}
+        if "segmenter_s" in outputs:
+            timings["segmenter"] = float(outputs["segmenter_s"])
         if refinement is not None:
             timings["refine"] = refinement["seconds"]
             stages = (refinement.get("info") or {}).get("seconds")
@@ -342,6 +351,7 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
             "inputs": {"new": new.path, "prior": inputs.prior.path, "prior_mask": inputs.prior_mask.path},
             "model": predictor.info | {"levels": predictor.levels, "input_grid": predictor.size},
             "registration": registration,
+            "segmentation": segmentation,
             "warnings": warnings,
             "brain_overlap": inputs.overlap,
             "lesions": {"p2_lesions": sum(r["source"] == "p2" for r in rows), "prior_lesions": n_prior,
@@ -395,6 +405,20 @@ def refine_case(predictor: Predictor, case: PreparedCase, outputs: dict, refine:
     return outputs, refinement
 
 
+def segment_case(predictor: Predictor, case: PreparedCase, outputs: dict) -> dict:
+    """With a segmenter on the predictor (``spirs predict --segmenter``): P1 and P2 from it on its finer
+    grid, the prior placed by the registration in ``outputs`` (refined when refinement ran;
+    :func:`spirs_tf.fine_seg.segment_fine`). Without one: ``outputs`` unchanged."""
+    if predictor.segmenter is None:
+        return outputs
+    from spirs_tf.fine_seg import segment_fine
+
+    t0 = time.perf_counter()
+    out = segment_fine(predictor.segmenter, case, outputs, predictor.cfg.data.clip_sigma)
+    out["segmenter_s"] = time.perf_counter() - t0
+    return out
+
+
 def predict_case(predictor: Predictor, new, prior, prior_mask, out_dir: str, *, overwrite: bool = False,
                  case_id: str | None = None, transforms: str = TRANSFORMS[0], refine: Refine | str | None = None,
                  verbose: bool = True) -> CaseResult:
@@ -430,5 +454,6 @@ def run_case(predictor: Predictor, inputs: CaseInputs, out_dir: str, *, overwrit
     case = prepare_case(inputs, predictor)
     (outputs,), network_s = run_network(predictor, [case])
     outputs, refinement = refine_case(predictor, case, outputs, refine_fn, mode)
+    outputs = segment_case(predictor, case, outputs)
     return write_case(predictor, case, outputs, out_dir, overwrite=overwrite, case_id=case_id,
                       network_s=network_s, transforms=transforms, refinement=refinement, verbose=verbose)

@@ -92,6 +92,9 @@ class Predictor:
             model cannot provide it (a SavedModel).
         affine_passes: network passes at inference (:meth:`predict`); ``None`` = the config's
             ``model.affine_passes`` (``spirs predict --affine-passes`` sets it).
+        segmenter: a :class:`spirs_tf.fine_seg.FineSegmenter` (``spirs predict --segmenter``): P1 and P2
+            come from it, on a grid finer than the model's, with the prior placed by the registration
+            used (:func:`spirs_tf.inference.segment_case`); ``None`` = the model's own P1 and P2.
     """
 
     cfg: config_lib.SpirsConfig
@@ -100,6 +103,7 @@ class Predictor:
     info: dict = field(default_factory=dict)
     p2_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
     affine_passes: int | None = None
+    segmenter: object | None = None
 
     @property
     def passes(self) -> int:

@@ -20,6 +20,11 @@ network. It costs about 5-10 s per case on a CPU, plus XLA's compilation for the
 on disk in ~/.cache/spirs-tf/xla, relocate or turn off with SPIRS_XLA_CACHE=DIR|off). report.json
 records the mode, seconds per stage and the LNCC before/after the refinement.
 
+``--segmenter DIR`` (beyond the paper; ``experiments/train_segmenter.py``) takes P1 and P2 from a segmenter
+trained on a grid finer than the model's (e.g. 1.5 mm for the 3 mm CPU models, where micro lesions are
+several voxels), with the prior placed by the registration used; report.json's ``segmentation`` block
+names it.
+
 ``--transforms`` chooses the transform files: ``itk`` (default) writes ``affine.tfm`` and a compact
 ``deformation.nii.gz`` (a few MB) that ITK/ANTs/SimpleITK apply exactly; ``all`` adds
 ``transform_total.nii.gz`` and stores both fields on the new scan's own grid (~70 MB each for a
@@ -58,9 +63,26 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--affine-passes", type=int, default=None, metavar="K",
                         help="network passes: the prior, warped by the affine found so far, is registered again "
                              "K-1 times (default: the model's config, model.affine_passes; 1 = the paper)")
+    parser.add_argument("--segmenter", default=None, metavar="DIR",
+                        help="P1 and P2 from this segmenter folder (experiments/train_segmenter.py) on its finer "
+                             "grid, the prior placed by the registration used (refined by default)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing case folder (one case)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
+
+
+def _load(args: argparse.Namespace):
+    """The predictor of ``--model`` with ``--affine-passes`` and ``--segmenter`` applied."""
+    from spirs_tf import inference
+
+    predictor = inference.load_predictor(args.model)
+    predictor.affine_passes = args.affine_passes
+    if args.segmenter:
+        from spirs_tf.fine_seg import check_segmenter_fits, load_segmenter
+
+        predictor.segmenter = load_segmenter(args.segmenter)
+        check_segmenter_fits(predictor.segmenter, predictor.cfg)
+    return predictor
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
         manifest = load_manifest(args.manifest)  # manifest problems are reported before the model loads
         make_pairs(manifest, args.split, args.pairing)
-        predictor = inference.load_predictor(args.model)
-        predictor.affine_passes = args.affine_passes
+        predictor = _load(args)
         rows = cohort_predict.predict_cohort(predictor, manifest, args.split, args.out, pairing=args.pairing,
                                              batch_size=args.batch_size, verbose=not args.quiet,
                                              transforms=args.transforms, refine=refine)
@@ -95,8 +116,7 @@ def run(args: argparse.Namespace) -> int:
         raise SpirsInputError(f"missing {', '.join(missing)} (or use --manifest for a cohort)")
     inputs = inference.read_case_inputs(args.new, args.prior, args.prior_mask)  # validate before loading
     inference.check_out_dir(args.out, [args.new, args.prior, args.prior_mask], args.overwrite)
-    predictor = inference.load_predictor(args.model)
-    predictor.affine_passes = args.affine_passes
+    predictor = _load(args)
     # a mode string shows the refinement's progress; --quiet: the same refinement without it (warnings stay)
     result = inference.run_case(predictor, inputs, args.out, overwrite=args.overwrite, transforms=args.transforms,
                                 refine=make_refine(refine) if args.quiet and refine != "off" else refine)

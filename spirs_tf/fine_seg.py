@@ -1,0 +1,521 @@
+"""P1 and P2 on a grid finer than the registration's (issue 16; beyond the paper).
+
+The paper segments on the registration's finest grid (128³ at 1.5 mm). This CPU cannot train the whole
+pyramid there, and at the 3 mm grid of the CPU configs a micro lesion (< 25 mm³) is under one voxel.
+The segmentation path alone — the segmentation opening convolution, the shared encoder, P1's decoder
+and P2's fusion block — is fully convolutional and cheap at a k-times finer grid when the encoder pools
+``log2(k)`` more times before its first block (``extra``, :class:`spirs_tf.blocks.SharedEncoder`): every
+block from SE1 on then runs on the same grid as in the registration model. The *segmenter* is that path,
+with its own weights, started from a trained SPIRS checkpoint (same layer names, so the weights load by
+variable path) and trained on its own:
+
+* :func:`segmenter_config`: the registration run's config with the working grid k times finer
+  (``grid_size·k`` voxels at ``spacing_mm/k``, the same field of view; fine voxel ``k·i`` = working voxel
+  ``i``, the convention of the refined fields).
+* :func:`build_segmenter`: ``[fixed_image, warped_image, warped_mask] → {p1_logits, p2_logits}``, any
+  spatial size divisible by ``2**(3 + extra)``.
+* :func:`segmenter_sample`: one training sample from a pre-aligned pair on the fine grid. All four
+  volumes share one random flip / affine (:mod:`spirs_tf.augment`'s ranges) and gamma; the prior alone
+  gets a small extra rigid move (``prior_jitter_voxels``), as a good registration leaves it; the sample
+  is a cube cut around a lesion of either mask with probability ``lesion_probability`` (the authors'
+  loader sampled lesion-centred patches), else anywhere in the brain.
+* :class:`SegmenterTrainer`: P1 (opening conv, encoder, P1 decoder) and P2 (the fusion block) with their
+  own optimisers and losses (:func:`spirs_tf.losses.segmentation_loss`, as in the isolated mode of the
+  pyramid), resumable from ``latest.npz``.
+
+A segmenter folder holds ``config.json``, ``segmenter.json`` (training settings) and
+``checkpoints/{latest,best}.npz``; :func:`load_segmenter` reads it for ``spirs predict --segmenter``
+(:mod:`spirs_tf.inference`), which places the prior on the fine grid with the registration it used
+(refined by default) and writes P1 and P2 from the segmenter.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from spirs_tf import augment, geometry
+from spirs_tf import config as config_lib
+from spirs_tf.atomic import atomic_write_text
+from spirs_tf.errors import SpirsInputError
+
+__all__ = ["SegmenterSettings", "SegmenterTrainer", "build_segmenter", "fine_extra", "load_segmenter",
+           "segmenter_config", "segmenter_sample", "pyramid_segmentation_state", "FineSegmenter"]
+
+SEGMENTER_INPUTS = ("fixed_image", "warped_image", "warped_mask")
+#: module prefixes of the segmentation path (:data:`spirs_tf.networks.MODULE_PREFIXES`)
+SEGMENTER_PREFIXES = ("seg_open", "enc", "seg", "fuse")
+
+
+@dataclass
+class SegmenterSettings:
+    """How a segmenter is trained (saved as ``segmenter.json`` beside its ``config.json``)."""
+
+    factor: int = 2  #: fine grid = registration working grid × factor
+    extra: int = 2  #: encoder poolings before/after SE1 (registration levels − 1 + log2(factor))
+    crop: int = 64  #: training cube (voxels of the fine grid); 0 = the whole grid
+    lesion_probability: float = 0.7  #: a cube centred on a lesion voxel of either mask
+    prior_jitter_voxels: float = 1.0  #: the prior's extra shift, U(±v) fine voxels per axis
+    prior_jitter_degrees: float = 2.0  #: and rotation, U(±d) per axis
+    image_order: int = 1  #: 1: linear (as the prior is placed at inference); 3: cubic
+    batch_size: int = 2
+    steps_per_epoch: int = 50
+    epochs: int = 20
+    validation_samples: int = 16
+    seed: int = 1234
+    learning_rate_p1: float = 5e-3
+    learning_rate_p2: float = 2e-2
+    init_from: str | None = None  #: the SPIRS checkpoint the weights started from
+
+    def validate(self) -> "SegmenterSettings":
+        problems = []
+        if self.factor not in (1, 2, 4):
+            problems.append(f"factor must be 1, 2 or 4, got {self.factor}")
+        if not 0 <= self.extra <= 2:
+            problems.append(f"extra must be 0..2, got {self.extra}")
+        if self.crop < 0 or (self.crop and self.crop % 2 ** (3 + self.extra)):
+            problems.append(f"crop must be 0 or a multiple of {2 ** (3 + self.extra)}, got {self.crop}")
+        if not 0.0 <= self.lesion_probability <= 1.0:
+            problems.append(f"lesion_probability must be in [0, 1], got {self.lesion_probability}")
+        if self.prior_jitter_voxels < 0 or self.prior_jitter_degrees < 0:
+            problems.append("prior jitter must be >= 0")
+        if self.image_order not in (1, 3):
+            problems.append(f"image_order must be 1 or 3, got {self.image_order}")
+        for name in ("batch_size", "steps_per_epoch", "epochs", "validation_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                problems.append(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("learning_rate_p1", "learning_rate_p2"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def fine_extra(cfg: config_lib.SpirsConfig, factor: int) -> int:
+    """Encoder poolings that put SE1 of a ``factor``-times finer grid where the pyramid's finest level has it."""
+    extra = cfg.model.num_levels - 1 + int(round(math.log2(factor)))
+    if 2 ** int(round(math.log2(factor))) != factor or not 0 <= extra <= 2:
+        raise ValueError(f"a {factor}x finer grid for a {cfg.model.num_levels}-level model needs "
+                         f"{extra} encoder poolings (at most 2)")
+    return extra
+
+
+def segmenter_config(reg_cfg: config_lib.SpirsConfig, factor: int) -> config_lib.SpirsConfig:
+    """The registration run's config on a ``factor``-times finer working grid (same field of view)."""
+    cfg = dataclasses.replace(reg_cfg, data=dataclasses.replace(reg_cfg.data))
+    cfg.data.grid_size = reg_cfg.data.grid_size * factor
+    cfg.data.spacing_mm = reg_cfg.data.spacing_mm / factor
+    cfg.name = f"{reg_cfg.name}-seg{factor}x"
+    return cfg
+
+
+def build_segmenter(cfg: config_lib.SpirsConfig, extra: int):
+    """The segmentation path of :func:`spirs_tf.networks.build_spirs` alone, on any grid.
+
+    ``P1 = F_S(f)`` with the encoder pooling ``extra`` times; ``P2 = fusion([f, σ(P1), I_w, blur(S_w)])``.
+    Layer names are the pyramid's, so :func:`pyramid_segmentation_state` of a SPIRS checkpoint loads.
+
+    Returns:
+        ``keras.Model``: inputs :data:`SEGMENTER_INPUTS`, each ``(B, D, H, W, 1)`` float32 with D, H, W
+        divisible by ``2**(3 + extra)``; outputs ``{"p1_logits", "p2_logits"}``.
+    """
+    from spirs_tf._compat import keras
+    from spirs_tf.blocks import FusionBlock, SharedEncoder, opening_conv, segmentation_decoder
+
+    m = cfg.model
+    encoder = SharedEncoder(m, True)
+    seg_open = opening_conv("seg_open", m.opening_filters, m.segmentation_kernel)
+    seg_dec = segmentation_decoder(m, True)
+    fusion = FusionBlock(m, True)
+    inputs = {k: keras.Input((None, None, None, 1), name=k, dtype="float32") for k in SEGMENTER_INPUTS}
+    p1 = seg_dec(encoder(seg_open(inputs["fixed_image"]), extra=extra), tag="fine")
+    p1 = keras.layers.Activation("linear", dtype="float32", name="p1_logits")(p1)
+    p2 = fusion(inputs["fixed_image"], p1, inputs["warped_image"], inputs["warped_mask"])
+    p2 = keras.layers.Activation("linear", dtype="float32", name="p2_logits")(p2)
+    return keras.Model(inputs, {"p1_logits": p1, "p2_logits": p2}, name="spirs_segmenter")
+
+
+def pyramid_segmentation_state(state: dict, model) -> dict:
+    """The entries of a SPIRS model state (:func:`spirs_tf.networks.model_state`) that ``model`` (a
+    segmenter) has; raises :class:`SpirsInputError` if any segmenter weight is missing or mis-shaped."""
+    from spirs_tf.networks import _weights_by_path
+
+    own = _weights_by_path(model)
+    missing = sorted(p for p in own if p not in state)
+    bad = sorted(p for p in own if p in state and tuple(np.shape(state[p])) != tuple(own[p].shape))
+    if missing or bad:
+        raise SpirsInputError(f"the checkpoint does not hold this segmenter's weights (missing {missing[:4]}"
+                              f"{'…' if len(missing) > 4 else ''}, shapes differ {bad[:4]})")
+    return {p: state[p] for p in own}
+
+
+# ------------------------------------------------------------------------------------------- data
+def _window(matrix: np.ndarray, grid: int, origin: np.ndarray, size: int) -> np.ndarray:
+    """Source coordinates ``M(y − c) + t + c`` (c = grid/2) of the output voxels ``y = origin + i``,
+    ``i ∈ {0 … size−1}³`` → (3, size, size, size)."""
+    m = np.asarray(matrix, np.float64)
+    c = grid / 2.0
+    axes = [np.arange(size, dtype=np.float64) + origin[a] - c for a in range(3)]
+    shapes = ((-1, 1, 1), (1, -1, 1), (1, 1, -1))
+    out = np.empty((3, size, size, size))
+    for r in range(3):
+        out[r] = m[r, 3] + c
+        for a in range(3):
+            out[r] += (m[r, a] * axes[a]).reshape(shapes[a])
+    return out
+
+
+def _small_rigid(rng: np.random.Generator, voxels: float, degrees: float) -> np.ndarray:
+    params = geometry.IDENTITY_PARAMS.astype(np.float64)
+    params[0:3] = rng.uniform(-voxels, voxels, 3)
+    params[3:6] = np.deg2rad(rng.uniform(-degrees, degrees, 3))
+    return geometry.params_to_matrix(params)
+
+
+def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray, moving_mask: np.ndarray,
+                     rng: np.random.Generator, aug_cfg, settings: SegmenterSettings) -> dict[str, np.ndarray]:
+    """One training sample (module docstring) from a pre-aligned pair on the fine grid (G³ each).
+
+    With ``aug_cfg.enabled = False`` there is no flip, affine or gamma: only the prior's jitter and the cube.
+
+    Returns:
+        ``fixed_image``, ``warped_image``, ``warped_mask``, ``fixed_mask``: float32 (C, C, C) with
+        C = ``settings.crop`` (G when 0). ``warped_*`` is the prior placed as a good registration places
+        it: the pair's common affine composed with a small rigid jitter.
+    """
+    grid = int(np.shape(fixed)[0])
+    size = settings.crop or grid
+    if size > grid:
+        raise ValueError(f"crop {size} exceeds the grid {grid}")
+    flips = tuple(int(a) for a in np.flatnonzero(rng.random(3) < aug_cfg.flip_probability)) \
+        if aug_cfg.enabled else ()
+    matrix = augment.random_affine_params(rng, aug_cfg, grid) if aug_cfg.enabled else geometry.IDENTITY_PARAMS
+    matrix = geometry.params_to_matrix(np.asarray(matrix, np.float64))
+    jitter = _small_rigid(rng, settings.prior_jitter_voxels, settings.prior_jitter_degrees)
+    prior_matrix = (geometry.to_homogeneous(matrix) @ geometry.to_homogeneous(jitter))[:3]
+
+    def flip(x):
+        return np.flip(np.asarray(x), axis=flips) if flips else np.asarray(x)
+
+    volumes = [flip(v) for v in (fixed, moving, fixed_mask, moving_mask)]
+    origin = np.zeros(3)
+    centre_on_lesion = rng.random() < settings.lesion_probability
+    pick = rng.random()
+    offset = rng.uniform(-0.25, 0.25, 3) * size
+    if size < grid:
+        lesions = np.argwhere((volumes[2] > 0.5) | (volumes[3] > 0.5))
+        brain = None
+        if centre_on_lesion and len(lesions):
+            target = lesions[int(pick * len(lesions))].astype(np.float64)
+        else:
+            brain = np.argwhere(volumes[0][::4, ::4, ::4] > 0) * 4
+            target = (brain[int(pick * len(brain))].astype(np.float64) if len(brain)
+                      else np.full(3, grid / 2.0))
+        # output voxel y whose source is the target: y = M⁻¹(x − t − c) + c; the cube is centred near it
+        inv = geometry.invert_affine(matrix)
+        y = inv[:, :3] @ (target - grid / 2.0) + inv[:, 3] + grid / 2.0
+        origin = np.clip(np.round(y - size / 2.0 + (offset if brain is None else 0.0)), 0, grid - size)
+    out = {}
+    at = _window(matrix, grid, origin, size)
+    out["fixed_image"], out["fixed_mask"] = augment.resample_moving(volumes[0], volumes[2], at,
+                                                                    settings.image_order, 0)
+    at_prior = _window(prior_matrix, grid, origin, size)
+    out["warped_image"] = augment.resample_image(volumes[1], at_prior, settings.image_order)
+    out["warped_mask"] = augment.resample_mask(volumes[3], at_prior, 1)
+    if aug_cfg.enabled:
+        out["fixed_image"] = augment.random_gamma(out["fixed_image"], rng, aug_cfg)
+        out["warped_image"] = augment.random_gamma(out["warped_image"], rng, aug_cfg)
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------------------- training
+class SegmenterTrainer:
+    """Train a segmenter (module docstring) on a :class:`spirs_tf.data.PairSource` at the fine grid.
+
+    Two optimisers (:func:`spirs_tf.optim.make_optimizer`, cosine over all epochs): P1's updates the
+    opening conv, the encoder and P1's decoder with P1's loss; P2's updates the fusion block with P2's
+    loss (P1's logits enter P2 without a gradient into P1). ``out_dir/checkpoints/latest.npz`` after every
+    epoch (model, optimisers, epoch); ``best.npz`` by the validation P2 loss. A run resumes from
+    ``latest.npz``.
+    """
+
+    def __init__(self, cfg: config_lib.SpirsConfig, settings: SegmenterSettings, train_source, val_source,
+                 out_dir: str, init_state: dict | None = None, log=print):
+        from spirs_tf import optim
+        from spirs_tf._compat import keras
+
+        self.cfg, self.settings = cfg, settings.validate()
+        self.train_source, self.val_source = train_source, val_source
+        self.out_dir, self.log = out_dir, log
+        self.model = build_segmenter(cfg, settings.extra)
+        if init_state is not None:
+            from spirs_tf.networks import load_model_state
+
+            load_model_state(self.model, pyramid_segmentation_state(init_state, self.model))
+        fuse = [v for v in self.model.trainable_variables if v.path.startswith("fuse_")]
+        self.var_lists = {"segmentation_p1": [v for v in self.model.trainable_variables
+                                             if not v.path.startswith("fuse_")],
+                          "segmentation_p2": fuse}
+        self.optimizers = {}
+        for name, lr in (("segmentation_p1", settings.learning_rate_p1),
+                         ("segmentation_p2", settings.learning_rate_p2)):
+            base = getattr(cfg.optim, name)
+            opt_cfg = dataclasses.replace(base, learning_rate=lr, learning_rate_min=lr / 100.0,
+                                          cycle_epochs=settings.epochs, warmup_epochs=0, warm_restarts=False)
+            self.optimizers[name] = optim.make_optimizer(opt_cfg, settings.steps_per_epoch, name)
+            self.optimizers[name].build(self.var_lists[name])
+        self.epoch = 0
+        self.best = math.inf
+        self.history: list[dict] = []
+        self._keras = keras
+        self._step = None
+
+    # ---------------------------------------------------------------- losses
+    def losses(self, batch: dict, training: bool) -> dict:
+        from spirs_tf import losses as losses_lib
+        from spirs_tf._compat import ops
+
+        out = self.model({k: batch[k] for k in SEGMENTER_INPUTS}, training=training)
+        lc = self.cfg.loss
+        p1_w = lc.segmentation_bce_positive_weight or lc.bce_positive_weight
+        p2_w = lc.p2_bce_positive_weight or p1_w
+        target = batch["fixed_mask"]
+        return {"segmentation_p1": ops.mean(losses_lib.segmentation_loss(target, out["p1_logits"], p1_w,
+                                                                         lc.dice_smooth)),
+                "segmentation_p2": ops.mean(losses_lib.segmentation_loss(target, out["p2_logits"], p2_w,
+                                                                         lc.dice_smooth))}
+
+    def _train_step_fn(self):
+        import tensorflow as tf
+
+        def step(batch):
+            with tf.GradientTape(persistent=True) as tape:
+                terms = self.losses(batch, training=True)
+            for name, opt in self.optimizers.items():
+                grads = tape.gradient(terms[name], self.var_lists[name])
+                opt.apply(grads, self.var_lists[name])
+            del tape
+            return terms
+
+        return tf.function(step)
+
+    def train_step(self, batch: dict) -> dict:
+        if self._step is None:
+            self._step = self._train_step_fn()
+        return {k: float(v) for k, v in self._step(batch).items()}
+
+    # ---------------------------------------------------------------- data
+    def _batch(self, source, rows: list[int], stream: int, epoch: int) -> dict:
+        samples = []
+        for pos, row in enumerate(rows):
+            rng = np.random.default_rng([self.settings.seed, stream, epoch, pos, row])
+            pair = source[row]
+            samples.append(segmenter_sample(pair.fixed_image, pair.moving_image, pair.fixed_mask,
+                                            pair.moving_mask, rng, self.cfg.augment, self.settings))
+        return {k: np.stack([s[k] for s in samples])[..., None] for k in samples[0]}
+
+    def batches(self, epoch: int, workers: int = 2):
+        """The epoch's training batches, loaded ahead in a thread pool."""
+        import concurrent.futures
+
+        s = self.settings
+        rng = np.random.default_rng([s.seed, 2, epoch])
+        n = s.steps_per_epoch * s.batch_size
+        order = np.concatenate([rng.permutation(len(self.train_source)) for _ in range(n // len(self.train_source) + 1)])
+        plan = [order[i * s.batch_size:(i + 1) * s.batch_size].tolist() for i in range(s.steps_per_epoch)]
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            futures = [pool.submit(self._batch, self.train_source, rows, 0, epoch * 100003 + i)
+                       for i, rows in enumerate(plan[:workers + 1])]
+            for i in range(len(plan)):
+                batch = futures[i].result()
+                if i + workers + 1 < len(plan):
+                    j = i + workers + 1
+                    futures.append(pool.submit(self._batch, self.train_source, plan[j], 0, epoch * 100003 + j))
+                yield batch
+
+    def validation(self) -> dict:
+        """Mean P1/P2 losses over ``validation_samples`` fixed samples of the validation source."""
+        n = min(self.settings.validation_samples, max(1, len(self.val_source)) * 4)
+        totals = {"segmentation_p1": 0.0, "segmentation_p2": 0.0}
+        for i in range(n):
+            batch = self._batch(self.val_source, [i % len(self.val_source)], 1, i)
+            for k, v in self.losses(batch, training=False).items():
+                totals[k] += float(v) / n
+        return {f"val_{k}": v for k, v in totals.items()}
+
+    # ---------------------------------------------------------------- checkpoints
+    def _paths(self):
+        folder = os.path.join(self.out_dir, "checkpoints")
+        return os.path.join(folder, "latest.npz"), os.path.join(folder, "best.npz")
+
+    def save(self, path: str) -> None:
+        from spirs_tf.checkpoints import save_checkpoint
+        from spirs_tf.networks import model_state
+        from spirs_tf.optim import optimizer_state
+
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_checkpoint(path, model_state(self.model),
+                        {k: optimizer_state(o) for k, o in self.optimizers.items()},
+                        {"kind": "segmenter", "epoch": self.epoch, "best": self.best, "history": self.history,
+                         "settings": dataclasses.asdict(self.settings)})
+
+    def restore(self, path: str) -> None:
+        from spirs_tf.checkpoints import load_checkpoint
+        from spirs_tf.networks import load_model_state
+        from spirs_tf.optim import load_optimizer_state
+
+        state, opt_states, meta = load_checkpoint(path)
+        load_model_state(self.model, state)
+        for k, o in self.optimizers.items():
+            load_optimizer_state(o, opt_states[k])
+        self.epoch, self.best, self.history = int(meta["epoch"]), float(meta["best"]), list(meta["history"])
+
+    def write_files(self) -> None:
+        os.makedirs(self.out_dir, exist_ok=True)
+        config_lib.save_config(self.cfg, os.path.join(self.out_dir, "config.json"))
+        atomic_write_text(os.path.join(self.out_dir, "segmenter.json"),
+                          json.dumps(dataclasses.asdict(self.settings), indent=2) + "\n")
+
+    def fit(self, deadline: float | None = None) -> list[dict]:
+        """Train until ``settings.epochs`` (resuming from ``latest.npz``) or the wall-clock ``deadline``
+        (an epoch starts only if the last one's time fits)."""
+        latest, best = self._paths()
+        if os.path.isfile(latest):
+            self.restore(latest)
+            self.log(f"segmenter: resumed at epoch {self.epoch}")
+        self.write_files()
+        last = 0.0
+        while self.epoch < self.settings.epochs:
+            if deadline is not None and time.time() + last > deadline:
+                self.log("segmenter: stopped at the deadline")
+                break
+            t0 = time.time()
+            sums: dict = {}
+            for batch in self.batches(self.epoch):
+                for k, v in self.train_step(batch).items():
+                    sums[k] = sums.get(k, 0.0) + v / self.settings.steps_per_epoch
+            if not all(np.isfinite(v) for v in sums.values()):
+                raise FloatingPointError(f"segmenter: non-finite loss at epoch {self.epoch + 1}: {sums}")
+            logs = {"epoch": self.epoch + 1, **sums, **self.validation(), "seconds": time.time() - t0}
+            self.epoch += 1
+            self.history.append(logs)
+            improved = logs["val_segmentation_p2"] < self.best
+            if improved:
+                self.best = logs["val_segmentation_p2"]
+            self.save(latest)
+            if improved:
+                self.save(best)
+            last = time.time() - t0
+            self.log("segmenter: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in logs.items()))
+        return self.history
+
+
+# --------------------------------------------------------------------------------------- inference
+@dataclass
+class FineSegmenter:
+    """A trained segmenter for inference: its config (fine grid), settings and a
+    ``(fixed, warped, warped_mask) → (p1_prob, p2_prob)`` function on ``(B, G, G, G, 1)`` arrays."""
+
+    cfg: config_lib.SpirsConfig
+    settings: SegmenterSettings
+    run_fn: object
+    path: str
+
+    @property
+    def factor(self) -> int:
+        return int(self.settings.factor)
+
+    def __call__(self, fixed: np.ndarray, warped: np.ndarray, warped_mask: np.ndarray):
+        return self.run_fn(fixed, warped, warped_mask)
+
+
+def load_segmenter(path: str) -> FineSegmenter:
+    """Read a segmenter folder (``config.json``, ``segmenter.json``, ``checkpoints/best.npz`` else
+    ``latest.npz``). Raises :class:`SpirsInputError` naming the folder when something is missing."""
+    from spirs_tf.checkpoints import load_checkpoint
+    from spirs_tf.networks import load_model_state
+
+    files = {k: os.path.join(path, k) for k in ("config.json", "segmenter.json")}
+    for name, f in files.items():
+        if not os.path.isfile(f):
+            raise SpirsInputError(f"not a segmenter folder ({name} missing)", path)
+    ckpt = next((os.path.join(path, "checkpoints", n) for n in ("best.npz", "latest.npz")
+                 if os.path.isfile(os.path.join(path, "checkpoints", n))), None)
+    if ckpt is None:
+        raise SpirsInputError("segmenter folder has no checkpoints/best.npz or latest.npz", path)
+    cfg = config_lib.get_config(files["config.json"])
+    try:
+        with open(files["segmenter.json"], encoding="utf-8") as fh:
+            settings = SegmenterSettings(**json.load(fh)).validate()
+    except (TypeError, ValueError, json.JSONDecodeError) as exc:
+        raise SpirsInputError(f"segmenter.json: {exc}", path) from None
+    model = build_segmenter(cfg, settings.extra)
+    state, _, _ = load_checkpoint(ckpt)
+    load_model_state(model, state)
+
+    def run(fixed, warped, warped_mask):
+        from spirs_tf._compat import ops
+
+        out = model({"fixed_image": np.asarray(fixed, np.float32), "warped_image": np.asarray(warped, np.float32),
+                     "warped_mask": np.asarray(warped_mask, np.float32)}, training=False)
+        return tuple(np.asarray(ops.convert_to_numpy(ops.sigmoid(ops.clip(out[k], -30.0, 30.0))))
+                     for k in ("p1_logits", "p2_logits"))
+
+    return FineSegmenter(cfg, settings, run, path)
+
+
+def check_segmenter_fits(segmenter: FineSegmenter, cfg: config_lib.SpirsConfig) -> None:
+    """Raise :class:`SpirsInputError` unless the segmenter's grid is its factor × the model's working grid
+    (same field of view), the grid it was trained for."""
+    k = segmenter.factor
+    want = (cfg.data.grid_size * k, cfg.data.spacing_mm / k)
+    have = (segmenter.cfg.data.grid_size, segmenter.cfg.data.spacing_mm)
+    if have[0] != want[0] or not math.isclose(have[1], want[1], rel_tol=1e-6):
+        raise SpirsInputError(f"the segmenter's grid ({have[0]}³ at {have[1]:g} mm) is not {k}× the model's "
+                              f"({cfg.data.grid_size}³ at {cfg.data.spacing_mm:g} mm)", segmenter.path)
+
+
+def segment_fine(segmenter: FineSegmenter, case, outputs: dict, clip_sigma: float) -> dict:
+    """P1 and P2 of one prepared case from the segmenter, on the k-times finer grid of the new scan.
+
+    The new scan is resampled onto the fine grid (fine voxel ``k·i`` = model voxel ``i``) straight from
+    its own voxels; the prior image and mask are carried there by the case's registration (``outputs``:
+    affine, field and ``dvf_factor``, refined or not) with one resampling, as :mod:`spirs_tf.itk_export`
+    writes them on the native grid; both images are normalised as in training (:func:`normalize_intensity`).
+
+    Returns:
+        ``outputs`` plus ``p1_prob_fine``, ``p2_prob_fine`` ``(kS, kS, kS, 1)``, ``seg_mapping`` (the fine
+        grid's :class:`~spirs_tf.preprocess.GridMapping`), ``seg_factor``; ``p1_prob``/``p2_prob`` become
+        their every k-th voxel (the model grid, for the metrics computed there).
+    """
+    from spirs_tf.io import Volume
+    from spirs_tf.itk_export import CaseTransform, resample_to_new
+    from spirs_tf.preprocess import GridMapping, normalize_intensity, to_working
+
+    k = segmenter.factor
+    s = int(case.new_image.shape[0])
+    n = k * s
+    new = case.inputs.new
+    fine_affine = np.asarray(case.new_mapping.working_affine, np.float64) @ np.diag([1.0 / k] * 3 + [1.0])
+    mapping = GridMapping(fine_affine, (n, n, n), np.asarray(new.affine, np.float64), new.shape)
+    fixed = normalize_intensity(to_working(new, mapping, order=1), clip_sigma)
+    factor = int(outputs.get("dvf_factor", 1))
+    transform = CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
+                              np.asarray(outputs["affine"], np.float64).reshape(3, 4),
+                              np.asarray(outputs["dvf"], np.float32).reshape((factor * s,) * 3 + (3,)), factor)
+    res = resample_to_new(transform, Volume(np.zeros((n, n, n), np.uint8), fine_affine), case.inputs.prior,
+                          case.inputs.prior_mask, None, native_fields=False)
+    prior = normalize_intensity(res.prior_warped, clip_sigma)
+    mask = res.prior_mask_warped.astype(np.float32)
+    p1, p2 = segmenter(fixed[None, ..., None], prior[None, ..., None], mask[None, ..., None])
+    p1, p2 = np.asarray(p1, np.float32)[0], np.asarray(p2, np.float32)[0]
+    return dict(outputs, p1_prob_fine=p1, p2_prob_fine=p2, seg_mapping=mapping, seg_factor=k,
+                p1_prob=p1[::k, ::k, ::k], p2_prob=p2[::k, ::k, ::k])

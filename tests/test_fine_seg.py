@@ -1,0 +1,230 @@
+"""The segmenter on a finer grid (spirs_tf.fine_seg): the same weights as the pyramid's segmentation path,
+its training samples, training and resuming, and ``spirs predict --segmenter``. Test config (32³ grid)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from spirs_tf import cli, config, fine_seg, inference
+from spirs_tf.checkpoints import save_checkpoint
+from spirs_tf.data import PairSource
+from spirs_tf.networks import build_spirs, model_state
+
+from test_refine_predict import BIG, BIG_AFFINE, write_moved
+
+
+def _cfg(normalization="batch"):
+    cfg = config.get_config("test")
+    cfg.model.normalization = normalization
+    cfg.model.p2_residual = True
+    return cfg
+
+
+@pytest.mark.parametrize("normalization", ["batch", "instance"])
+def test_segmenter_is_the_pyramids_segmentation_path(normalization, rng):
+    """Loaded from a pyramid's state, the segmenter at ``extra = levels − 1`` gives the pyramid's P1, and its
+    P2 from the pyramid's warped prior gives the pyramid's P2 (same layers, same weights)."""
+    cfg = _cfg(normalization)
+    levels = cfg.model.num_levels
+    pyramid = build_spirs(cfg, levels)
+    for v in pyramid.trainable_variables:  # move every weight off its initial value (P2's head starts at 0)
+        v.assign(v.value + 0.05 * rng.standard_normal(v.shape).astype("float32"))
+    seg = fine_seg.build_segmenter(cfg, levels - 1)
+    from spirs_tf.networks import load_model_state
+
+    load_model_state(seg, fine_seg.pyramid_segmentation_state(model_state(pyramid), seg))
+    s = cfg.level_grid(levels)
+    x = {k: rng.random((1, s, s, s, 1)).astype("float32") for k in ("fixed_image", "moving_image", "moving_mask")}
+    out = {k: np.asarray(v) for k, v in pyramid(x, training=False).items()}
+    mine = seg({"fixed_image": x["fixed_image"], "warped_image": out[f"warped_image_{levels}"],
+                "warped_mask": out[f"warped_mask_{levels}"]}, training=False)
+    np.testing.assert_allclose(np.asarray(mine["p1_logits"]), out["p1_logits"], atol=1e-4)
+    np.testing.assert_allclose(np.asarray(mine["p2_logits"]), out["p2_logits"], atol=1e-4)
+    assert np.abs(out["p2_logits"] - out["p1_logits"]).max() > 1e-3  # P2 is not just P1 here
+
+
+def test_segmenter_runs_on_any_grid_divisible_by_its_pooling(rng):
+    cfg = _cfg()
+    seg = fine_seg.build_segmenter(cfg, 2)
+    for shape in ((32, 32, 32), (64, 32, 96)):
+        x = {k: rng.random((1, *shape, 1)).astype("float32") for k in fine_seg.SEGMENTER_INPUTS}
+        out = seg(x, training=False)
+        assert tuple(out["p1_logits"].shape) == (1, *shape, 1) == tuple(out["p2_logits"].shape)
+
+
+def test_a_state_without_the_segmentation_path_is_refused():
+    seg = fine_seg.build_segmenter(_cfg(), 2)
+    state = {k: v for k, v in model_state(seg).items() if not k.startswith("fuse_")}
+    with pytest.raises(inference.SpirsInputError, match="missing"):
+        fine_seg.pyramid_segmentation_state(state, seg)
+
+
+def _pair(rng, grid=32):
+    """A pre-aligned pair: a textured cube 'brain' in [0, 1] and one lesion off-centre in both masks."""
+    fixed = np.zeros((grid,) * 3, np.float32)
+    fixed[4:-4, 4:-4, 4:-4] = 0.2 + 0.6 * rng.random((grid - 8,) * 3)
+    moving = np.clip(fixed + 0.05 * rng.standard_normal(fixed.shape).astype(np.float32), 0, 1) * (fixed > 0)
+    mask = np.zeros((grid,) * 3, np.uint8)
+    mask[8:11, 9:12, 8:11] = 1
+    return fixed, moving.astype(np.float32), mask, mask.copy()
+
+
+def test_sample_without_augmentation_or_jitter_is_the_pair(rng):
+    fixed, moving, fmask, mmask = _pair(rng)
+    aug = dataclasses.replace(config.AugmentConfig(), enabled=False)
+    st = fine_seg.SegmenterSettings(crop=0, prior_jitter_voxels=0.0, prior_jitter_degrees=0.0)
+    s = fine_seg.segmenter_sample(fixed, moving, fmask, mmask, rng, aug, st)
+    np.testing.assert_allclose(s["fixed_image"], fixed, atol=1e-6)
+    np.testing.assert_allclose(s["warped_image"], moving, atol=1e-6)
+    np.testing.assert_array_equal(s["fixed_mask"], fmask)
+    np.testing.assert_array_equal(s["warped_mask"], mmask)
+
+
+def test_sample_jitter_moves_only_the_prior(rng):
+    fixed, moving, fmask, mmask = _pair(rng)
+    aug = dataclasses.replace(config.AugmentConfig(), enabled=False)
+    st = fine_seg.SegmenterSettings(crop=0, prior_jitter_voxels=2.0, prior_jitter_degrees=0.0)
+    s = fine_seg.segmenter_sample(fixed, moving, fmask, mmask, np.random.default_rng(3), aug, st)
+    np.testing.assert_allclose(s["fixed_image"], fixed, atol=1e-6)
+    assert np.abs(s["warped_image"] - moving).max() > 0.1
+    # a pure shift: the prior's lesion moved by at most 2 voxels per axis, its size about kept
+    centre = lambda m: np.argwhere(m > 0.5).mean(0)  # noqa: E731
+    shift = centre(s["warped_mask"]) - centre(mmask)
+    assert abs(s["warped_mask"].sum() - mmask.sum()) <= 9 and np.all(np.abs(shift) <= 2.0 + 1e-6) and np.abs(shift).max() > 0
+
+
+def test_lesion_centred_cubes_hold_the_lesion(rng):
+    fixed, moving, fmask, mmask = _pair(rng)
+    aug = config.AugmentConfig()  # flips, rotations, scales: the cube must still find the lesion
+    hits = []
+    for seed in range(12):
+        st = fine_seg.SegmenterSettings(crop=16, extra=1, lesion_probability=1.0)
+        s = fine_seg.segmenter_sample(fixed, moving, fmask, mmask, np.random.default_rng(seed), aug, st)
+        assert s["fixed_image"].shape == (16, 16, 16)
+        hits.append(s["fixed_mask"].sum() > 0)
+    assert all(hits)
+    st = fine_seg.SegmenterSettings(crop=16, extra=1, lesion_probability=0.0)
+    far = [fine_seg.segmenter_sample(fixed, moving, fmask, mmask, np.random.default_rng(s), aug, st)["fixed_mask"].sum()
+           for s in range(12)]
+    assert sum(f > 0 for f in far) < 12
+
+
+@pytest.mark.parametrize("bad", [dict(crop=20), dict(lesion_probability=1.5), dict(batch_size=0),
+                                 dict(image_order=2), dict(factor=3), dict(epochs=True)])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        fine_seg.SegmenterSettings(**bad).validate()
+
+
+def _source(rng, n=3):
+    return PairSource.from_arrays([_pair(np.random.default_rng(i)) for i in range(n)])
+
+
+def test_training_runs_saves_and_resumes(rng, tmp_path):
+    cfg = _cfg()
+    st = fine_seg.SegmenterSettings(extra=2, crop=0, batch_size=1, steps_per_epoch=2, epochs=1, validation_samples=2)
+    state = model_state(build_spirs(cfg, cfg.model.num_levels))
+    logs = []
+    first = fine_seg.SegmenterTrainer(cfg, st, _source(rng), _source(rng, 2), str(tmp_path / "seg"), init_state=state,
+                                      log=logs.append)
+    history = first.fit()
+    assert len(history) == 1 and all(np.isfinite(v) for v in history[0].values())
+    for name in ("config.json", "segmenter.json", "checkpoints/latest.npz", "checkpoints/best.npz"):
+        assert (tmp_path / "seg" / name).is_file(), name
+    before = first.optimizers["segmentation_p1"].iterations.numpy()
+    assert before == 2
+    again = fine_seg.SegmenterTrainer(cfg, dataclasses.replace(st, epochs=2), _source(rng), _source(rng, 2),
+                                      str(tmp_path / "seg"), log=logs.append)
+    history = again.fit()
+    assert len(history) == 2 and again.epoch == 2 and any("resumed at epoch 1" in m for m in logs)
+    assert again.optimizers["segmentation_p1"].iterations.numpy() == 4
+    seg = fine_seg.load_segmenter(str(tmp_path / "seg"))
+    x = np.random.default_rng(1).random((1, 32, 32, 32, 1)).astype("float32")
+    p1, p2 = seg(x, x, (x > 0.9).astype("float32"))
+    assert p1.shape == p2.shape == (1, 32, 32, 32, 1) and 0 <= p1.min() and p2.max() <= 1
+
+
+def test_a_non_segmenter_folder_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(inference.SpirsInputError, match="segmenter.json missing"):
+        fine_seg.load_segmenter(str(tmp_path))
+
+
+def _write_segmenter(folder, reg_cfg, factor, rng):
+    """A segmenter folder with random weights for ``reg_cfg``'s grid × ``factor``."""
+    cfg = fine_seg.segmenter_config(reg_cfg, factor)
+    st = fine_seg.SegmenterSettings(factor=factor, extra=2)  # (the test config has 3 levels: at most 2 poolings)
+    model = fine_seg.build_segmenter(cfg, st.extra)
+    for v in model.trainable_variables:
+        v.assign(v.value + 0.05 * rng.standard_normal(v.shape).astype("float32"))
+    os.makedirs(folder / "checkpoints")
+    config.save_config(cfg, str(folder / "config.json"))
+    (folder / "segmenter.json").write_text(json.dumps(dataclasses.asdict(st)))
+    save_checkpoint(str(folder / "checkpoints" / "best.npz"), model_state(model), {}, {"kind": "segmenter"})
+    return str(folder)
+
+
+def test_segment_fine_places_the_prior_on_the_fine_grid(predictor, tmp_path):
+    """Prior = new scan, identity registration: the segmenter gets the same fine image twice, and the
+    lesion mask on the fine grid; P1/P2 come back with every k-th voxel on the model grid."""
+    paths = write_moved(tmp_path, BIG, BIG_AFFINE)
+    inputs = inference.read_case_inputs(paths["new"], paths["new"], paths["new_mask"])
+    case = inference.prepare_case(inputs, predictor)
+    s = case.new_image.shape[0]
+    seen = []
+
+    def run(fixed, warped, mask):
+        seen.append((fixed, warped, mask))
+        return fixed * 0.5, warped * 0.25
+
+    seg = fine_seg.FineSegmenter(fine_seg.segmenter_config(predictor.cfg, 2), fine_seg.SegmenterSettings(), run, "x")
+    outputs = {"affine": np.eye(3, 4, dtype=np.float32), "dvf": np.zeros((s, s, s, 3), np.float32),
+               "p1_prob": np.zeros((s, s, s, 1)), "p2_prob": np.zeros((s, s, s, 1))}
+    out = fine_seg.segment_fine(seg, case, outputs, predictor.cfg.data.clip_sigma)
+    fixed, warped, mask = seen[0]
+    assert fixed.shape == (1, 2 * s, 2 * s, 2 * s, 1)
+    np.testing.assert_allclose(warped, fixed, atol=1e-5)
+    # fine voxel 2i = model voxel i (the intensity normalisation's statistics differ a little between grids)
+    np.testing.assert_allclose(fixed[0, ::2, ::2, ::2], case.new_image[..., None], atol=0.02)
+    assert np.corrcoef(fixed[0, ::2, ::2, ::2].ravel(), case.new_image.ravel())[0, 1] > 0.999
+    assert mask.sum() > 0 and set(np.unique(mask)) <= {0.0, 1.0}
+    np.testing.assert_allclose(out["p1_prob"], 0.5 * fixed[0, ::2, ::2, ::2], atol=1e-6)
+    assert out["p2_prob_fine"].shape == (2 * s, 2 * s, 2 * s, 1) and out["seg_factor"] == 2
+
+
+def test_predict_with_a_segmenter(run_dir, predictor, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    paths = write_moved(tmp_path, BIG, BIG_AFFINE)
+    seg = _write_segmenter(tmp_path / "seg", predictor.cfg, 2, rng)
+
+    def args(out, *extra):
+        return ["predict", "--new", paths["new"], "--prior", paths["prior"], "--prior-mask", paths["mask"],
+                "--out", str(tmp_path / out), "--model", run_dir, "--refine", "off", "--quiet", *extra]
+
+    assert cli.main(args("out", "--segmenter", seg)) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    s = predictor.size
+    assert report["segmentation"] == {"model": "segmenter", "segmenter": seg, "grid": [2 * s] * 3, "factor": 2,
+                                      "p2_prior_from": "network registration"}
+    assert "segmenter" in report["timings_s"]
+    from spirs_tf.io import read_volume
+
+    p2 = read_volume(str(tmp_path / "out" / "p2_prob.nii.gz"))
+    assert p2.shape == BIG and 0 <= p2.data.min() and p2.data.max() <= 1
+    # without the segmenter: the model's own P1/P2
+    assert cli.main(args("plain")) == 0
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    assert plain["segmentation"] == {"model": "network", "grid": [s] * 3}
+    assert not np.allclose(read_volume(str(tmp_path / "plain" / "p2_prob.nii.gz")).data, p2.data)
+    # a segmenter made for another model's grid: one line, exit 2, nothing written
+    wide = dataclasses.replace(predictor.cfg, data=dataclasses.replace(predictor.cfg.data, grid_size=64))
+    other = _write_segmenter(tmp_path / "seg64", wide, 2, rng)
+    capsys.readouterr()
+    assert cli.main(args("bad", "--segmenter", other)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not 2× the model's (32³ at 6 mm)" in err[0] and "seg64" in err[0], err
+    assert not (tmp_path / "bad").exists()
