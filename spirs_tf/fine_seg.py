@@ -328,7 +328,8 @@ class SegmenterTrainer:
         s = self.settings
         rng = np.random.default_rng([s.seed, 2, epoch])
         n = s.steps_per_epoch * s.batch_size
-        order = np.concatenate([rng.permutation(len(self.train_source)) for _ in range(n // len(self.train_source) + 1)])
+        pairs = len(self.train_source)
+        order = np.concatenate([rng.permutation(pairs) for _ in range(n // pairs + 1)])
         plan = [order[i * s.batch_size:(i + 1) * s.batch_size].tolist() for i in range(s.steps_per_epoch)]
         with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
             futures = [pool.submit(self._batch, self.train_source, rows, 0, epoch * 100003 + i)
