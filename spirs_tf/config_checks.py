@@ -15,6 +15,12 @@ NORMALIZATIONS = ("batch", "instance")
 P2_PRIORS = ("network", "truth")
 
 
+def _positive_int(cfg, name: str, value) -> None:
+    """An integer >= 1 (a bool is not one: True would pass as 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpirsInputError(f"config {cfg.name!r}: {name} must be an integer >= 1, got {value!r}")
+
+
 def check_config(cfg) -> None:
     """Raise :class:`SpirsInputError` naming ``cfg.name`` and the first field out of range or inconsistent."""
     d, m = cfg.data, cfg.model
@@ -32,10 +38,7 @@ def check_config(cfg) -> None:
     if cfg.model.normalization not in NORMALIZATIONS:
         raise SpirsInputError(f"config {cfg.name!r}: model.normalization must be one of "
                               f"{', '.join(NORMALIZATIONS)}, got {cfg.model.normalization!r}")
-    if isinstance(cfg.model.affine_passes, bool) or not isinstance(cfg.model.affine_passes, int) \
-            or cfg.model.affine_passes < 1:
-        raise SpirsInputError(f"config {cfg.name!r}: model.affine_passes must be an integer >= 1, "
-                              f"got {cfg.model.affine_passes!r}")
+    _positive_int(cfg, "model.affine_passes", cfg.model.affine_passes)
     if not 0.0 <= cfg.augment.fixed_pose_probability <= 1.0 or not cfg.augment.fixed_rotation_degrees >= 0:
         raise SpirsInputError(f"config {cfg.name!r}: augment.fixed_pose_probability must be in [0, 1] and "
                               f"augment.fixed_rotation_degrees >= 0, got {cfg.augment.fixed_pose_probability!r}, "
@@ -65,9 +68,7 @@ def check_config(cfg) -> None:
     if not isinstance(cfg.model.p2_residual, bool):
         raise SpirsInputError(f"config {cfg.name!r}: model.p2_residual must be true or false, "
                               f"got {cfg.model.p2_residual!r}")
-    if not isinstance(cfg.train.data_echo, int) or cfg.train.data_echo < 1:
-        raise SpirsInputError(f"config {cfg.name!r}: train.data_echo must be an integer >= 1, "
-                              f"got {cfg.train.data_echo!r}")
+    _positive_int(cfg, "train.data_echo", cfg.train.data_echo)
     if cfg.train.distribute not in ("none", "mirrored", "multi_worker"):
         raise SpirsInputError(
             f"config {cfg.name!r}: train.distribute must be 'none', 'mirrored' or 'multi_worker'")

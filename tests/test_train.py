@@ -366,6 +366,12 @@ def test_data_echo_steps_twice_on_each_loaded_batch(cohort, tmp_path, monkeypatc
     assert seen[0] == seen[1] != seen[2]
     with pytest.raises(SpirsInputError, match="data_echo"):
         config_lib.get_config("test", ["train.data_echo=0"])
+    from spirs_tf.config_checks import check_config
+
+    flagged = config_lib.get_config("test")
+    flagged.train.data_echo = True  # e.g. "data_echo": true in a config file: not an echo count
+    with pytest.raises(SpirsInputError, match="train.data_echo must be an integer >= 1, got True"):
+        check_config(flagged)
 
 
 def test_instance_normalisation_and_affine_radius_train_two_stages(cohort, tmp_path):
