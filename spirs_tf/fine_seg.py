@@ -438,28 +438,53 @@ class FineSegmenter:
         return self.run_fn(fixed, warped, warped_mask)
 
 
+def _segmenter_files(path: str) -> tuple[str, str]:
+    """(checkpoint, config) of a segmenter folder (``checkpoints/best.npz`` else ``latest.npz``, and
+    ``config.json``) or of a checkpoint ``.npz`` (``NAME.json`` beside it, else ``config.json`` beside
+    it or one folder up, as the shipped ``weights/demo_segmenter.{npz,json}``)."""
+    if os.path.isdir(path):
+        ckpt = next((os.path.join(path, "checkpoints", n) for n in ("best.npz", "latest.npz")
+                     if os.path.isfile(os.path.join(path, "checkpoints", n))), None)
+        if ckpt is None:
+            raise SpirsInputError("segmenter folder has no checkpoints/best.npz or latest.npz", path)
+        config = os.path.join(path, "config.json")
+    elif os.path.isfile(path) and path.endswith(".npz"):
+        ckpt, here = path, os.path.dirname(os.path.abspath(path))
+        candidates = [path[:-4] + ".json", os.path.join(here, "config.json"),
+                      os.path.join(os.path.dirname(here), "config.json")]
+        config = next((c for c in candidates if os.path.isfile(c)), candidates[0])
+    else:
+        raise SpirsInputError("a segmenter must be a segmenter folder or its checkpoint .npz", path)
+    if not os.path.isfile(config):
+        raise SpirsInputError(f"not a segmenter ({os.path.basename(config)} missing)", path)
+    return ckpt, config
+
+
 def load_segmenter(path: str) -> FineSegmenter:
-    """Read a segmenter folder (``config.json``, ``segmenter.json``, ``checkpoints/best.npz`` else
-    ``latest.npz``). Raises :class:`SpirsInputError` naming the folder when something is missing."""
+    """Read a segmenter: a folder written by :class:`SegmenterTrainer` or a checkpoint ``.npz``
+    (:func:`_segmenter_files`); its settings come from the checkpoint (else ``segmenter.json``).
+    Raises :class:`SpirsInputError` naming the path when something is missing or does not fit."""
     from spirs_tf.checkpoints import load_checkpoint
     from spirs_tf.networks import load_model_state
 
-    files = {k: os.path.join(path, k) for k in ("config.json", "segmenter.json")}
-    for name, f in files.items():
-        if not os.path.isfile(f):
-            raise SpirsInputError(f"not a segmenter folder ({name} missing)", path)
-    ckpt = next((os.path.join(path, "checkpoints", n) for n in ("best.npz", "latest.npz")
-                 if os.path.isfile(os.path.join(path, "checkpoints", n))), None)
-    if ckpt is None:
-        raise SpirsInputError("segmenter folder has no checkpoints/best.npz or latest.npz", path)
-    cfg = config_lib.get_config(files["config.json"])
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SpirsInputError("segmenter not found", path)
+    ckpt, config_path = _segmenter_files(path)
+    cfg = config_lib.get_config(config_path)
+    state, _, meta = load_checkpoint(ckpt)
+    raw = meta.get("settings")
+    side = os.path.join(os.path.dirname(config_path), "segmenter.json")
     try:
-        with open(files["segmenter.json"], encoding="utf-8") as fh:
-            settings = SegmenterSettings(**json.load(fh)).validate()
+        if raw is None:
+            if not os.path.isfile(side):
+                raise SpirsInputError("not a segmenter (no settings in its checkpoint, no segmenter.json)", path)
+            with open(side, encoding="utf-8") as fh:
+                raw = json.load(fh)
+        settings = SegmenterSettings(**raw).validate()
     except (TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise SpirsInputError(f"segmenter.json: {exc}", path) from None
+        raise SpirsInputError(f"segmenter settings: {exc}", path) from None
     model = build_segmenter(cfg, settings.extra)
-    state, _, _ = load_checkpoint(ckpt)
     load_model_state(model, state)
 
     def run(fixed, warped, warped_mask):

@@ -47,6 +47,8 @@ from spirs_tf.errors import SpirsInputError
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 DEMO_NAME = "demo"
+#: the shipped segmenter (spirs_tf.fine_seg) that the demo weights use, if present: weights/<name>.{npz,json}
+SEGMENTER_NAME = "demo_segmenter"
 
 OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
 LOGIT_CLIP = 50.0
@@ -417,7 +419,8 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
         model: a run directory (highest stage; ``best.npz`` else ``latest.npz``; its ``config.json``),
             a checkpoint ``.npz`` (``config.json`` beside it or one folder up), a SavedModel folder
             written by ``spirs export``, or ``None`` for the shipped demo weights
-            (``spirs_tf/weights/demo.npz`` + ``demo.json``).
+            (``spirs_tf/weights/demo.npz`` + ``demo.json``, with the shipped segmenter
+            ``demo_segmenter.npz`` + ``.json`` when there is one).
 
     Raises:
         SpirsInputError: missing path, unrecognised folder, no config, checkpoint/config mismatch,
@@ -431,6 +434,12 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
                                   "folder) and this spirs-tf ships no demo weights (spirs_tf/weights/)")
         predictor = open_run(ckpt, cfg).predictor()
         predictor.info["kind"] = "demo weights"
+        shipped = os.path.join(WEIGHTS_DIR, f"{SEGMENTER_NAME}.npz")
+        if os.path.isfile(shipped):  # P1/P2 on the finer grid (spirs_tf.fine_seg); spirs predict --segmenter off
+            from spirs_tf.fine_seg import check_segmenter_fits, load_segmenter
+
+            predictor.segmenter = load_segmenter(shipped)
+            check_segmenter_fits(predictor.segmenter, predictor.cfg)
         return predictor
     path = os.fspath(model)
     if not os.path.exists(path):

@@ -151,7 +151,7 @@ def test_training_runs_saves_and_resumes(rng, tmp_path):
 
 def test_a_non_segmenter_folder_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(inference.SpirsInputError, match="segmenter.json missing"):
+    with pytest.raises(inference.SpirsInputError, match="no checkpoints"):
         fine_seg.load_segmenter(str(tmp_path))
 
 
@@ -165,7 +165,8 @@ def _write_segmenter(folder, reg_cfg, factor, rng):
     os.makedirs(folder / "checkpoints")
     config.save_config(cfg, str(folder / "config.json"))
     (folder / "segmenter.json").write_text(json.dumps(dataclasses.asdict(st)))
-    save_checkpoint(str(folder / "checkpoints" / "best.npz"), model_state(model), {}, {"kind": "segmenter"})
+    save_checkpoint(str(folder / "checkpoints" / "best.npz"), model_state(model), {},
+                    {"kind": "segmenter", "settings": dataclasses.asdict(st)})
     return str(folder)
 
 
@@ -216,11 +217,14 @@ def test_predict_with_a_segmenter(run_dir, predictor, tmp_path, capsys):
 
     p2 = read_volume(str(tmp_path / "out" / "p2_prob.nii.gz"))
     assert p2.shape == BIG and 0 <= p2.data.min() and p2.data.max() <= 1
-    # without the segmenter: the model's own P1/P2
-    assert cli.main(args("plain")) == 0
-    plain = json.loads((tmp_path / "plain" / "report.json").read_text())
+    # its checkpoint alone (config.json one folder up) is the same segmenter
+    assert cli.main(args("npz", "--segmenter", os.path.join(seg, "checkpoints", "best.npz"))) == 0
+    np.testing.assert_array_equal(read_volume(str(tmp_path / "npz" / "p2_prob.nii.gz")).data, p2.data)
+    # without the segmenter (or with --segmenter off): the model's own P1/P2
+    assert cli.main(args("off", "--segmenter", "off")) == 0
+    plain = json.loads((tmp_path / "off" / "report.json").read_text())
     assert plain["segmentation"] == {"model": "network", "grid": [s] * 3}
-    assert not np.allclose(read_volume(str(tmp_path / "plain" / "p2_prob.nii.gz")).data, p2.data)
+    assert not np.allclose(read_volume(str(tmp_path / "off" / "p2_prob.nii.gz")).data, p2.data)
     # a segmenter made for another model's grid: one line, exit 2, nothing written
     wide = dataclasses.replace(predictor.cfg, data=dataclasses.replace(predictor.cfg.data, grid_size=64))
     other = _write_segmenter(tmp_path / "seg64", wide, 2, rng)

@@ -64,8 +64,10 @@ def add_parser(subparsers) -> None:
                         help="network passes: the prior, warped by the affine found so far, is registered again "
                              "K-1 times (default: the model's config, model.affine_passes; 1 = the paper)")
     parser.add_argument("--segmenter", default=None, metavar="DIR",
-                        help="P1 and P2 from this segmenter folder (experiments/train_segmenter.py) on its finer "
-                             "grid, the prior placed by the registration used (refined by default)")
+                        help="P1 and P2 from this segmenter (folder of experiments/train_segmenter.py, or its "
+                             ".npz) on its finer grid, the prior placed by the registration used (refined by "
+                             "default); 'off' = the model's own P1/P2 (default: the shipped segmenter with the "
+                             "demo weights, if any; none with --model)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing case folder (one case)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
@@ -77,7 +79,9 @@ def _load(args: argparse.Namespace):
 
     predictor = inference.load_predictor(args.model)
     predictor.affine_passes = args.affine_passes
-    if args.segmenter:
+    if args.segmenter == "off":
+        predictor.segmenter = None
+    elif args.segmenter:
         from spirs_tf.fine_seg import check_segmenter_fits, load_segmenter
 
         predictor.segmenter = load_segmenter(args.segmenter)
