@@ -22,7 +22,7 @@ Usage::
 
     spirs predict --manifest M.csv --split S --out OUT
     python experiments/score_cohort_lesions.py --manifest M.csv --cases OUT [--json OUT/lesions_p1_p2.json]
-        [--synthetic-lesions COHORT/lesions.csv] [--markdown TABLE1.md [--title "#### ..."]]
+        [--synthetic-lesions COHORT/lesions.csv] [--markdown TABLE1.md [--title "#### ..."]] [--figure7 PNG]
 
 ``--markdown`` writes Table 1 (sensitivity per size bin with exact intervals, McNemar and Holm p, false
 positives per scan) and names the registration each case's P2 came from (its ``report.json``);
@@ -187,12 +187,21 @@ def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = No
         groups = _prior_groups(pairs[case], labels, count, synthetic) if synthetic is not None else {}
         in_prior = _in_warped_prior(folder, labels)
         registrations.append(_p2_registration(folder))
+        centres = {}
+        if any(found["P2"][lid][1] and not p1 for lid, (_, p1) in found["P1"].items()):
+            from scipy import ndimage
+
+            centres = {i + 1: tuple(int(round(c)) for c in xyz) for i, xyz in
+                       enumerate(ndimage.center_of_mass(gt, labels, range(1, count + 1)))}
         for lid, (size_bin, p1) in found["P1"].items():
             lesions.append({"case": case, "lesion_id": lid, "bin": size_bin, "P1": p1, "P2": found["P2"][lid][1],
                             "groups": groups.get(lid, []), "in_prior": in_prior.get(lid, False)})
+            if lid in centres and lesions[-1]["P2"] and not p1:
+                lesions[-1]["centre_voxel"] = centres[lid]
     if not false_pos["P1"]:
         raise SpirsInputError("no case folders with p1_mask.nii.gz", cases_dir)
     result = {"cases": len(false_pos["P1"]), "lesions": len(lesions), "bins": {},
+              "p2_only": [r for r in lesions if r["P2"] and not r["P1"]],
               "false_positives_per_scan": {m: float(np.mean(v)) for m, v in false_pos.items()},
               "p2_registration": {k: registrations.count(k) for k in sorted(set(registrations))}}
     for b in BINS + ("all",):
@@ -209,6 +218,53 @@ def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = No
     return result
 
 
+def figure7(result: dict, manifest_path: str, cases_dir: str, out_png: str, count: int = 3) -> int:
+    """Figure 7 from ``spirs predict``'s outputs: lesions P2 found and P1 missed, micro first, at most one
+    per patient. Each lesion: the new scan's axial slice through its centre, P1's mask (left) and P2's
+    (right) in red, the truth dashed green. Returns the number of lesions shown."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from spirs_tf.atomic import atomic_path
+    from spirs_tf.cohort_predict import case_name
+    from spirs_tf.io import read_volume
+    from spirs_tf.manifest import load_manifest, make_pairs
+
+    pairs = {case_name(p): p for p in make_pairs(load_manifest(manifest_path), None, "all", both_directions=True)}
+    chosen, patients = [], set()
+    for b in BINS:
+        for r in result["p2_only"]:
+            patient = pairs[r["case"]].new.patient_id
+            if r["bin"] == b and patient not in patients and len(chosen) < count:
+                chosen.append(r)
+                patients.add(patient)
+    fig, axes = plt.subplots(max(1, len(chosen)), 2, figsize=(6, 3 * max(1, len(chosen))), squeeze=False)
+    if not chosen:
+        axes[0, 0].text(0.5, 0.5, "no lesion found by P2 and missed by P1", ha="center")
+    for row, r in zip(axes, chosen):
+        pair, folder = pairs[r["case"]], os.path.join(cases_dir, r["case"])
+        image = read_volume(pair.new.image).data
+        truth = read_volume(pair.new.mask, "mask").data > 0.5
+        x, y, z = r["centre_voxel"]
+        h = 20
+        box = (slice(max(0, x - h), x + h), slice(max(0, y - h), y + h), z)
+        for ax, method in zip(row, ("P1", "P2")):
+            pred = read_volume(os.path.join(folder, f"{method.lower()}_mask.nii.gz"), "mask").data > 0.5
+            ax.imshow(image[box].T, cmap="gray", origin="lower")
+            if pred[box].any():
+                ax.contour(pred[box].T.astype(float), [0.5], colors="red", linewidths=1)
+            ax.contour(truth[box].T.astype(float), [0.5], colors="lime", linewidths=1, linestyles="dashed")
+            ax.set_title(f"{r['case']} lesion {r['lesion_id']} ({r['bin']}): {method}", fontsize=7)
+            ax.axis("off")
+    fig.suptitle("SYNTHETIC: lesions found by P2 (with the prior) and missed by P1", fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out_png) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return len(chosen)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--manifest", required=True, help="the manifest spirs predict read")
@@ -219,6 +275,7 @@ def main(argv=None) -> int:
     parser.add_argument("--synthetic-lesions", metavar="CSV",
                         help="a spirs synth cohort's lesions.csv: also count lesions with a prior, faded ones "
                              "and new ones")
+    parser.add_argument("--figure7", metavar="PNG", help="draw lesions P2 found and P1 missed (micro first)")
     args = parser.parse_args(argv)
     from spirs_tf.errors import SpirsInputError
 
@@ -248,6 +305,9 @@ def main(argv=None) -> int:
     if args.markdown:
         from spirs_tf.atomic import atomic_write_text
         atomic_write_text(args.markdown, table1_markdown(result, args.title))
+    if args.figure7:
+        shown = figure7(result, args.manifest, args.cases, args.figure7)
+        print(f"  Figure 7: {shown} lesion(s) found by P2 and missed by P1 in {args.figure7}")
     return 0
 
 

@@ -57,7 +57,15 @@ def test_counts_false_positives_and_mcnemar(tmp_path, capsys):
     assert result["p2_registration"] == {"unknown": 1}  # the hand-made case folder has no report.json
     out_json, out_md = tmp_path / "r.json", tmp_path / "t1.md"
     assert script.main(["--manifest", str(manifest), "--cases", str(tmp_path / "out"), "--json", str(out_json),
-                        "--markdown", str(out_md), "--title", "#### T1"]) == 0
+                        "--markdown", str(out_md), "--title", "#### T1", "--figure7", str(tmp_path / "f7.png")]) == 0
+    assert (tmp_path / "f7.png").stat().st_size > 0 and "Figure 7: 0 lesion(s)" in capsys.readouterr().out
+    # P1 and P2 swapped: the small lesion is found by P2 alone, and Figure 7 draws it at its centre
+    swap = tmp_path / "swap" / "p0_0_to_1"
+    _save(str(swap / "p1_mask.nii.gz"), medium)
+    _save(str(swap / "p2_mask.nii.gz"), small + medium)
+    swapped = script.score(str(manifest), str(tmp_path / "swap"))
+    assert [(r["bin"], tuple(r["centre_voxel"])) for r in swapped["p2_only"]] == [("small", (4, 4, 4))]
+    assert script.figure7(swapped, str(manifest), str(tmp_path / "swap"), str(tmp_path / "f7b.png")) == 1
     table = out_md.read_text()
     # small: 1 lesion, P1 found it (100 %, exact interval 2.5–100 %, shown as 3–100), P2 did not (0 %, 0–97.5 %)
     assert table.startswith("#### T1") and "| small | 1 | 100 % (3–100) | 0 % (0–98) | 1 | 0 | 1 | 1 |" in table
