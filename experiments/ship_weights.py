@@ -1,6 +1,6 @@
 """Copy a trained run's final weights into the package as the shipped demo weights.
 
-    python experiments/ship_weights.py --run runs/cpu-small
+    python experiments/ship_weights.py --run runs/cpu-small [--segmenter runs/seg2x]
 
 Writes ``spirs_tf/weights/demo.npz`` (model variables only, no optimiser state, float32),
 ``demo.json`` (the resolved config) and ``demo.provenance.json`` (where they came from: the
@@ -21,12 +21,47 @@ from spirs_tf.inference import DEMO_NAME, WEIGHTS_DIR, find_run_checkpoint
 from spirs_tf.checkpoints import load_checkpoint, save_checkpoint
 
 
+def ship_segmenter(folder: str, out: str, commands: str) -> None:
+    """``weights/demo_segmenter.npz`` (model variables and the segmenter settings, no optimiser state),
+    ``.json`` (its config) and ``.provenance.json``, from a segmenter folder's best (else latest) checkpoint."""
+    from spirs_tf.fine_seg import _segmenter_files, load_segmenter
+    from spirs_tf.predictor import SEGMENTER_NAME
+
+    load_segmenter(folder)  # refuses a broken folder before anything is written
+    checkpoint, config_path = _segmenter_files(folder)
+    state, _, meta = load_checkpoint(checkpoint)
+    os.makedirs(out, exist_ok=True)
+    history = meta.get("history", [])
+    save_checkpoint(os.path.join(out, f"{SEGMENTER_NAME}.npz"), state, {},
+                    {"kind": "segmenter", "epoch": meta.get("epoch"), "settings": meta["settings"]})
+    shutil.copyfile(config_path, os.path.join(out, f"{SEGMENTER_NAME}.json"))
+    last = next((r for r in history if r.get("epoch") == meta.get("epoch")), history[-1] if history else {})
+    provenance = {
+        "trained_on": "SYNTHETIC data (spirs synth); not a model of real patients; not for clinical use",
+        "source_checkpoint": os.path.relpath(checkpoint, folder), "epoch": meta.get("epoch"),
+        "settings": meta["settings"],
+        "validation_at_checkpoint": {k: v for k, v in last.items() if k.startswith("val_")},
+        "commands": commands, "spirs_tf_version": __version__, "parameters": int(sum(v.size for v in state.values())),
+    }
+    atomic_write_text(os.path.join(out, f"{SEGMENTER_NAME}.provenance.json"),
+                      json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    print(f"shipped segmenter {checkpoint} (epoch {meta.get('epoch')}) → {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="trained run directory")
+    parser.add_argument("--run", help="trained run directory")
+    parser.add_argument("--segmenter", help="a segmenter folder (experiments/train_segmenter.py) to ship beside "
+                                            "the demo weights: demo_segmenter.{npz,json,provenance.json}")
     parser.add_argument("--commands", default="", help="text recording how the run was trained")
     parser.add_argument("--out", default=WEIGHTS_DIR, help="destination folder (default: the package)")
     args = parser.parse_args(argv)
+    if not (args.run or args.segmenter):
+        parser.error("give --run, --segmenter or both")
+    if args.segmenter:
+        ship_segmenter(args.segmenter, args.out, args.commands)
+    if not args.run:
+        return 0
     checkpoint, config_path, stage = find_run_checkpoint(args.run)
     state, _, meta = load_checkpoint(checkpoint)
     history = meta.pop("history", [])

@@ -147,6 +147,21 @@ def test_training_runs_saves_and_resumes(rng, tmp_path):
     x = np.random.default_rng(1).random((1, 32, 32, 32, 1)).astype("float32")
     p1, p2 = seg(x, x, (x > 0.9).astype("float32"))
     assert p1.shape == p2.shape == (1, 32, 32, 32, 1) and 0 <= p1.min() and p2.max() <= 1
+    # shipped beside the demo weights (experiments/ship_weights.py --segmenter): the same segmenter
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import ship_weights
+
+    assert ship_weights.main(["--segmenter", str(tmp_path / "seg"), "--out", str(tmp_path / "w")]) == 0
+    shipped = fine_seg.load_segmenter(str(tmp_path / "w" / "demo_segmenter.npz"))
+    assert shipped.settings == seg.settings
+    for a, b in zip(shipped(x, x, (x > 0.9).astype("float32")), (p1, p2)):
+        np.testing.assert_array_equal(a, b)
+    from spirs_tf.checkpoints import load_checkpoint
+
+    best_epoch = load_checkpoint(str(tmp_path / "seg" / "checkpoints" / "best.npz"))[2]["epoch"]
+    assert json.loads((tmp_path / "w" / "demo_segmenter.provenance.json").read_text())["epoch"] == best_epoch
 
 
 def test_a_non_segmenter_folder_is_one_clear_error(tmp_path):
