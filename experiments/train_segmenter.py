@@ -11,7 +11,10 @@ Usage::
 
     python experiments/train_segmenter.py --run runs/cm10p2_e8 --manifest runs/data/train128f/manifest.csv \
         --out runs/seg2x [--factor 2] [--epochs 40] [--steps 100] [--crop 64] [--minutes 60] \
-        [--set lesion_probability=0.7 ...]
+        [--set lesion_probability=0.7 ...] [--config-set model.p2_residual_clip=4 ...]
+    # go on from a segmenter (its weights, grid and poolings), e.g. P2 alone:
+    python experiments/train_segmenter.py --run runs/seg2x --from-segmenter --out runs/seg2x_b \
+        --set learning_rate_p1=0 ...
 
 The manifest's scans are preprocessed onto the fine grid (``grid_size·k`` at ``spacing/k``): make the
 cohort at that resolution (e.g. ``spirs synth --grid 128 --spacing 1.5`` for the 3 mm CPU configs).
@@ -52,7 +55,11 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=64)
     p.add_argument("--minutes", type=float, default=None, help="stop at the first epoch end past this")
     p.add_argument("--cache", default=None, help="folder for preprocessed fine-grid arrays")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a training setting")
+    p.add_argument("--config-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config field of the segmenter, e.g. model.p2_residual_clip=4")
+    p.add_argument("--from-segmenter", action="store_true",
+                   help="--run is a segmenter (folder or .npz): go on from its weights, grid and poolings")
     args = p.parse_args(argv)
 
     from spirs_tf import config as config_lib
@@ -63,13 +70,19 @@ def main(argv=None) -> int:
     from spirs_tf.manifest import load_manifest
 
     try:
-        checkpoint, config_path, _ = resolve_run(args.run)
-        reg_cfg = config_lib.get_config(config_path)
-        settings = fine_seg.SegmenterSettings(factor=args.factor, extra=fine_seg.fine_extra(reg_cfg, args.factor),
-                                              crop=args.crop, epochs=args.epochs, steps_per_epoch=args.steps,
-                                              init_from=os.path.abspath(checkpoint))
+        if args.from_segmenter:
+            earlier = fine_seg.load_segmenter(args.run)
+            checkpoint, _ = fine_seg._segmenter_files(args.run)
+            cfg, factor, extra = earlier.cfg, earlier.settings.factor, earlier.settings.extra
+        else:
+            checkpoint, config_path, _ = resolve_run(args.run)
+            reg_cfg = config_lib.get_config(config_path)
+            factor, extra = args.factor, fine_seg.fine_extra(reg_cfg, args.factor)
+            cfg = fine_seg.segmenter_config(reg_cfg, args.factor)
+        settings = fine_seg.SegmenterSettings(factor=factor, extra=extra, crop=args.crop, epochs=args.epochs,
+                                              steps_per_epoch=args.steps, init_from=os.path.abspath(checkpoint))
         _parse_set(args.set, settings).validate()
-        cfg = fine_seg.segmenter_config(reg_cfg, args.factor)
+        cfg = config_lib.apply_overrides(cfg, args.config_set)
         manifest = load_manifest(args.manifest)
         t0 = time.time()
         train = PairSource(manifest, "train", cfg.data, cache_dir=args.cache)

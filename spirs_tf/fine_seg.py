@@ -241,7 +241,8 @@ class SegmenterTrainer:
 
     Two optimisers (:func:`spirs_tf.optim.make_optimizer`, cosine over all epochs): P1's updates the
     opening conv, the encoder and P1's decoder with P1's loss; P2's updates the fusion block with P2's
-    loss (P1's logits enter P2 without a gradient into P1). ``out_dir/checkpoints/latest.npz`` after every
+    loss (P1's logits enter P2 without a gradient into P1). A learning rate of 0 freezes that part
+    (no optimiser, no weight decay). ``out_dir/checkpoints/latest.npz`` after every
     epoch (model, optimisers, epoch); ``best.npz`` by the validation P2 loss. A run resumes from
     ``latest.npz``.
     """
@@ -266,6 +267,8 @@ class SegmenterTrainer:
         self.optimizers = {}
         for name, lr in (("segmentation_p1", settings.learning_rate_p1),
                          ("segmentation_p2", settings.learning_rate_p2)):
+            if lr == 0:  # frozen (its weight decay too): e.g. P2 trained alone on a trained P1
+                continue
             base = getattr(cfg.optim, name)
             opt_cfg = dataclasses.replace(base, learning_rate=lr, learning_rate_min=lr / 100.0,
                                           cycle_epochs=settings.epochs, warmup_epochs=0, warm_restarts=False)
