@@ -119,6 +119,10 @@ def run_demo(out: str, seed: int = 7, model: str | None = None, grid: int = 128,
         f"after {summary['dice_prior_mask_after']:.3f}")
     say(f"  registration: the network alone (--refine off)" if refine == "off" else
         f"  registration: the network, refined on this pair (--refine {refine}, {summary['refine_seconds']:.1f} s)")
+    seg = result.report.get("segmentation", {})
+    if seg.get("model") == "segmenter":
+        say(f"  segmentation: P1 and P2 from the shipped segmenter on a {seg['factor']}x finer grid "
+            f"({'x'.join(map(str, seg['grid']))}), the prior placed by the {seg['p2_prior_from']}")
     say(f"  outputs: {summary['out']} (QC picture: qc.png)")
     say(f"  {NOT_CLINICAL}")
     if not np.isfinite(summary["dice_prior_mask_after"]):
