@@ -107,7 +107,7 @@ def test_evaluate_writes_per_case_tables(setup, capsys):
     assert len(seg) == 4 and all(0 <= _f(r["brats_dice"]) <= 1 for r in seg)
     info = json.load(open(os.path.join(out, "evaluation.json")))
     assert info["data"] == "real" and info["pairs"] == 2 and info["levels"] == [1, 2, 3]
-    assert "Evaluation" in open(os.path.join(out, "results.md")).read()
+    assert "Evaluation" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
 
     # the statistics scripts read these files as they are
     table = str(setup["root"] / "table1.csv")
@@ -208,7 +208,7 @@ def test_compare_registration(setup, capsys):
     assert again.keys() == first.keys() and again
     for pair, r in again.items():
         assert _f(r["lncc_deformable"]) == pytest.approx(_f(first[pair]["lncc_deformable"]), abs=1e-5)
-    md = open(os.path.join(out3, "results.md")).read()
+    md = open(os.path.join(out3, "results.md"), encoding="utf-8").read()
     assert "weights loaded from" in md and os.path.abspath(weights) in md and "Adam steps" not in md
 
     # antspyx absent (this interpreter has none): ANTs skipped with a message, no crash
@@ -219,7 +219,7 @@ def test_compare_registration(setup, capsys):
     assert "ANTs baselines skipped" in capsys.readouterr().out
     _, rows = _read(os.path.join(out2, "registration.csv"))
     assert {r["method"] for r in rows} == {"identity", "SPIRS"}
-    md = open(os.path.join(out2, "results.md")).read()
+    md = open(os.path.join(out2, "results.md"), encoding="utf-8").read()
     assert "ANTs baselines skipped" in md and "VXM skipped" in md
 
 
@@ -243,7 +243,7 @@ def test_ablation_pyramid(setup):
         moved = np.zeros_like(m)
         moved[:-shift] = m[shift:]
         assert _f(r["dice_affine"]) == pytest.approx(metrics.dice(ref[r["pair_id"]].fixed_mask, moved))
-    assert "proxy" in open(os.path.join(out, "results.md")).read()
+    assert "proxy" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
     # a second run instead of the proxy
     assert _script("ablation_pyramid").main(["--run", setup["shifted"], "--manifest", setup["manifest"],
                                              "--out", out, "--no-pyramid-run", setup["run"]]) == 0
