@@ -32,15 +32,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _parse_set(items, settings):
-    """``key=value`` pairs onto :class:`SegmenterSettings` (types from the defaults)."""
+    """``key=value`` pairs onto :class:`SegmenterSettings`, typed from the current values as config fields are."""
+    from spirs_tf.config import _coerce
+
     for item in items or []:
         key, sep, value = item.partition("=")
         fields = {f.name: f for f in dataclasses.fields(settings)}
         if not sep or key not in fields or key == "init_from":
             raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY one of "
                              f"{sorted(k for k in fields if k != 'init_from')}")
-        current = getattr(settings, key)
-        setattr(settings, key, type(current)(value))
+        setattr(settings, key, _coerce(getattr(settings, key), value, f"--set {key}"))
     return settings
 
 

@@ -159,17 +159,11 @@ def pyramid_segmentation_state(state: dict, model) -> dict:
 # ------------------------------------------------------------------------------------------- data
 def _window(matrix: np.ndarray, grid: int, origin: np.ndarray, size: int) -> np.ndarray:
     """Source coordinates ``M(y − c) + t + c`` (c = grid/2) of the output voxels ``y = origin + i``,
-    ``i ∈ {0 … size−1}³`` → (3, size, size, size)."""
-    m = np.asarray(matrix, np.float64)
-    c = grid / 2.0
-    axes = [np.arange(size, dtype=np.float64) + origin[a] - c for a in range(3)]
-    shapes = ((-1, 1, 1), (1, -1, 1), (1, 1, -1))
-    out = np.empty((3, size, size, size))
-    for r in range(3):
-        out[r] = m[r, 3] + c
-        for a in range(3):
-            out[r] += (m[r, a] * axes[a]).reshape(shapes[a])
-    return out
+    ``i ∈ {0 … size−1}³`` → (3, size, size, size): :func:`spirs_tf.augment.strided_positions` on a
+    ``size`` grid, its translation moved so that its centre ``size/2`` stands for ``origin + size/2``."""
+    m = np.array(matrix, dtype=np.float64)
+    m[:, 3] += m[:, :3] @ (np.asarray(origin, np.float64) + size / 2.0 - grid / 2.0) + (grid - size) / 2.0
+    return augment.strided_positions(m, size, size)
 
 
 def _small_rigid(rng: np.random.Generator, voxels: float, degrees: float) -> np.ndarray:
@@ -250,7 +244,6 @@ class SegmenterTrainer:
     def __init__(self, cfg: config_lib.SpirsConfig, settings: SegmenterSettings, train_source, val_source,
                  out_dir: str, init_state: dict | None = None, log=print):
         from spirs_tf import optim
-        from spirs_tf._compat import keras
 
         self.cfg, self.settings = cfg, settings.validate()
         self.train_source, self.val_source = train_source, val_source
@@ -277,7 +270,6 @@ class SegmenterTrainer:
         self.epoch = 0
         self.best = math.inf
         self.history: list[dict] = []
-        self._keras = keras
         self._step = None
 
     # ---------------------------------------------------------------- losses
@@ -526,7 +518,7 @@ def segment_fine(segmenter: FineSegmenter, case, outputs: dict, clip_sigma: floa
         their every k-th voxel (the model grid, for the metrics computed there).
     """
     from spirs_tf.io import Volume
-    from spirs_tf.itk_export import CaseTransform, resample_to_new
+    from spirs_tf.itk_export import case_transform, resample_to_new
     from spirs_tf.preprocess import GridMapping, normalize_intensity, to_working
 
     k = segmenter.factor
@@ -536,12 +528,8 @@ def segment_fine(segmenter: FineSegmenter, case, outputs: dict, clip_sigma: floa
     fine_affine = np.asarray(case.new_mapping.working_affine, np.float64) @ np.diag([1.0 / k] * 3 + [1.0])
     mapping = GridMapping(fine_affine, (n, n, n), np.asarray(new.affine, np.float64), new.shape)
     fixed = normalize_intensity(to_working(new, mapping, order=1), clip_sigma)
-    factor = int(outputs.get("dvf_factor", 1))
-    transform = CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
-                              np.asarray(outputs["affine"], np.float64).reshape(3, 4),
-                              np.asarray(outputs["dvf"], np.float32).reshape((factor * s,) * 3 + (3,)), factor)
-    res = resample_to_new(transform, Volume(np.zeros((n, n, n), np.uint8), fine_affine), case.inputs.prior,
-                          case.inputs.prior_mask, None, native_fields=False)
+    res = resample_to_new(case_transform(case, outputs), Volume(np.zeros((n, n, n), np.uint8), fine_affine),
+                          case.inputs.prior, case.inputs.prior_mask, None, native_fields=False)
     prior = normalize_intensity(res.prior_warped, clip_sigma)
     mask = res.prior_mask_warped.astype(np.float32)
     p1, p2 = segmenter(fixed[None, ..., None], prior[None, ..., None], mask[None, ..., None])

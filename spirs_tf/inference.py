@@ -89,7 +89,7 @@ from spirs_tf.case_inputs import (LOW_OVERLAP, CaseInputs, PreparedCase, brain_b
                                    prepare_case, read_case_inputs)
 from spirs_tf.geometry import warp_working  # noqa: F401 (re-exported)
 from spirs_tf.io import Volume, write_volume  # noqa: F401
-from spirs_tf.itk_export import (CaseTransform, compact_deformation, resample_to_new, write_displacement,
+from spirs_tf.itk_export import (case_transform, compact_deformation, resample_to_new, write_displacement,
                                  write_itk_affine)
 from spirs_tf.lesions import change_counts, lesion_changes, write_lesions_csv
 from spirs_tf.predictor import (DEMO_NAME, LOGIT_CLIP, OUTPUT_NAMES, WEIGHTS_DIR, Predictor,  # noqa: F401
@@ -260,11 +260,7 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
     case_id = case_id or os.path.basename(out)
     t0 = time.perf_counter()
     new = inputs.new
-    factor = int(outputs.get("dvf_factor", 1))  # > 1: a refined field on a k-times finer grid
-    dvf_shape = tuple(factor * n for n in case.new_image.shape) + (3,)
-    transform = CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
-                              np.asarray(outputs["affine"], np.float64).reshape(3, 4),
-                              np.asarray(outputs["dvf"], np.float32).reshape(dvf_shape), factor)
+    transform = case_transform(case, outputs)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.path.basename(out)}-", dir=os.path.dirname(out))
     # One writer thread: gzip (zlib releases the GIL) runs while the next outputs are computed.

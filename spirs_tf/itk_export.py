@@ -149,6 +149,17 @@ class CaseTransform:
         return q, d
 
 
+def case_transform(case, outputs: dict) -> CaseTransform:
+    """The registration of a prepared case (:class:`spirs_tf.case_inputs.PreparedCase`: its working
+    grids and model-grid shape) from its outputs: ``affine`` and ``dvf``, the latter on a
+    ``dvf_factor``-times finer grid after a refinement."""
+    factor = int(outputs.get("dvf_factor", 1))  # > 1: a refined field on a k-times finer grid
+    dvf_shape = tuple(factor * n for n in case.new_image.shape) + (3,)
+    return CaseTransform(case.new_mapping.working_affine, case.prior_mapping.working_affine,
+                         np.asarray(outputs["affine"], np.float64).reshape(3, 4),
+                         np.asarray(outputs["dvf"], np.float32).reshape(dvf_shape), factor)
+
+
 @dataclass(frozen=True, eq=False)
 class Resampled:
     """Everything on the new scan's original grid ``(X, Y, Z)``.
