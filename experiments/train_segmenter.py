@@ -97,7 +97,11 @@ def main(argv=None) -> int:
     trainer = fine_seg.SegmenterTrainer(cfg, settings, train, val, args.out, init_state=state,
                                         log=lambda s: print(s, flush=True))
     deadline = None if args.minutes is None else time.time() + 60.0 * args.minutes
-    trainer.fit(deadline=deadline)
+    try:
+        trainer.fit(deadline=deadline)
+    except SpirsInputError as exc:  # resuming with other settings
+        print(f"train_segmenter: error: {exc}", file=sys.stderr)
+        return 2
     print(f"segmenter: {trainer.epoch} of {settings.epochs} epochs in {args.out}", flush=True)
     return 0
 

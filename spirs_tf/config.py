@@ -46,6 +46,9 @@ from spirs_tf.errors import SpirsInputError
 
 
 CONFIG_VERSION = 1
+#: segmentation logits are clipped to ±this before the sigmoid at inference (the model, the SavedModel and
+#: the fine-grid segmenter alike)
+LOGIT_CLIP = 50.0
 
 
 @dataclass

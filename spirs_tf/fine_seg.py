@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from spirs_tf import augment, geometry
+from spirs_tf import augment, geometry, metrics
 from spirs_tf import config as config_lib
 from spirs_tf.atomic import atomic_write_text
 from spirs_tf.errors import SpirsInputError
@@ -60,6 +60,13 @@ class SegmenterSettings:
     extra: int = 2  #: encoder poolings before/after SE1 (registration levels − 1 + log2(factor))
     crop: int = 64  #: training cube (voxels of the fine grid); 0 = the whole grid
     lesion_probability: float = 0.7  #: a cube centred on a lesion voxel of either mask
+    #: how that lesion voxel is drawn: ``voxel`` (every lesion voxel alike: large lesions dominate) or
+    #: ``lesion`` (every lesion alike, then a voxel of it: micro lesions are centred as often as large ones)
+    lesion_sampling: str = "voxel"
+    #: > 0: lesion-balanced BCE (not the authors'). The positive weight of a fixed-mask lesion of volume V
+    #: (its connected component in the cube) is multiplied by ``max(1, lesion_balance_mm3 / V)``, so every
+    #: lesion smaller than that weighs like one of that volume; 0: off (every positive voxel alike)
+    lesion_balance_mm3: float = 0.0
     prior_jitter_voxels: float = 1.0  #: the prior's extra shift, U(±v) fine voxels per axis
     prior_jitter_degrees: float = 2.0  #: and rotation, U(±d) per axis
     image_order: int = 1  #: 1: linear (as the prior is placed at inference); 3: cubic
@@ -82,6 +89,10 @@ class SegmenterSettings:
             problems.append(f"crop must be 0 or a multiple of {2 ** (3 + self.extra)}, got {self.crop}")
         if not 0.0 <= self.lesion_probability <= 1.0:
             problems.append(f"lesion_probability must be in [0, 1], got {self.lesion_probability}")
+        if self.lesion_sampling not in ("voxel", "lesion"):
+            problems.append(f"lesion_sampling must be 'voxel' or 'lesion', got {self.lesion_sampling!r}")
+        if not self.lesion_balance_mm3 >= 0:
+            problems.append(f"lesion_balance_mm3 must be >= 0, got {self.lesion_balance_mm3}")
         if self.prior_jitter_voxels < 0 or self.prior_jitter_degrees < 0:
             problems.append("prior jitter must be >= 0")
         if self.image_order not in (1, 3):
@@ -174,15 +185,19 @@ def _small_rigid(rng: np.random.Generator, voxels: float, degrees: float) -> np.
 
 
 def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarray, moving_mask: np.ndarray,
-                     rng: np.random.Generator, aug_cfg, settings: SegmenterSettings) -> dict[str, np.ndarray]:
+                     rng: np.random.Generator, aug_cfg, settings: SegmenterSettings,
+                     voxel_mm3: float = 1.0) -> dict[str, np.ndarray]:
     """One training sample (module docstring) from a pre-aligned pair on the fine grid (G³ each).
 
     With ``aug_cfg.enabled = False`` there is no flip, affine or gamma: only the prior's jitter and the cube.
+    ``voxel_mm3``: the volume of a fine voxel (``settings.lesion_balance_mm3`` is in mm³).
 
     Returns:
         ``fixed_image``, ``warped_image``, ``warped_mask``, ``fixed_mask``: float32 (C, C, C) with
         C = ``settings.crop`` (G when 0). ``warped_*`` is the prior placed as a good registration places
-        it: the pair's common affine composed with a small rigid jitter.
+        it: the pair's common affine composed with a small rigid jitter. With
+        ``settings.lesion_balance_mm3 > 0`` also ``positive_scale``: per voxel ``max(1, ref / V)`` inside
+        a fixed-mask lesion of V mm³ (its 26-connected component in the cube), 1 elsewhere.
     """
     grid = int(np.shape(fixed)[0])
     size = settings.crop or grid
@@ -207,7 +222,14 @@ def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarr
         lesions = np.argwhere((volumes[2] > 0.5) | (volumes[3] > 0.5))
         brain = None
         if centre_on_lesion and len(lesions):
-            target = lesions[int(pick * len(lesions))].astype(np.float64)
+            if settings.lesion_sampling == "lesion":  # every lesion alike, then a voxel of it
+                labels, _ = metrics.label_lesions((volumes[2] > 0.5) | (volumes[3] > 0.5))
+                ids = labels[tuple(lesions.T)]
+                odds = np.cumsum(1.0 / np.bincount(ids)[ids])
+                target = lesions[min(int(np.searchsorted(odds, pick * odds[-1])), len(lesions) - 1)]
+            else:
+                target = lesions[int(pick * len(lesions))]
+            target = target.astype(np.float64)
         else:
             brain = np.argwhere(volumes[0][::4, ::4, ::4] > 0) * 4
             target = (brain[int(pick * len(brain))].astype(np.float64) if len(brain)
@@ -223,13 +245,31 @@ def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarr
     at_prior = _window(prior_matrix, grid, origin, size)
     out["warped_image"] = augment.resample_image(volumes[1], at_prior, settings.image_order)
     out["warped_mask"] = augment.resample_mask(volumes[3], at_prior, 1)
+    if settings.lesion_balance_mm3 > 0:
+        out["positive_scale"] = lesion_balance(out["fixed_mask"], settings.lesion_balance_mm3, voxel_mm3)
     if aug_cfg.enabled:
         out["fixed_image"] = augment.random_gamma(out["fixed_image"], rng, aug_cfg)
         out["warped_image"] = augment.random_gamma(out["warped_image"], rng, aug_cfg)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
 
 
+def lesion_balance(mask: np.ndarray, reference_mm3: float, voxel_mm3: float) -> np.ndarray:
+    """Per-voxel scale of the BCE's positive weight: ``max(1, reference_mm3 / V)`` inside a lesion of
+    V mm³ (a 26-connected component of ``mask > 0.5``), 1 elsewhere (float32, the mask's shape)."""
+    labels, count = metrics.label_lesions(np.asarray(mask) > 0.5)
+    scale = np.ones(np.shape(mask), np.float32)
+    if count:
+        volume = np.bincount(labels.ravel())[1:] * float(voxel_mm3)
+        per_lesion = np.concatenate([[1.0], np.maximum(1.0, float(reference_mm3) / volume)])
+        scale = per_lesion[labels].astype(np.float32)
+    return scale
+
+
 # ---------------------------------------------------------------------------------------- training
+#: settings a run may change when it resumes (more epochs; the same weights found by another path)
+RESUMABLE_CHANGES = ("epochs", "init_from")
+
+
 class SegmenterTrainer:
     """Train a segmenter (module docstring) on a :class:`spirs_tf.data.PairSource` at the fine grid.
 
@@ -281,11 +321,11 @@ class SegmenterTrainer:
         lc = self.cfg.loss
         p1_w = lc.segmentation_bce_positive_weight or lc.bce_positive_weight
         p2_w = lc.p2_bce_positive_weight or p1_w
-        target = batch["fixed_mask"]
+        target, scale = batch["fixed_mask"], batch.get("positive_scale")
         return {"segmentation_p1": ops.mean(losses_lib.segmentation_loss(target, out["p1_logits"], p1_w,
-                                                                         lc.dice_smooth)),
+                                                                         lc.dice_smooth, scale)),
                 "segmentation_p2": ops.mean(losses_lib.segmentation_loss(target, out["p2_logits"], p2_w,
-                                                                         lc.dice_smooth))}
+                                                                         lc.dice_smooth, scale))}
 
     def _train_step_fn(self):
         import tensorflow as tf
@@ -313,7 +353,8 @@ class SegmenterTrainer:
             rng = np.random.default_rng([self.settings.seed, stream, epoch, pos, row])
             pair = source[row]
             samples.append(segmenter_sample(pair.fixed_image, pair.moving_image, pair.fixed_mask,
-                                            pair.moving_mask, rng, self.cfg.augment, self.settings))
+                                            pair.moving_mask, rng, self.cfg.augment, self.settings,
+                                            self.cfg.data.spacing_mm ** 3))
         return {k: np.stack([s[k] for s in samples])[..., None] for k in samples[0]}
 
     def batches(self, epoch: int, workers: int = 2):
@@ -368,6 +409,13 @@ class SegmenterTrainer:
         from spirs_tf.optim import load_optimizer_state
 
         state, opt_states, meta = load_checkpoint(path)
+        saved = dataclasses.asdict(SegmenterSettings(**meta.get("settings", {})))
+        given = dataclasses.asdict(self.settings)
+        changed = [f"{k}={saved[k]!r} (now {given[k]!r})" for k in given
+                   if k not in RESUMABLE_CHANGES and saved[k] != given[k]]
+        if changed:  # going on with other settings would train a mixture nobody asked for
+            raise SpirsInputError("this run was trained with " + ", ".join(changed) +
+                                  ": resume it with the same settings, or choose another output folder", path)
         load_model_state(self.model, state)
         for k, o in self.optimizers.items():
             load_optimizer_state(o, opt_states[k])
@@ -487,7 +535,8 @@ def load_segmenter(path: str) -> FineSegmenter:
 
         out = model({"fixed_image": np.asarray(fixed, np.float32), "warped_image": np.asarray(warped, np.float32),
                      "warped_mask": np.asarray(warped_mask, np.float32)}, training=False)
-        return tuple(np.asarray(ops.convert_to_numpy(ops.sigmoid(ops.clip(out[k], -30.0, 30.0))))
+        return tuple(np.asarray(ops.convert_to_numpy(ops.sigmoid(ops.clip(out[k], -config_lib.LOGIT_CLIP,
+                                                                            config_lib.LOGIT_CLIP))))
                      for k in ("p1_logits", "p2_logits"))
 
     return FineSegmenter(cfg, settings, run, path)

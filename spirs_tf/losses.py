@@ -332,7 +332,8 @@ def dice_loss(target, prob, smooth: float = 1.0):
     return 1.0 - soft_dice(target, prob, smooth=smooth)
 
 
-def weighted_bce(target, prob_or_logits, pos_weight: float = 3.0, from_logits: bool = False):
+def weighted_bce(target, prob_or_logits, pos_weight: float = 3.0, from_logits: bool = False,
+                 positive_scale=None):
     """Binary cross-entropy with a positive-class weight, mean over voxels (authors: weight 3).
 
     ``bce = −[q·log p + (1 − q)·log(1 − p)]``, ``w = pos_weight where q == 1 else 1``, result
@@ -345,6 +346,8 @@ def weighted_bce(target, prob_or_logits, pos_weight: float = 3.0, from_logits: b
         prob_or_logits: (B, ...) probabilities, or logits when ``from_logits``.
         pos_weight: weight of voxels whose target equals 1.
         from_logits: interpret the second argument as logits.
+        positive_scale: ``None``, or a tensor of the target's shape that multiplies ``pos_weight`` voxel
+            by voxel (the segmenter's lesion-balanced BCE, :func:`spirs_tf.fine_seg.lesion_balance`).
 
     Returns:
         (B,) weighted BCE per sample.
@@ -358,24 +361,28 @@ def weighted_bce(target, prob_or_logits, pos_weight: float = 3.0, from_logits: b
     else:
         p = ops.clip(x, BCE_EPSILON, 1.0 - BCE_EPSILON)
         bce = -(q * ops.log(p) + (1.0 - q) * ops.log(1.0 - p))
-    weight = ops.where(ops.equal(q, 1.0), ops.cast(pos_weight, q.dtype), ops.cast(1.0, q.dtype))
+    positive = ops.cast(pos_weight, q.dtype)
+    if positive_scale is not None:
+        positive = positive * _float(positive_scale)
+    weight = ops.where(ops.equal(q, 1.0), positive, ops.cast(1.0, q.dtype))
     return _per_sample_mean(weight * bce)
 
 
-def segmentation_loss(target, logits, pos_weight: float = 3.0, smooth: float = 1.0):
+def segmentation_loss(target, logits, pos_weight: float = 3.0, smooth: float = 1.0, positive_scale=None):
     """Segmentation loss of P1 / P2: ``dice_loss(q, sigmoid(x)) + weighted_bce(q, x, from_logits)``.
 
     Args:
         target: (B, D, H, W, 1) fixed lesion mask S_f.
         logits: (B, D, H, W, 1) P1 or P2 logits.
-        pos_weight, smooth: see :func:`weighted_bce` and :func:`soft_dice`.
+        pos_weight, smooth, positive_scale: see :func:`weighted_bce` and :func:`soft_dice`.
 
     Returns:
         (B,) loss per sample. Raises as :func:`soft_dice`.
     """
     logits = _float(logits)
     return (dice_loss(target, ops.sigmoid(logits), smooth=smooth)
-            + weighted_bce(target, logits, pos_weight=pos_weight, from_logits=True))
+            + weighted_bce(target, logits, pos_weight=pos_weight, from_logits=True,
+                           positive_scale=positive_scale))
 
 
 def registration_dice_loss(target, prob, pos_weight: float = 3.0, smooth: float = 1.0):

@@ -51,7 +51,7 @@ DEMO_NAME = "demo"
 SEGMENTER_NAME = "demo_segmenter"
 
 OUTPUT_NAMES = ("p1_prob", "p2_prob", "affine", "dvf", "prior_warped", "prior_mask_warped")
-LOGIT_CLIP = 50.0
+LOGIT_CLIP = config_lib.LOGIT_CLIP
 
 def serving_outputs(raw: dict, levels: int) -> dict:
     """Model output dict → the six inference outputs (float32 tensors) of :data:`OUTPUT_NAMES`.

@@ -114,8 +114,49 @@ def test_lesion_centred_cubes_hold_the_lesion(rng):
     assert sum(f > 0 for f in far) < 12
 
 
+def test_lesion_balance_weighs_every_small_lesion_like_the_reference():
+    mask = np.zeros((16, 16, 16), np.float32)
+    mask[1:3, 1, 1] = 1  # 2 voxels
+    mask[8:12, 8:12, 8:12] = 1  # 64 voxels
+    mask[1, 12:14, 12] = 1  # 2 voxels, apart from the first
+    scale = fine_seg.lesion_balance(mask, reference_mm3=16.0, voxel_mm3=0.5)  # 1 mm³ and 32 mm³ lesions
+    np.testing.assert_allclose(scale[1:3, 1, 1], 16.0)
+    np.testing.assert_allclose(scale[1, 12:14, 12], 16.0)
+    np.testing.assert_allclose(scale[8:12, 8:12, 8:12], 1.0)  # larger than the reference: as before
+    assert np.all(scale[mask == 0] == 1.0) and scale.dtype == np.float32
+    # each small lesion's voxels together weigh reference / voxel volume = 32 voxels' worth
+    assert scale[1:3, 1, 1].sum() == pytest.approx(32.0)
+    np.testing.assert_array_equal(fine_seg.lesion_balance(np.zeros((4, 4, 4)), 16.0, 1.0), 1.0)
+
+
+def _two_lesion_pair(grid=32):
+    fixed = np.zeros((grid,) * 3, np.float32)
+    fixed[2:-2, 2:-2, 2:-2] = 0.5
+    mask = np.zeros((grid,) * 3, np.float32)
+    mask[6, 6, 6] = 1  # one voxel
+    mask[20:25, 20:25, 20:25] = 1  # 125 voxels
+    return fixed, fixed.copy(), mask, mask.copy()
+
+
+@pytest.mark.parametrize("mode, low, high", [("voxel", 0, 3), ("lesion", 12, 28)])
+def test_lesion_sampling_centres_every_lesion_alike(mode, low, high):
+    fixed, moving, fmask, mmask = _two_lesion_pair()
+    aug = dataclasses.replace(config.AugmentConfig(), enabled=False)
+    st = fine_seg.SegmenterSettings(crop=8, extra=0, lesion_probability=1.0, lesion_sampling=mode,
+                                    prior_jitter_voxels=0.0, prior_jitter_degrees=0.0, lesion_balance_mm3=8.0)
+    tiny = 0
+    for seed in range(40):
+        s = fine_seg.segmenter_sample(fixed, moving, fmask, mmask, np.random.default_rng(seed), aug, st, 1.0)
+        assert s["fixed_mask"].sum() > 0  # the cube holds one of the two lesions (they are 14 voxels apart)
+        tiny += int(s["fixed_mask"].sum() == 1)
+        # the lesion-balanced scale comes with the sample: 8 mm³ / 1 mm³ on the one-voxel lesion
+        np.testing.assert_array_equal(s["positive_scale"], fine_seg.lesion_balance(s["fixed_mask"], 8.0, 1.0))
+    assert low <= tiny <= high
+
+
 @pytest.mark.parametrize("bad", [dict(crop=20), dict(lesion_probability=1.5), dict(batch_size=0),
-                                 dict(image_order=2), dict(factor=3), dict(epochs=True)])
+                                 dict(image_order=2), dict(factor=3), dict(epochs=True),
+                                 dict(lesion_sampling="size"), dict(lesion_balance_mm3=-1.0)])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         fine_seg.SegmenterSettings(**bad).validate()
@@ -143,6 +184,13 @@ def test_training_runs_saves_and_resumes(rng, tmp_path):
     history = again.fit()
     assert len(history) == 2 and again.epoch == 2 and any("resumed at epoch 1" in m for m in logs)
     assert again.optimizers["segmentation_p1"].iterations.numpy() == 4
+    # going on with other settings is refused, naming what differs; the checkpoint is untouched
+    other = fine_seg.SegmenterTrainer(cfg, dataclasses.replace(st, epochs=3, lesion_probability=0.2), _source(rng),
+                                      _source(rng, 2), str(tmp_path / "seg"), log=logs.append)
+    stamp = os.path.getmtime(tmp_path / "seg" / "checkpoints" / "latest.npz")
+    with pytest.raises(inference.SpirsInputError, match=r"lesion_probability=0\.7 \(now 0\.2\)"):
+        other.fit()
+    assert os.path.getmtime(tmp_path / "seg" / "checkpoints" / "latest.npz") == stamp and other.epoch == 0
     seg = fine_seg.load_segmenter(str(tmp_path / "seg"))
     x = np.random.default_rng(1).random((1, 32, 32, 32, 1)).astype("float32")
     p1, p2 = seg(x, x, (x > 0.9).astype("float32"))

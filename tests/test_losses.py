@@ -424,6 +424,26 @@ def test_weighted_bce_matches_numpy(rng):
                                np_weighted_bce(target, 1 / (1 + np.exp(-logits))), rtol=1e-9)
 
 
+def test_weighted_bce_positive_scale_multiplies_the_positive_weight_voxel_by_voxel(rng):
+    target = (rng.random((2, 4, 4, 4, 1)) > 0.6).astype(np.float64)
+    logits = rng.normal(scale=2.0, size=target.shape)
+    scale = rng.uniform(1.0, 20.0, size=target.shape)
+    p = 1 / (1 + np.exp(-logits))
+    bce = -(target * np.log(p) + (1 - target) * np.log(1 - p))
+    expected = (np.where(target == 1, 3.0 * scale, 1.0) * bce).reshape(2, -1).mean(axis=1)
+    got = L.weighted_bce(target, logits, pos_weight=3.0, from_logits=True, positive_scale=scale)
+    np.testing.assert_allclose(np_(got), expected, rtol=1e-9)
+    # a scale of ones is the plain loss; the scale changes nothing on background voxels
+    np.testing.assert_allclose(np_(L.weighted_bce(target, logits, 3.0, True, np.ones_like(scale))),
+                               np_(L.weighted_bce(target, logits, 3.0, True)), rtol=1e-12)
+    background = np.where(target == 1, 1.0, 50.0)
+    np.testing.assert_allclose(np_(L.weighted_bce(target, logits, 3.0, True, background)),
+                               np_(L.weighted_bce(target, logits, 3.0, True)), rtol=1e-12)
+    # segmentation_loss passes it on: the Dice term is unchanged
+    delta = np_(L.segmentation_loss(target, logits, 3.0, 1.0, scale)) - np_(L.segmentation_loss(target, logits, 3.0))
+    np.testing.assert_allclose(delta, expected - np_weighted_bce(target, p), rtol=1e-6)
+
+
 def test_weighted_bce_from_extreme_logits_is_finite():
     target = np.array([1.0, 0.0, 1.0, 0.0]).reshape(1, 4)
     logits = np.array([-200.0, 200.0, 200.0, -200.0]).reshape(1, 4)
