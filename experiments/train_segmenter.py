@@ -12,6 +12,8 @@ Usage::
     python experiments/train_segmenter.py --run runs/cm10p2_e8 --manifest runs/data/train128f/manifest.csv \
         --out runs/seg2x [--factor 2] [--epochs 40] [--steps 100] [--crop 64] [--minutes 60] \
         [--set lesion_probability=0.7 ...] [--config-set model.p2_residual_clip=4 ...]
+    # micro lesions: every lesion centred alike, and a lesion-balanced BCE (each lesion < 125 mm³ weighs as one
+    # of 125 mm³): --set lesion_sampling=lesion --set lesion_balance_mm3=125
     # go on from a segmenter (its weights, grid and poolings), e.g. P2 alone:
     python experiments/train_segmenter.py --run runs/seg2x --from-segmenter --out runs/seg2x_b \
         --set learning_rate_p1=0 ...

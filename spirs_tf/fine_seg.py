@@ -18,7 +18,10 @@ variable path) and trained on its own:
   volumes share one random flip / affine (:mod:`spirs_tf.augment`'s ranges) and gamma; the prior alone
   gets a small extra rigid move (``prior_jitter_voxels``), as a good registration leaves it; the sample
   is a cube cut around a lesion of either mask with probability ``lesion_probability`` (the authors'
-  loader sampled lesion-centred patches), else anywhere in the brain.
+  loader sampled lesion-centred patches), else anywhere in the brain. ``lesion_sampling = "lesion"``
+  centres every lesion alike (else every lesion voxel alike: large lesions win), and
+  ``lesion_balance_mm3`` > 0 makes the BCE lesion-balanced: a lesion smaller than that volume weighs as
+  much as one of that volume (:func:`lesion_balance`; not the authors'). Both are off by default.
 * :class:`SegmenterTrainer`: P1 (opening conv, encoder, P1 decoder) and P2 (the fusion block) with their
   own optimisers and losses (:func:`spirs_tf.losses.segmentation_loss`, as in the isolated mode of the
   pyramid), resumable from ``latest.npz``.

@@ -154,6 +154,26 @@ def test_lesion_sampling_centres_every_lesion_alike(mode, low, high):
     assert low <= tiny <= high
 
 
+def test_trainer_losses_use_the_lesion_balanced_scale(rng, tmp_path):
+    """The batch's ``positive_scale`` reaches both BCE terms: scaling the positives by s adds (s − 1) times
+    their weighted BCE share; a scale of ones changes nothing."""
+    cfg = _cfg()
+    st = fine_seg.SegmenterSettings(extra=2, crop=0, batch_size=1, steps_per_epoch=1, epochs=1, validation_samples=1,
+                                    lesion_balance_mm3=1000.0 * cfg.data.spacing_mm ** 3)  # 1000 voxels
+    trainer = fine_seg.SegmenterTrainer(cfg, st, _source(rng, 1), _source(rng, 1), str(tmp_path / "seg"))
+    batch = trainer._batch(trainer.train_source, [0], 0, 0)
+    assert batch["positive_scale"].shape == batch["fixed_mask"].shape
+    assert batch["positive_scale"].max() > 1.0  # the lesion is far under 1000 voxels
+    plain = {k: v for k, v in batch.items() if k != "positive_scale"}
+    base = {k: float(v) for k, v in trainer.losses(plain, training=False).items()}
+    ones = {k: float(v) for k, v in trainer.losses({**plain, "positive_scale": np.ones_like(batch["fixed_mask"])},
+                                                   training=False).items()}
+    heavy = {k: float(v) for k, v in trainer.losses(batch, training=False).items()}
+    for k in base:
+        assert ones[k] == pytest.approx(base[k], rel=1e-6)
+        assert heavy[k] > base[k] * 1.5  # the lesion's voxels count several times more
+
+
 @pytest.mark.parametrize("bad", [dict(crop=20), dict(lesion_probability=1.5), dict(batch_size=0),
                                  dict(image_order=2), dict(factor=3), dict(epochs=True),
                                  dict(lesion_sampling="size"), dict(lesion_balance_mm3=-1.0)])
