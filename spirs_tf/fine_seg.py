@@ -48,7 +48,8 @@ from spirs_tf.atomic import atomic_write_text
 from spirs_tf.errors import SpirsInputError
 
 __all__ = ["SegmenterSettings", "SegmenterTrainer", "build_segmenter", "fine_extra", "load_segmenter",
-           "segmenter_config", "segmenter_sample", "pyramid_segmentation_state", "FineSegmenter"]
+           "segmenter_config", "segmenter_sample", "pyramid_segmentation_state", "FineSegmenter",
+           "lesion_balance"]
 
 SEGMENTER_INPUTS = ("fixed_image", "warped_image", "warped_mask")
 #: module prefixes of the segmentation path (:data:`spirs_tf.networks.MODULE_PREFIXES`)

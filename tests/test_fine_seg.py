@@ -174,6 +174,56 @@ def test_trainer_losses_use_the_lesion_balanced_scale(rng, tmp_path):
         assert heavy[k] > base[k] * 1.5  # the lesion's voxels count several times more
 
 
+def test_validation_detection_counts_found_lesions_and_false_positives():
+    """A stand-in segmenter whose P1 is the bright lesion and whose P2 is the prior plus one far blob: P1 and P2
+    find every lesion, P2 has one false-positive component per scan (analytic counts)."""
+    grid = 32
+    pairs = []
+    for k in range(3):
+        fixed = np.zeros((grid,) * 3, np.float32)
+        fixed[4:-4, 4:-4, 4:-4] = 0.5
+        mask = np.zeros((grid,) * 3, np.float32)
+        mask[8:8 + k + 1, 10, 10] = 1  # 1..3 voxels
+        mask[18:22, 18:22, 18:22] = 1  # 64 voxels
+        fixed[mask > 0] = 1.0
+        pairs.append((fixed, fixed.copy(), mask, mask.copy()))
+    source = PairSource.from_arrays(pairs)
+    cfg = _cfg()
+    cfg.data.spacing_mm = 2.0  # 8 mm³ voxels: 1..3 voxels are micro, 64 voxels (512 mm³) medium
+
+    def run(fixed, warped, warped_mask):
+        p2 = warped_mask.copy()
+        p2[0, 28:30, 28:30, 28:30, 0] = 1.0  # outside every lesion
+        return (fixed > 0.9).astype(np.float32), p2
+
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    from segmenter_validation import validation_detection
+
+    seg = fine_seg.FineSegmenter(cfg, fine_seg.SegmenterSettings(crop=0, extra=1, prior_jitter_voxels=0.0,
+                                                                 prior_jitter_degrees=0.0), run, "stand-in")
+    r = validation_detection(seg, source)
+    assert r["pairs"] == 3
+    assert r["bins"]["micro"] == {"n": 3, "P1": 3, "P2": 3}
+    assert r["bins"]["medium"] == {"n": 3, "P1": 3, "P2": 3}
+    assert r["bins"]["small"]["n"] == r["bins"]["large"]["n"] == 0
+    assert r["false_positives_per_scan"] == {"P1": 0.0, "P2": 1.0}
+    assert validation_detection(seg, source, pairs=1)["pairs"] == 1
+
+
+def test_segmenter_validation_script_refuses_bad_input_in_one_line(tmp_path, capsys):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+    import segmenter_validation
+
+    code = segmenter_validation.main(["--segmenter", str(tmp_path / "none"), "--manifest", str(tmp_path / "m.csv")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("segmenter_validation: error:") and "\n" not in err
+    assert str(tmp_path / "none") in err
+
+
 @pytest.mark.parametrize("bad", [dict(crop=20), dict(lesion_probability=1.5), dict(batch_size=0),
                                  dict(image_order=2), dict(factor=3), dict(epochs=True),
                                  dict(lesion_sampling="size"), dict(lesion_balance_mm3=-1.0)])
