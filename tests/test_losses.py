@@ -444,6 +444,24 @@ def test_weighted_bce_positive_scale_multiplies_the_positive_weight_voxel_by_vox
     np.testing.assert_allclose(delta, expected - np_weighted_bce(target, p), rtol=1e-6)
 
 
+def test_segmentation_loss_with_positive_scale_gradient_matches_finite_differences(rng):
+    target = (rng.random((2, 4, 4, 4, 1)) > 0.6).astype(np.float64)
+    scale = rng.uniform(1.0, 12.0, size=target.shape)
+    logits = tf.Variable(rng.normal(scale=2.0, size=target.shape))
+    with tf.GradientTape() as tape:
+        value = ops.sum(L.segmentation_loss(target, logits, 10.0, 1.0, scale))
+    grad = np_(tape.gradient(value, logits))
+    base = logits.numpy()
+    h = 1e-6
+    for idx in [(0, 0, 0, 0, 0), (0, 1, 2, 3, 0), (1, 3, 3, 1, 0), (1, 2, 0, 2, 0), (0, 3, 1, 1, 0)]:
+        plus, minus = base.copy(), base.copy()
+        plus[idx] += h
+        minus[idx] -= h
+        fd = (np_(L.segmentation_loss(target, plus, 10.0, 1.0, scale)).sum()
+              - np_(L.segmentation_loss(target, minus, 10.0, 1.0, scale)).sum()) / (2 * h)
+        assert grad[idx] == pytest.approx(fd, rel=1e-5, abs=1e-8), idx
+
+
 def test_weighted_bce_from_extreme_logits_is_finite():
     target = np.array([1.0, 0.0, 1.0, 0.0]).reshape(1, 4)
     logits = np.array([-200.0, 200.0, 200.0, -200.0]).reshape(1, 4)
