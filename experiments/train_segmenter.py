@@ -74,14 +74,14 @@ def main(argv=None) -> int:
 
     try:
         if args.from_segmenter:
-            earlier = fine_seg.load_segmenter(args.run)
-            checkpoint, _ = fine_seg._segmenter_files(args.run)
-            cfg, factor, extra = earlier.cfg, earlier.settings.factor, earlier.settings.extra
+            checkpoint, cfg, earlier, state = fine_seg.read_segmenter(args.run)
+            factor, extra = earlier.factor, earlier.extra
         else:
             checkpoint, config_path, _ = resolve_run(args.run)
             reg_cfg = config_lib.get_config(config_path)
             factor, extra = args.factor, fine_seg.fine_extra(reg_cfg, args.factor)
             cfg = fine_seg.segmenter_config(reg_cfg, args.factor)
+            state, _, _ = load_checkpoint(checkpoint)
         settings = fine_seg.SegmenterSettings(factor=factor, extra=extra, crop=args.crop, epochs=args.epochs,
                                               steps_per_epoch=args.steps, init_from=os.path.abspath(checkpoint))
         _parse_set(args.set, settings).validate()
@@ -92,7 +92,6 @@ def main(argv=None) -> int:
         val = PairSource(manifest, "val", cfg.data, cache_dir=args.cache)
         print(f"segmenter: {len(train)} training and {len(val)} validation pairs on {cfg.data.grid_size}³ at "
               f"{cfg.data.spacing_mm:g} mm ({time.time() - t0:.0f} s)", flush=True)
-        state, _, _ = load_checkpoint(checkpoint)
     except (SpirsInputError, ValueError) as exc:
         print(f"train_segmenter: error: {exc}", file=sys.stderr)
         return 2

@@ -49,7 +49,7 @@ from spirs_tf.errors import SpirsInputError
 
 __all__ = ["SegmenterSettings", "SegmenterTrainer", "build_segmenter", "fine_extra", "load_segmenter",
            "segmenter_config", "segmenter_sample", "pyramid_segmentation_state", "FineSegmenter",
-           "lesion_balance"]
+           "lesion_balance", "read_segmenter"]
 
 SEGMENTER_INPUTS = ("fixed_image", "warped_image", "warped_mask")
 #: module prefixes of the segmentation path (:data:`spirs_tf.networks.MODULE_PREFIXES`)
@@ -223,11 +223,12 @@ def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarr
     pick = rng.random()
     offset = rng.uniform(-0.25, 0.25, 3) * size
     if size < grid:
-        lesions = np.argwhere((volumes[2] > 0.5) | (volumes[3] > 0.5))
+        union = (volumes[2] > 0.5) | (volumes[3] > 0.5)
+        lesions = np.argwhere(union)
         brain = None
         if centre_on_lesion and len(lesions):
             if settings.lesion_sampling == "lesion":  # every lesion alike, then a voxel of it
-                labels, _ = metrics.label_lesions((volumes[2] > 0.5) | (volumes[3] > 0.5))
+                labels, _ = metrics.label_lesions(union)
                 ids = labels[tuple(lesions.T)]
                 odds = np.cumsum(1.0 / np.bincount(ids)[ids])
                 target = lesions[min(int(np.searchsorted(odds, pick * odds[-1])), len(lesions) - 1)]
@@ -260,13 +261,10 @@ def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarr
 def lesion_balance(mask: np.ndarray, reference_mm3: float, voxel_mm3: float) -> np.ndarray:
     """Per-voxel scale of the BCE's positive weight: ``max(1, reference_mm3 / V)`` inside a lesion of
     V mm³ (a 26-connected component of ``mask > 0.5``), 1 elsewhere (float32, the mask's shape)."""
-    labels, count = metrics.label_lesions(np.asarray(mask) > 0.5)
-    scale = np.ones(np.shape(mask), np.float32)
-    if count:
-        volume = np.bincount(labels.ravel())[1:] * float(voxel_mm3)
-        per_lesion = np.concatenate([[1.0], np.maximum(1.0, float(reference_mm3) / volume)])
-        scale = per_lesion[labels].astype(np.float32)
-    return scale
+    labels, _ = metrics.label_lesions(np.asarray(mask) > 0.5)
+    volume = np.bincount(labels.ravel())[1:] * float(voxel_mm3)  # empty without lesions: all ones
+    per_lesion = np.concatenate([[1.0], np.maximum(1.0, float(reference_mm3) / volume)])
+    return per_lesion[labels].astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -507,12 +505,12 @@ def _segmenter_files(path: str) -> tuple[str, str]:
     return ckpt, config
 
 
-def load_segmenter(path: str) -> FineSegmenter:
-    """Read a segmenter: a folder written by :class:`SegmenterTrainer` or a checkpoint ``.npz``
-    (:func:`_segmenter_files`); its settings come from the checkpoint (else ``segmenter.json``).
-    Raises :class:`SpirsInputError` naming the path when something is missing or does not fit."""
+def read_segmenter(path: str) -> tuple[str, config_lib.SpirsConfig, SegmenterSettings, dict]:
+    """``(checkpoint, config, settings, weights)`` of a segmenter folder or checkpoint ``.npz``
+    (:func:`_segmenter_files`), without building its model; the settings come from the checkpoint
+    (else ``segmenter.json``). Raises :class:`SpirsInputError` naming the path when something is missing
+    or does not fit."""
     from spirs_tf.checkpoints import load_checkpoint
-    from spirs_tf.networks import load_model_state
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -531,6 +529,14 @@ def load_segmenter(path: str) -> FineSegmenter:
         settings = SegmenterSettings(**raw).validate()
     except (TypeError, ValueError, json.JSONDecodeError) as exc:
         raise SpirsInputError(f"segmenter settings: {exc}", path) from None
+    return ckpt, cfg, settings, state
+
+
+def load_segmenter(path: str) -> FineSegmenter:
+    """A segmenter (:func:`read_segmenter`) ready for inference."""
+    from spirs_tf.networks import load_model_state
+
+    _, cfg, settings, state = read_segmenter(path)
     model = build_segmenter(cfg, settings.extra)
     load_model_state(model, state)
 
@@ -543,7 +549,7 @@ def load_segmenter(path: str) -> FineSegmenter:
                                                                             config_lib.LOGIT_CLIP))))
                      for k in ("p1_logits", "p2_logits"))
 
-    return FineSegmenter(cfg, settings, run, path)
+    return FineSegmenter(cfg, settings, run, os.fspath(path))
 
 
 def check_segmenter_fits(segmenter: FineSegmenter, cfg: config_lib.SpirsConfig) -> None:
