@@ -169,9 +169,20 @@ def test_trainer_losses_use_the_lesion_balanced_scale(rng, tmp_path):
     ones = {k: float(v) for k, v in trainer.losses({**plain, "positive_scale": np.ones_like(batch["fixed_mask"])},
                                                    training=False).items()}
     heavy = {k: float(v) for k, v in trainer.losses(batch, training=False).items()}
-    for k in base:
+    # the difference, from the model's logits: mean over voxels of (s − 1)·w·BCE on the lesion's voxels, with
+    # each part's own positive weight (independent of the random initial weights)
+    out = trainer.model({k: batch[k] for k in fine_seg.SEGMENTER_INPUTS}, training=False)
+    q, s = batch["fixed_mask"].astype(np.float64), batch["positive_scale"].astype(np.float64)
+    lc = cfg.loss
+    p1_w = lc.segmentation_bce_positive_weight or lc.bce_positive_weight
+    weights = {"segmentation_p1": p1_w, "segmentation_p2": lc.p2_bce_positive_weight or p1_w}
+    for k, logits_key in (("segmentation_p1", "p1_logits"), ("segmentation_p2", "p2_logits")):
+        x = np.asarray(out[logits_key], np.float64)
+        bce = np.maximum(x, 0) - x * q + np.log1p(np.exp(-np.abs(x)))
+        extra = np.mean(np.where(q == 1, (s - 1.0) * weights[k] * bce, 0.0))
+        assert extra > 0
         assert ones[k] == pytest.approx(base[k], rel=1e-6)
-        assert heavy[k] > base[k] * 1.5  # the lesion's voxels count several times more
+        assert heavy[k] - base[k] == pytest.approx(extra, rel=1e-4)
 
 
 def test_validation_detection_counts_found_lesions_and_false_positives():
