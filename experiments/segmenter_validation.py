@@ -40,7 +40,7 @@ def validation_detection(segmenter, source, pairs: int | None = None, seed: int 
     from spirs_tf.fine_seg import SEGMENTER_INPUTS, segmenter_sample
 
     aug = dataclasses.replace(segmenter.cfg.augment, enabled=False)
-    settings = dataclasses.replace(segmenter.settings, crop=0, lesion_balance_mm3=0.0)
+    settings = dataclasses.replace(segmenter.settings, crop=0, lesion_balance_mm3=0.0, prior_lesion_scale=1.0)
     spacing = (float(segmenter.cfg.data.spacing_mm),) * 3
     n = len(source) if pairs is None else min(int(pairs), len(source))
     bins = {name: {"n": 0, "P1": 0, "P2": 0} for name, _ in metrics.SIZE_BINS}
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the counts here")
     args = p.parse_args(argv)
 
-    from spirs_tf import fine_seg
+    from spirs_tf import fine_seg_inference
     from spirs_tf.atomic import atomic_write_text
     from spirs_tf.data import PairSource
     from spirs_tf.errors import SpirsInputError
     from spirs_tf.manifest import load_manifest
 
     try:
-        segmenters = [fine_seg.load_segmenter(path) for path in args.segmenter]
+        segmenters = [fine_seg_inference.load_segmenter(path) for path in args.segmenter]
         grids = {(s.cfg.data.grid_size, s.cfg.data.spacing_mm) for s in segmenters}
         if len(grids) != 1:
             raise ValueError(f"the segmenters work on different grids: {sorted(grids)}")

@@ -24,11 +24,11 @@ from spirs_tf.checkpoints import load_checkpoint, save_checkpoint
 def ship_segmenter(folder: str, out: str, commands: str) -> None:
     """``weights/demo_segmenter.npz`` (model variables and the segmenter settings, no optimiser state),
     ``.json`` (its config) and ``.provenance.json``, from a segmenter folder's best (else latest) checkpoint."""
-    from spirs_tf.fine_seg import _segmenter_files, load_segmenter
+    from spirs_tf.fine_seg_inference import load_segmenter, segmenter_files
     from spirs_tf.predictor import SEGMENTER_NAME
 
     load_segmenter(folder)  # refuses a broken folder before anything is written
-    checkpoint, config_path = _segmenter_files(folder)
+    checkpoint, config_path = segmenter_files(folder)
     state, _, meta = load_checkpoint(checkpoint)
     os.makedirs(out, exist_ok=True)
     history = meta.get("history", [])

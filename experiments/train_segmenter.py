@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from spirs_tf import config as config_lib
-    from spirs_tf import fine_seg
+    from spirs_tf import fine_seg, fine_seg_inference
     from spirs_tf.checkpoints import load_checkpoint, resolve_run
     from spirs_tf.data import PairSource
     from spirs_tf.errors import SpirsInputError
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     try:
         if args.from_segmenter:
-            checkpoint, cfg, earlier, state = fine_seg.read_segmenter(args.run)
+            checkpoint, cfg, earlier, state = fine_seg_inference.read_segmenter(args.run)
             factor, extra = earlier.factor, earlier.extra
         else:
             checkpoint, config_path, _ = resolve_run(args.run)

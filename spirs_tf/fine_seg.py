@@ -21,14 +21,15 @@ variable path) and trained on its own:
   loader sampled lesion-centred patches), else anywhere in the brain. ``lesion_sampling = "lesion"``
   centres every lesion alike (else every lesion voxel alike: large lesions win), and
   ``lesion_balance_mm3`` > 0 makes the BCE lesion-balanced: a lesion smaller than that volume weighs as
-  much as one of that volume (:func:`lesion_balance`; not the authors'). Both are off by default.
+  much as one of that volume (:func:`lesion_balance`; not the authors'), and ``prior_lesion_scale`` > 1
+  weighs the lesions the prior marks more in P2's BCE (:func:`prior_lesion_scale`). All are off by default.
 * :class:`SegmenterTrainer`: P1 (opening conv, encoder, P1 decoder) and P2 (the fusion block) with their
   own optimisers and losses (:func:`spirs_tf.losses.segmentation_loss`, as in the isolated mode of the
   pyramid), resumable from ``latest.npz``.
 
 A segmenter folder holds ``config.json``, ``segmenter.json`` (training settings) and
-``checkpoints/{latest,best}.npz``; :func:`load_segmenter` reads it for ``spirs predict --segmenter``
-(:mod:`spirs_tf.inference`), which places the prior on the fine grid with the registration it used
+``checkpoints/{latest,best}.npz``; :func:`spirs_tf.fine_seg_inference.load_segmenter` reads it for
+``spirs predict --segmenter`` (:mod:`spirs_tf.inference`), which places the prior on the fine grid with the registration it used
 (refined by default) and writes P1 and P2 from the segmenter.
 """
 from __future__ import annotations
@@ -47,9 +48,8 @@ from spirs_tf import config as config_lib
 from spirs_tf.atomic import atomic_write_text
 from spirs_tf.errors import SpirsInputError
 
-__all__ = ["SegmenterSettings", "SegmenterTrainer", "build_segmenter", "fine_extra", "load_segmenter",
-           "segmenter_config", "segmenter_sample", "pyramid_segmentation_state", "FineSegmenter",
-           "lesion_balance", "read_segmenter"]
+__all__ = ["SegmenterSettings", "SegmenterTrainer", "build_segmenter", "fine_extra", "segmenter_config",
+           "segmenter_sample", "pyramid_segmentation_state", "lesion_balance", "prior_lesion_scale"]
 
 SEGMENTER_INPUTS = ("fixed_image", "warped_image", "warped_mask")
 #: module prefixes of the segmentation path (:data:`spirs_tf.networks.MODULE_PREFIXES`)
@@ -71,6 +71,10 @@ class SegmenterSettings:
     #: (its connected component in the cube) is multiplied by ``max(1, lesion_balance_mm3 / V)``, so every
     #: lesion smaller than that weighs like one of that volume; 0: off (every positive voxel alike)
     lesion_balance_mm3: float = 0.0
+    #: P2's BCE only (not the authors'): the positive weight of a fixed-mask lesion that the prior marks
+    #: (one the prior mask overlaps in the pair's own alignment, before the jitter) × this; 1: off. P2 is
+    #: what carries a prior-marked lesion forward, so its loss can weigh those the most
+    prior_lesion_scale: float = 1.0
     prior_jitter_voxels: float = 1.0  #: the prior's extra shift, U(±v) fine voxels per axis
     prior_jitter_degrees: float = 2.0  #: and rotation, U(±d) per axis
     image_order: int = 1  #: 1: linear (as the prior is placed at inference); 3: cubic
@@ -97,6 +101,8 @@ class SegmenterSettings:
             problems.append(f"lesion_sampling must be 'voxel' or 'lesion', got {self.lesion_sampling!r}")
         if not self.lesion_balance_mm3 >= 0:
             problems.append(f"lesion_balance_mm3 must be >= 0, got {self.lesion_balance_mm3}")
+        if not 1.0 <= self.prior_lesion_scale < math.inf:
+            problems.append(f"prior_lesion_scale must be >= 1, got {self.prior_lesion_scale}")
         if self.prior_jitter_voxels < 0 or self.prior_jitter_degrees < 0:
             problems.append("prior jitter must be >= 0")
         if self.image_order not in (1, 3):
@@ -201,7 +207,9 @@ def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarr
         C = ``settings.crop`` (G when 0). ``warped_*`` is the prior placed as a good registration places
         it: the pair's common affine composed with a small rigid jitter. With
         ``settings.lesion_balance_mm3 > 0`` also ``positive_scale``: per voxel ``max(1, ref / V)`` inside
-        a fixed-mask lesion of V mm³ (its 26-connected component in the cube), 1 elsewhere.
+        a fixed-mask lesion of V mm³ (its 26-connected component in the cube), 1 elsewhere. With
+        ``settings.prior_lesion_scale != 1`` also ``p2_positive_scale`` (P2's): ``positive_scale`` (or 1)
+        × :func:`prior_lesion_scale`.
     """
     grid = int(np.shape(fixed)[0])
     size = settings.crop or grid
@@ -252,6 +260,10 @@ def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarr
     out["warped_mask"] = augment.resample_mask(volumes[3], at_prior, 1)
     if settings.lesion_balance_mm3 > 0:
         out["positive_scale"] = lesion_balance(out["fixed_mask"], settings.lesion_balance_mm3, voxel_mm3)
+    if settings.prior_lesion_scale != 1.0:
+        marked = augment.resample_mask(volumes[3], at, 1)  # the prior in the pair's own alignment
+        scale = prior_lesion_scale(out["fixed_mask"], marked, settings.prior_lesion_scale)
+        out["p2_positive_scale"] = scale * out.get("positive_scale", 1.0)
     if aug_cfg.enabled:
         out["fixed_image"] = augment.random_gamma(out["fixed_image"], rng, aug_cfg)
         out["warped_image"] = augment.random_gamma(out["warped_image"], rng, aug_cfg)
@@ -265,6 +277,16 @@ def lesion_balance(mask: np.ndarray, reference_mm3: float, voxel_mm3: float) -> 
     volume = np.bincount(labels.ravel())[1:] * float(voxel_mm3)  # empty without lesions: all ones
     per_lesion = np.concatenate([[1.0], np.maximum(1.0, float(reference_mm3) / volume)])
     return per_lesion[labels].astype(np.float32)
+
+
+def prior_lesion_scale(mask: np.ndarray, prior_mask: np.ndarray, scale: float) -> np.ndarray:
+    """Per-voxel factor: ``scale`` inside a lesion of ``mask`` (a 26-connected component of ``mask > 0.5``)
+    that ``prior_mask > 0.5`` overlaps, 1 elsewhere (float32, the mask's shape)."""
+    labels, count = metrics.label_lesions(np.asarray(mask) > 0.5)
+    marked = np.zeros(count + 1, bool)
+    marked[np.unique(labels[np.asarray(prior_mask) > 0.5])] = True
+    marked[0] = False
+    return np.where(marked[labels], np.float32(scale), np.float32(1.0)).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -324,10 +346,11 @@ class SegmenterTrainer:
         p1_w = lc.segmentation_bce_positive_weight or lc.bce_positive_weight
         p2_w = lc.p2_bce_positive_weight or p1_w
         target, scale = batch["fixed_mask"], batch.get("positive_scale")
+        p2_scale = batch.get("p2_positive_scale", scale)
         return {"segmentation_p1": ops.mean(losses_lib.segmentation_loss(target, out["p1_logits"], p1_w,
                                                                          lc.dice_smooth, scale)),
                 "segmentation_p2": ops.mean(losses_lib.segmentation_loss(target, out["p2_logits"], p2_w,
-                                                                         lc.dice_smooth, scale))}
+                                                                         lc.dice_smooth, p2_scale))}
 
     def _train_step_fn(self):
         import tensorflow as tf
@@ -462,136 +485,3 @@ class SegmenterTrainer:
             self.log("segmenter: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in logs.items()))
         return self.history
-
-
-# --------------------------------------------------------------------------------------- inference
-@dataclass
-class FineSegmenter:
-    """A trained segmenter for inference: its config (fine grid), settings and a
-    ``(fixed, warped, warped_mask) → (p1_prob, p2_prob)`` function on ``(B, G, G, G, 1)`` arrays."""
-
-    cfg: config_lib.SpirsConfig
-    settings: SegmenterSettings
-    run_fn: object
-    path: str
-
-    @property
-    def factor(self) -> int:
-        return int(self.settings.factor)
-
-    def __call__(self, fixed: np.ndarray, warped: np.ndarray, warped_mask: np.ndarray):
-        return self.run_fn(fixed, warped, warped_mask)
-
-
-def _segmenter_files(path: str) -> tuple[str, str]:
-    """(checkpoint, config) of a segmenter folder (``checkpoints/best.npz`` else ``latest.npz``, and
-    ``config.json``) or of a checkpoint ``.npz`` (``NAME.json`` beside it, else ``config.json`` beside
-    it or one folder up, as the shipped ``weights/demo_segmenter.{npz,json}``)."""
-    if os.path.isdir(path):
-        ckpt = next((os.path.join(path, "checkpoints", n) for n in ("best.npz", "latest.npz")
-                     if os.path.isfile(os.path.join(path, "checkpoints", n))), None)
-        if ckpt is None:
-            raise SpirsInputError("segmenter folder has no checkpoints/best.npz or latest.npz", path)
-        config = os.path.join(path, "config.json")
-    elif os.path.isfile(path) and path.endswith(".npz"):
-        ckpt, here = path, os.path.dirname(os.path.abspath(path))
-        candidates = [path[:-4] + ".json", os.path.join(here, "config.json"),
-                      os.path.join(os.path.dirname(here), "config.json")]
-        config = next((c for c in candidates if os.path.isfile(c)), candidates[0])
-    else:
-        raise SpirsInputError("a segmenter must be a segmenter folder or its checkpoint .npz", path)
-    if not os.path.isfile(config):
-        raise SpirsInputError(f"not a segmenter ({os.path.basename(config)} missing)", path)
-    return ckpt, config
-
-
-def read_segmenter(path: str) -> tuple[str, config_lib.SpirsConfig, SegmenterSettings, dict]:
-    """``(checkpoint, config, settings, weights)`` of a segmenter folder or checkpoint ``.npz``
-    (:func:`_segmenter_files`), without building its model; the settings come from the checkpoint
-    (else ``segmenter.json``). Raises :class:`SpirsInputError` naming the path when something is missing
-    or does not fit."""
-    from spirs_tf.checkpoints import load_checkpoint
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise SpirsInputError("segmenter not found", path)
-    ckpt, config_path = _segmenter_files(path)
-    cfg = config_lib.get_config(config_path)
-    state, _, meta = load_checkpoint(ckpt)
-    raw = meta.get("settings")
-    side = os.path.join(os.path.dirname(config_path), "segmenter.json")
-    try:
-        if raw is None:
-            if not os.path.isfile(side):
-                raise SpirsInputError("not a segmenter (no settings in its checkpoint, no segmenter.json)", path)
-            with open(side, encoding="utf-8") as fh:
-                raw = json.load(fh)
-        settings = SegmenterSettings(**raw).validate()
-    except (TypeError, ValueError, json.JSONDecodeError) as exc:
-        raise SpirsInputError(f"segmenter settings: {exc}", path) from None
-    return ckpt, cfg, settings, state
-
-
-def load_segmenter(path: str) -> FineSegmenter:
-    """A segmenter (:func:`read_segmenter`) ready for inference."""
-    from spirs_tf.networks import load_model_state
-
-    _, cfg, settings, state = read_segmenter(path)
-    model = build_segmenter(cfg, settings.extra)
-    load_model_state(model, state)
-
-    def run(fixed, warped, warped_mask):
-        from spirs_tf._compat import ops
-
-        out = model({"fixed_image": np.asarray(fixed, np.float32), "warped_image": np.asarray(warped, np.float32),
-                     "warped_mask": np.asarray(warped_mask, np.float32)}, training=False)
-        return tuple(np.asarray(ops.convert_to_numpy(ops.sigmoid(ops.clip(out[k], -config_lib.LOGIT_CLIP,
-                                                                            config_lib.LOGIT_CLIP))))
-                     for k in ("p1_logits", "p2_logits"))
-
-    return FineSegmenter(cfg, settings, run, os.fspath(path))
-
-
-def check_segmenter_fits(segmenter: FineSegmenter, cfg: config_lib.SpirsConfig) -> None:
-    """Raise :class:`SpirsInputError` unless the segmenter's grid is its factor × the model's working grid
-    (same field of view), the grid it was trained for."""
-    k = segmenter.factor
-    want = (cfg.data.grid_size * k, cfg.data.spacing_mm / k)
-    have = (segmenter.cfg.data.grid_size, segmenter.cfg.data.spacing_mm)
-    if have[0] != want[0] or not math.isclose(have[1], want[1], rel_tol=1e-6):
-        raise SpirsInputError(f"the segmenter's grid ({have[0]}³ at {have[1]:g} mm) is not {k}× the model's "
-                              f"({cfg.data.grid_size}³ at {cfg.data.spacing_mm:g} mm)", segmenter.path)
-
-
-def segment_fine(segmenter: FineSegmenter, case, outputs: dict, clip_sigma: float) -> dict:
-    """P1 and P2 of one prepared case from the segmenter, on the k-times finer grid of the new scan.
-
-    The new scan is resampled onto the fine grid (fine voxel ``k·i`` = model voxel ``i``) straight from
-    its own voxels; the prior image and mask are carried there by the case's registration (``outputs``:
-    affine, field and ``dvf_factor``, refined or not) with one resampling, as :mod:`spirs_tf.itk_export`
-    writes them on the native grid; both images are normalised as in training (:func:`normalize_intensity`).
-
-    Returns:
-        ``outputs`` plus ``p1_prob_fine``, ``p2_prob_fine`` ``(kS, kS, kS, 1)``, ``seg_mapping`` (the fine
-        grid's :class:`~spirs_tf.preprocess.GridMapping`), ``seg_factor``; ``p1_prob``/``p2_prob`` become
-        their every k-th voxel (the model grid, for the metrics computed there).
-    """
-    from spirs_tf.io import Volume
-    from spirs_tf.itk_export import case_transform, resample_to_new
-    from spirs_tf.preprocess import GridMapping, normalize_intensity, to_working
-
-    k = segmenter.factor
-    s = int(case.new_image.shape[0])
-    n = k * s
-    new = case.inputs.new
-    fine_affine = np.asarray(case.new_mapping.working_affine, np.float64) @ np.diag([1.0 / k] * 3 + [1.0])
-    mapping = GridMapping(fine_affine, (n, n, n), np.asarray(new.affine, np.float64), new.shape)
-    fixed = normalize_intensity(to_working(new, mapping, order=1), clip_sigma)
-    res = resample_to_new(case_transform(case, outputs), Volume(np.zeros((n, n, n), np.uint8), fine_affine),
-                          case.inputs.prior, case.inputs.prior_mask, None, native_fields=False)
-    prior = normalize_intensity(res.prior_warped, clip_sigma)
-    mask = res.prior_mask_warped.astype(np.float32)
-    p1, p2 = segmenter(fixed[None, ..., None], prior[None, ..., None], mask[None, ..., None])
-    p1, p2 = np.asarray(p1, np.float32)[0], np.asarray(p2, np.float32)[0]
-    return dict(outputs, p1_prob_fine=p1, p2_prob_fine=p2, seg_mapping=mapping, seg_factor=k,
-                p1_prob=p1[::k, ::k, ::k], p2_prob=p2[::k, ::k, ::k])

@@ -404,10 +404,10 @@ def refine_case(predictor: Predictor, case: PreparedCase, outputs: dict, refine:
 def segment_case(predictor: Predictor, case: PreparedCase, outputs: dict) -> dict:
     """With a segmenter on the predictor (``spirs predict --segmenter``): P1 and P2 from it on its finer
     grid, the prior placed by the registration in ``outputs`` (refined when refinement ran;
-    :func:`spirs_tf.fine_seg.segment_fine`). Without one: ``outputs`` unchanged."""
+    :func:`spirs_tf.fine_seg_inference.segment_fine`). Without one: ``outputs`` unchanged."""
     if predictor.segmenter is None:
         return outputs
-    from spirs_tf.fine_seg import segment_fine
+    from spirs_tf.fine_seg_inference import segment_fine
 
     t0 = time.perf_counter()
     out = segment_fine(predictor.segmenter, case, outputs, predictor.cfg.data.clip_sigma)

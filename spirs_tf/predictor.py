@@ -94,7 +94,7 @@ class Predictor:
             model cannot provide it (a SavedModel).
         affine_passes: network passes at inference (:meth:`predict`); ``None`` = the config's
             ``model.affine_passes`` (``spirs predict --affine-passes`` sets it).
-        segmenter: a :class:`spirs_tf.fine_seg.FineSegmenter` (``spirs predict --segmenter``): P1 and P2
+        segmenter: a :class:`spirs_tf.fine_seg_inference.FineSegmenter` (``spirs predict --segmenter``): P1 and P2
             come from it, on a grid finer than the model's, with the prior placed by the registration
             used (:func:`spirs_tf.inference.segment_case`); ``None`` = the model's own P1 and P2.
     """
@@ -436,7 +436,7 @@ def load_predictor(model: str | os.PathLike | None) -> Predictor:
         predictor.info["kind"] = "demo weights"
         shipped = os.path.join(WEIGHTS_DIR, f"{SEGMENTER_NAME}.npz")
         if os.path.isfile(shipped):  # P1/P2 on the finer grid (spirs_tf.fine_seg); spirs predict --segmenter off
-            from spirs_tf.fine_seg import check_segmenter_fits, load_segmenter
+            from spirs_tf.fine_seg_inference import check_segmenter_fits, load_segmenter
 
             predictor.segmenter = load_segmenter(shipped)
             check_segmenter_fits(predictor.segmenter, predictor.cfg)

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from spirs_tf import cli, config, fine_seg, inference
+from spirs_tf import cli, config, fine_seg, fine_seg_inference, inference
 from spirs_tf.checkpoints import save_checkpoint
 from spirs_tf.data import PairSource
 from spirs_tf.networks import build_spirs, model_state
@@ -129,6 +129,46 @@ def test_lesion_balance_weighs_every_small_lesion_like_the_reference():
     np.testing.assert_array_equal(fine_seg.lesion_balance(np.zeros((4, 4, 4)), 16.0, 1.0), 1.0)
 
 
+def test_prior_lesion_scale_weighs_only_the_lesions_the_prior_marks():
+    mask = np.zeros((16, 16, 16), np.float32)
+    mask[1:3, 1, 1] = 1  # marked: the prior touches one of its voxels
+    mask[8:12, 8:12, 8:12] = 1  # new: the prior lies beside it, not on it
+    prior = np.zeros_like(mask)
+    prior[2, 1, 1] = 1
+    prior[8:12, 8:12, 13] = 1
+    scale = fine_seg.prior_lesion_scale(mask, prior, 4.0)
+    np.testing.assert_array_equal(scale[1:3, 1, 1], 4.0)  # the whole lesion, not only where the prior is
+    assert np.all(scale[mask == 0] == 1.0) and np.all(scale[8:12, 8:12, 8:12] == 1.0)
+    assert scale.dtype == np.float32
+    np.testing.assert_array_equal(fine_seg.prior_lesion_scale(mask, np.zeros_like(mask), 4.0), 1.0)
+
+
+def test_prior_lesion_scale_reaches_p2s_loss_only(rng, tmp_path):
+    """P2's batch scale is the lesion balance × the prior factor on a prior-marked lesion; P1's loss ignores it,
+    P2's rises by exactly (factor − 1) × its lesion BCE share (from the model's logits)."""
+    fixed, moving, fmask, mmask = _pair(rng)
+    aug = dataclasses.replace(config.AugmentConfig(), enabled=False)
+    st = fine_seg.SegmenterSettings(crop=0, extra=2, prior_jitter_voxels=2.0, prior_jitter_degrees=0.0,
+                                    lesion_balance_mm3=54.0, prior_lesion_scale=3.0)
+    s = fine_seg.segmenter_sample(fixed, moving, fmask, mmask, np.random.default_rng(0), aug, st, 1.0)
+    np.testing.assert_allclose(s["p2_positive_scale"], s["positive_scale"] * np.where(fmask > 0, 3.0, 1.0))
+    np.testing.assert_allclose(s["positive_scale"][fmask > 0], 2.0)  # 27 voxels against 54 mm³
+    cfg = _cfg()
+    trainer = fine_seg.SegmenterTrainer(cfg, st, _source(rng, 1), _source(rng, 1), str(tmp_path / "seg"))
+    batch = {k: v[None, ..., None] for k, v in s.items()}
+    plain = {k: v for k, v in batch.items() if k != "p2_positive_scale"}
+    base = {k: float(v) for k, v in trainer.losses(plain, training=False).items()}
+    both = {k: float(v) for k, v in trainer.losses(batch, training=False).items()}
+    assert both["segmentation_p1"] == pytest.approx(base["segmentation_p1"], rel=1e-6)
+    x = np.asarray(trainer.model({k: batch[k] for k in fine_seg.SEGMENTER_INPUTS}, training=False)["p2_logits"],
+                   np.float64)
+    q, lc = batch["fixed_mask"].astype(np.float64), cfg.loss
+    weight = lc.p2_bce_positive_weight or lc.segmentation_bce_positive_weight or lc.bce_positive_weight
+    bce = np.maximum(x, 0) - x * q + np.log1p(np.exp(-np.abs(x)))
+    extra = np.mean(np.where(q == 1, 2.0 * (3.0 - 1.0) * weight * bce, 0.0))  # balance 2, factor 3
+    assert both["segmentation_p2"] - base["segmentation_p2"] == pytest.approx(extra, rel=1e-4)
+
+
 def _two_lesion_pair(grid=32):
     fixed = np.zeros((grid,) * 3, np.float32)
     fixed[2:-2, 2:-2, 2:-2] = 0.5
@@ -212,7 +252,7 @@ def test_validation_detection_counts_found_lesions_and_false_positives():
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
     from segmenter_validation import validation_detection
 
-    seg = fine_seg.FineSegmenter(cfg, fine_seg.SegmenterSettings(crop=0, extra=1, prior_jitter_voxels=0.0,
+    seg = fine_seg_inference.FineSegmenter(cfg, fine_seg.SegmenterSettings(crop=0, extra=1, prior_jitter_voxels=0.0,
                                                                  prior_jitter_degrees=0.0), run, "stand-in")
     r = validation_detection(seg, source)
     assert r["pairs"] == 3
@@ -237,7 +277,8 @@ def test_segmenter_validation_script_refuses_bad_input_in_one_line(tmp_path, cap
 
 @pytest.mark.parametrize("bad", [dict(crop=20), dict(lesion_probability=1.5), dict(batch_size=0),
                                  dict(image_order=2), dict(factor=3), dict(epochs=True),
-                                 dict(lesion_sampling="size"), dict(lesion_balance_mm3=-1.0)])
+                                 dict(lesion_sampling="size"), dict(lesion_balance_mm3=-1.0),
+                                 dict(prior_lesion_scale=0.5), dict(prior_lesion_scale=float("nan"))])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         fine_seg.SegmenterSettings(**bad).validate()
@@ -272,7 +313,7 @@ def test_training_runs_saves_and_resumes(rng, tmp_path):
     with pytest.raises(inference.SpirsInputError, match=r"lesion_probability=0\.7 \(now 0\.2\)"):
         other.fit()
     assert os.path.getmtime(tmp_path / "seg" / "checkpoints" / "latest.npz") == stamp and other.epoch == 0
-    seg = fine_seg.load_segmenter(str(tmp_path / "seg"))
+    seg = fine_seg_inference.load_segmenter(str(tmp_path / "seg"))
     x = np.random.default_rng(1).random((1, 32, 32, 32, 1)).astype("float32")
     p1, p2 = seg(x, x, (x > 0.9).astype("float32"))
     assert p1.shape == p2.shape == (1, 32, 32, 32, 1) and 0 <= p1.min() and p2.max() <= 1
@@ -283,7 +324,7 @@ def test_training_runs_saves_and_resumes(rng, tmp_path):
     import ship_weights
 
     assert ship_weights.main(["--segmenter", str(tmp_path / "seg"), "--out", str(tmp_path / "w")]) == 0
-    shipped = fine_seg.load_segmenter(str(tmp_path / "w" / "demo_segmenter.npz"))
+    shipped = fine_seg_inference.load_segmenter(str(tmp_path / "w" / "demo_segmenter.npz"))
     assert shipped.settings == seg.settings
     for a, b in zip(shipped(x, x, (x > 0.9).astype("float32")), (p1, p2)):
         np.testing.assert_array_equal(a, b)
@@ -296,7 +337,7 @@ def test_training_runs_saves_and_resumes(rng, tmp_path):
 def test_a_non_segmenter_folder_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(inference.SpirsInputError, match="no checkpoints"):
-        fine_seg.load_segmenter(str(tmp_path))
+        fine_seg_inference.load_segmenter(str(tmp_path))
 
 
 def _write_segmenter(folder, reg_cfg, factor, rng):
@@ -327,10 +368,10 @@ def test_segment_fine_places_the_prior_on_the_fine_grid(predictor, tmp_path):
         seen.append((fixed, warped, mask))
         return fixed * 0.5, warped * 0.25
 
-    seg = fine_seg.FineSegmenter(fine_seg.segmenter_config(predictor.cfg, 2), fine_seg.SegmenterSettings(), run, "x")
+    seg = fine_seg_inference.FineSegmenter(fine_seg.segmenter_config(predictor.cfg, 2), fine_seg.SegmenterSettings(), run, "x")
     outputs = {"affine": np.eye(3, 4, dtype=np.float32), "dvf": np.zeros((s, s, s, 3), np.float32),
                "p1_prob": np.zeros((s, s, s, 1)), "p2_prob": np.zeros((s, s, s, 1))}
-    out = fine_seg.segment_fine(seg, case, outputs, predictor.cfg.data.clip_sigma)
+    out = fine_seg_inference.segment_fine(seg, case, outputs, predictor.cfg.data.clip_sigma)
     fixed, warped, mask = seen[0]
     assert fixed.shape == (1, 2 * s, 2 * s, 2 * s, 1)
     np.testing.assert_allclose(warped, fixed, atol=1e-5)

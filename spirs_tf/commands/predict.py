@@ -82,7 +82,7 @@ def _load(args: argparse.Namespace):
     if args.segmenter == "off":
         predictor.segmenter = None
     elif args.segmenter:
-        from spirs_tf.fine_seg import check_segmenter_fits, load_segmenter
+        from spirs_tf.fine_seg_inference import check_segmenter_fits, load_segmenter
 
         predictor.segmenter = load_segmenter(args.segmenter)
         check_segmenter_fits(predictor.segmenter, predictor.cfg)
