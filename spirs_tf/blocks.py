@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from spirs_tf._compat import keras, tf
 from spirs_tf.config import NORMALIZATIONS
 from spirs_tf.geometry import IDENTITY_PARAMS
-from spirs_tf.layers import AffineMatrix, ClipValues, GaussianBlur3D, OpeningConv3D, Upsample2x
+from spirs_tf.layers import AffineMatrix, ClipValues, GaussianBlur3D, OpeningConv3D, PriorGate, Upsample2x
 
 MAX_EXTRA_POOLS = 2  #: the FACTS describe levels whose grid is at most 4× the coarsest grid
 
@@ -320,7 +320,10 @@ class FusionBlock:
 
     With ``model_cfg.p2_residual`` (not the authors'): the head's kernel and bias start at zero and its
     output is added to P1's logits (``fuse_residual``; clipped to ±``p2_residual_clip`` first when > 0), so
-    P2 starts with P1's mask and learns what the prior adds.
+    P2 starts with P1's mask and learns what the prior adds. With ``model_cfg.p2_gate_size`` > 0 as well
+    (not the authors'), the fusion output may raise P1's logits only within ``p2_gate_size // 2`` voxels of
+    the prior mask (``fuse_gate``, :class:`~spirs_tf.layers.PriorGate`) and lower them anywhere: P2 adds
+    the lesions the prior marks and nothing elsewhere.
     """
 
     def __init__(self, model_cfg, bn_trainable: bool = True):
@@ -340,6 +343,8 @@ class FusionBlock:
             self.to_p2 = keras.layers.Add(name="fuse_residual", dtype="float32")
             limit = float(getattr(model_cfg, "p2_residual_clip", 0.0))
             self.clip = ClipValues(limit, name="fuse_p1_clip") if limit > 0 else None
+            gate = int(getattr(model_cfg, "p2_gate_size", 0))
+            self.gate = PriorGate(gate, name="fuse_gate") if gate > 0 else None
         else:
             self.head = make("fuse_head", 1, 1, use_bias=True, kernel_initializer="he_normal",
                              bias_initializer=keras.initializers.Constant(
@@ -352,4 +357,6 @@ class FusionBlock:
         out = self.head(self.add([x, skip]))
         if not self.residual:
             return out
+        if self.gate is not None:
+            out = self.gate([out, warped_mask])
         return self.to_p2([p1_logits if self.clip is None else self.clip(p1_logits), out])

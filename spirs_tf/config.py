@@ -104,6 +104,10 @@ class ModelConfig:
     #: clipped). P1 is confidently negative on faint lesions (logits −6 to −15 at 3 mm), which the
     #: fusion block would have to outweigh; clipped, P2 still starts with P1's mask (the sign is kept)
     p2_residual_clip: float = 0.0
+    #: with ``p2_residual``, > 0 (odd): the fusion output may raise P1's logits only within
+    #: ``p2_gate_size // 2`` voxels of the warped prior mask, lower them anywhere (0 = everywhere, the
+    #: authors' reach). Without it a P2 trained to find micro lesions also marks specks far from any prior
+    p2_gate_size: int = 0
 
 
 @dataclass

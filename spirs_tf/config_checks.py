@@ -68,6 +68,12 @@ def check_config(cfg) -> None:
     if not isinstance(cfg.model.p2_residual, bool):
         raise SpirsInputError(f"config {cfg.name!r}: model.p2_residual must be true or false, "
                               f"got {cfg.model.p2_residual!r}")
+    gate = cfg.model.p2_gate_size
+    if isinstance(gate, bool) or not isinstance(gate, int) or gate < 0 or (gate and gate % 2 == 0):
+        raise SpirsInputError(f"config {cfg.name!r}: model.p2_gate_size must be 0 or an odd integer >= 1, "
+                              f"got {gate!r}")
+    if gate and not cfg.model.p2_residual:
+        raise SpirsInputError(f"config {cfg.name!r}: model.p2_gate_size needs model.p2_residual = true")
     _positive_int(cfg, "train.data_echo", cfg.train.data_echo)
     if cfg.train.distribute not in ("none", "mirrored", "multi_worker"):
         raise SpirsInputError(

@@ -21,6 +21,7 @@ __all__ = [
     "ComposeDVF",
     "GaussianBlur3D",
     "OpeningConv3D",
+    "PriorGate",
     "ScaleTranslation",
     "SpatialTransformer",
     "Subsample",
@@ -134,6 +135,28 @@ class ClipValues(_Float32Layer):
 
     def get_config(self):
         return {**super().get_config(), "limit": self.limit}
+
+
+@_register
+class PriorGate(_Float32Layer):
+    """Inputs ``[residual, prior_mask]``, ``(B, D, H, W, 1)`` each → ``min(r, 0) + near · max(r, 0)``, with
+    ``near`` the prior mask's maximum over a ``size``³ window (stride 1, same padding): P2's residual may
+    add a lesion only within ``size // 2`` voxels of the prior, and remove one anywhere."""
+
+    def __init__(self, size: int = 7, **kwargs):
+        super().__init__(**kwargs)
+        self.size = int(size)
+
+    def call(self, inputs):
+        residual, prior = (ops.cast(x, "float32") for x in inputs)
+        near = ops.max_pool(prior, pool_size=self.size, strides=1, padding="same")
+        return ops.minimum(residual, 0.0) + near * ops.relu(residual)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
+    def get_config(self):
+        return {**super().get_config(), "size": self.size}
 
 
 @_register

@@ -47,6 +47,31 @@ def test_segmenter_is_the_pyramids_segmentation_path(normalization, rng):
     assert np.abs(out["p2_logits"] - out["p1_logits"]).max() > 1e-3  # P2 is not just P1 here
 
 
+def test_a_gated_p2_raises_p1_only_near_the_prior(rng):
+    """``model.p2_gate_size``: with the same weights, the gated P2 is P1 (clipped) + the ungated residual where
+    it lowers, and where it raises only within the gate's window of the prior; far away P2 ≤ P1."""
+    cfg = _cfg()
+    cfg.model.p2_residual_clip = 2.0
+    gated = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, p2_gate_size=5))
+    models = [fine_seg.build_segmenter(c, 1) for c in (cfg, gated)]
+    for v in models[0].trainable_variables:  # P2's head starts at 0: move every weight off its start
+        v.assign(v.value + 0.05 * rng.standard_normal(v.shape).astype("float32"))
+    from spirs_tf.networks import load_model_state
+
+    load_model_state(models[1], model_state(models[0]))
+    x = {k: rng.random((1, 32, 32, 32, 1)).astype("float32") for k in fine_seg.SEGMENTER_INPUTS}
+    x["warped_mask"] = np.zeros_like(x["warped_mask"])
+    x["warped_mask"][0, 9:11, 20, 6] = 1.0
+    plain, mine = ({k: np.asarray(v) for k, v in m(x, training=False).items()} for m in models)
+    np.testing.assert_array_equal(mine["p1_logits"], plain["p1_logits"])
+    p1 = np.clip(plain["p1_logits"], -2.0, 2.0)
+    r = plain["p2_logits"] - p1
+    near = np.zeros_like(r)
+    near[0, 7:13, 18:23, 4:9] = 1.0
+    np.testing.assert_allclose(mine["p2_logits"], p1 + np.minimum(r, 0) + near * np.maximum(r, 0), atol=1e-5)
+    assert (r[near == 0] > 0).any() and np.all(mine["p2_logits"][near == 0] <= p1[near == 0] + 1e-6)
+
+
 def test_segmenter_runs_on_any_grid_divisible_by_its_pooling(rng):
     cfg = _cfg()
     seg = fine_seg.build_segmenter(cfg, 2)

@@ -59,6 +59,35 @@ def test_residual_clip_keeps_p1s_mask_and_bounds_the_start():
         config_lib.get_config("test", ["model.p2_residual_clip=-1"])
 
 
+def test_prior_gate_layer_is_a_windowed_maximum_then_one_sided(rng):
+    """``PriorGate``: ``min(r, 0) + near · max(r, 0)`` with ``near`` scipy's maximum filter of the prior
+    (zero outside the grid); its config round-trips."""
+    from scipy import ndimage
+
+    from spirs_tf.layers import PriorGate
+
+    r = rng.standard_normal((2, 12, 12, 12, 1)).astype(np.float32)
+    prior = (rng.random((2, 12, 12, 12, 1)) > 0.995).astype(np.float32)
+    prior[1] = 0.0
+    prior[1, 0, 5, 11, 0] = 0.6  # a soft, edge voxel
+    near = ndimage.maximum_filter(prior, size=(1, 5, 5, 5, 1), mode="constant", cval=0.0)
+    assert 0 < (near[0] > 0).mean() < 0.5
+    layer = PriorGate(5)
+    out = np.asarray(layer([r, prior]))
+    np.testing.assert_allclose(out, np.minimum(r, 0) + near * np.maximum(r, 0), atol=1e-7)
+    assert np.all(out[1][near[1] == 0] <= 0)  # nothing is raised away from the prior
+    clone = PriorGate.from_config(layer.get_config())
+    assert clone.size == 5 and clone.get_config() == layer.get_config()
+
+
+@pytest.mark.parametrize("bad, match", [(["model.p2_residual=true", "model.p2_gate_size=4"], "odd"),
+                                        (["model.p2_residual=true", "model.p2_gate_size=-1"], "odd"),
+                                        (["model.p2_gate_size=5"], "p2_residual")])
+def test_a_bad_prior_gate_is_a_config_error(bad, match):
+    with pytest.raises(SpirsInputError, match=match):
+        config_lib.get_config("test", bad)
+
+
 def _trainer(tmp_path, overrides, stage: int = 3, pairs=None):
     from spirs_tf import data
     from spirs_tf.train import Trainer
