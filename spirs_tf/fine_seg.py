@@ -42,6 +42,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from spirs_tf import augment, geometry, metrics
 from spirs_tf import config as config_lib
@@ -75,6 +76,10 @@ class SegmenterSettings:
     #: (one the prior mask overlaps in the pair's own alignment, before the jitter) × this; 1: off. P2 is
     #: what carries a prior-marked lesion forward, so its loss can weigh those the most
     prior_lesion_scale: float = 1.0
+    #: the prior mask as P2 sees it: False: trilinear, then ``>= 0.5`` (a lesion of a few voxels moved by
+    #: part of a voxel can vanish); True (not the authors' segmenter): trilinear without the threshold, so
+    #: every prior lesion reaches P2, a small one as a faint blob (the pyramid's own warped mask is soft)
+    soft_prior: bool = False
     prior_jitter_voxels: float = 1.0  #: the prior's extra shift, U(±v) fine voxels per axis
     prior_jitter_degrees: float = 2.0  #: and rotation, U(±d) per axis
     image_order: int = 1  #: 1: linear (as the prior is placed at inference); 3: cubic
@@ -101,6 +106,8 @@ class SegmenterSettings:
             problems.append(f"lesion_sampling must be 'voxel' or 'lesion', got {self.lesion_sampling!r}")
         if not self.lesion_balance_mm3 >= 0:
             problems.append(f"lesion_balance_mm3 must be >= 0, got {self.lesion_balance_mm3}")
+        if not isinstance(self.soft_prior, bool):
+            problems.append(f"soft_prior must be true or false, got {self.soft_prior!r}")
         if not 1.0 <= self.prior_lesion_scale < math.inf:
             problems.append(f"prior_lesion_scale must be >= 1, got {self.prior_lesion_scale}")
         if self.prior_jitter_voxels < 0 or self.prior_jitter_degrees < 0:
@@ -257,17 +264,26 @@ def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarr
                                                                     settings.image_order, 0)
     at_prior = _window(prior_matrix, grid, origin, size)
     out["warped_image"] = augment.resample_image(volumes[1], at_prior, settings.image_order)
-    out["warped_mask"] = augment.resample_mask(volumes[3], at_prior, 1)
+    out["warped_mask"] = _prior_mask(volumes[3], at_prior, settings.soft_prior)
     if settings.lesion_balance_mm3 > 0:
         out["positive_scale"] = lesion_balance(out["fixed_mask"], settings.lesion_balance_mm3, voxel_mm3)
     if settings.prior_lesion_scale != 1.0:
-        marked = augment.resample_mask(volumes[3], at, 1)  # the prior in the pair's own alignment
+        marked = _prior_mask(volumes[3], at, settings.soft_prior) > 0  # the prior in the pair's own alignment
         scale = prior_lesion_scale(out["fixed_mask"], marked, settings.prior_lesion_scale)
         out["p2_positive_scale"] = scale * out.get("positive_scale", 1.0)
     if aug_cfg.enabled:
         out["fixed_image"] = augment.random_gamma(out["fixed_image"], rng, aug_cfg)
         out["warped_image"] = augment.random_gamma(out["warped_image"], rng, aug_cfg)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
+
+
+def _prior_mask(mask: np.ndarray, coords: np.ndarray, soft: bool) -> np.ndarray:
+    """The prior mask at ``coords``: trilinear (zero outside), then ``>= 0.5`` unless ``soft``; float32."""
+    if not soft:
+        return augment.resample_mask(mask, coords, 1)
+    out = ndimage.map_coordinates(np.asarray(mask, np.float32), coords, order=1, mode="constant", cval=0.0,
+                                  prefilter=False, output=np.float32)
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def lesion_balance(mask: np.ndarray, reference_mm3: float, voxel_mm3: float) -> np.ndarray:

@@ -121,7 +121,8 @@ def segment_fine(segmenter: FineSegmenter, case, outputs: dict, clip_sigma: floa
     The new scan is resampled onto the fine grid (fine voxel ``k·i`` = model voxel ``i``) straight from
     its own voxels; the prior image and mask are carried there by the case's registration (``outputs``:
     affine, field and ``dvf_factor``, refined or not) with one resampling, as :mod:`spirs_tf.itk_export`
-    writes them on the native grid; both images are normalised as in training (:func:`normalize_intensity`).
+    writes them on the native grid (the mask soft when the segmenter was trained on a soft prior,
+    ``settings.soft_prior``); both images are normalised as in training (:func:`normalize_intensity`).
 
     Returns:
         ``outputs`` plus ``p1_prob_fine``, ``p2_prob_fine`` ``(kS, kS, kS, 1)``, ``seg_mapping`` (the fine
@@ -140,9 +141,10 @@ def segment_fine(segmenter: FineSegmenter, case, outputs: dict, clip_sigma: floa
     mapping = GridMapping(fine_affine, (n, n, n), np.asarray(new.affine, np.float64), new.shape)
     fixed = normalize_intensity(to_working(new, mapping, order=1), clip_sigma)
     res = resample_to_new(case_transform(case, outputs), Volume(np.zeros((n, n, n), np.uint8), fine_affine),
-                          case.inputs.prior, case.inputs.prior_mask, None, native_fields=False)
+                          case.inputs.prior, case.inputs.prior_mask, None, native_fields=False,
+                          soft_mask=segmenter.settings.soft_prior)
     prior = normalize_intensity(res.prior_warped, clip_sigma)
-    mask = res.prior_mask_warped.astype(np.float32)
+    mask = np.clip(res.prior_mask_warped.astype(np.float32), 0.0, 1.0)
     p1, p2 = segmenter(fixed[None, ..., None], prior[None, ..., None], mask[None, ..., None])
     p1, p2 = np.asarray(p1, np.float32)[0], np.asarray(p2, np.float32)[0]
     return dict(outputs, p1_prob_fine=p1, p2_prob_fine=p2, seg_mapping=mapping, seg_factor=k,

@@ -164,8 +164,8 @@ def case_transform(case, outputs: dict) -> CaseTransform:
 class Resampled:
     """Everything on the new scan's original grid ``(X, Y, Z)``.
 
-    ``prior_warped`` float32, ``prior_mask_warped`` uint8 (trilinear ≥ 0.5), ``prior_labels_warped``
-    int32 (nearest), ``deformation`` and ``total`` ``(X, Y, Z, 3)`` float64 RAS mm (``d`` and ``q − w``;
+    ``prior_warped`` float32, ``prior_mask_warped`` uint8 (trilinear ≥ 0.5; with ``soft_mask`` the
+    trilinear value, float32), ``prior_labels_warped`` int32 (nearest), ``deformation`` and ``total`` ``(X, Y, Z, 3)`` float64 RAS mm (``d`` and ``q − w``;
     ``None`` unless asked for with ``native_fields=True``).
     """
 
@@ -223,7 +223,8 @@ def _chunk_points(matrix: np.ndarray, shape, i0: int, i1: int) -> np.ndarray:
 
 
 def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_mask: Volume,
-                    prior_labels: np.ndarray | None = None, *, native_fields: bool = True) -> Resampled:
+                    prior_labels: np.ndarray | None = None, *, native_fields: bool = True,
+                    soft_mask: bool = False) -> Resampled:
     """Carry the prior image, mask and lesion labels onto ``new``'s grid with one resampling each.
 
     The composed map from a new-grid voxel ``x`` to a prior voxel is
@@ -240,6 +241,7 @@ def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_
             nearest neighbour; ``None`` → the mask itself.
         native_fields: also return ``deformation`` and ``total`` on the new grid (``(X, Y, Z, 3)``
             float64, ~150 MB each for a 6-megavoxel scan); ``False`` leaves them ``None``.
+        soft_mask: ``prior_mask_warped`` is the trilinear value (float32, in [0, 1]) instead of ``>= 0.5``.
 
     Returns:
         :class:`Resampled`.
@@ -261,7 +263,7 @@ def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_
     labels = np.asarray(prior_mask.data if prior_labels is None else prior_labels)
     labels, label_origin = _zero_ring(labels.astype(np.int32, copy=False), _nonzero_box(labels))
     out_img = np.zeros(shape, np.float32)
-    out_mask = np.zeros(shape, np.uint8)
+    out_mask = np.zeros(shape, np.float32 if soft_mask else np.uint8)
     out_lab = np.zeros(shape, np.int32)
     deformation = np.zeros(shape + (3,), np.float64) if native_fields else None
     total = np.zeros(shape + (3,), np.float64) if native_fields else None
@@ -284,7 +286,7 @@ def resample_to_new(transform: CaseTransform, new: Volume, prior: Volume, prior_
                 continue
             values = ndimage.map_coordinates(data, local[:, sel], **kw)
             flat = target[i0:i1].reshape(-1)
-            flat[sel] = (values >= 0.5) if target is out_mask else values
+            flat[sel] = (values >= 0.5) if target is out_mask and not soft_mask else values
         if native_fields:
             world = _chunk_points(a_n, shape, i0, i1)
             q = wp[:3, :3] @ (_chunk_points(a @ b, shape, i0, i1) + u) + wp[:3, 3:4]

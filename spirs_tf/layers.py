@@ -140,8 +140,9 @@ class ClipValues(_Float32Layer):
 @_register
 class PriorGate(_Float32Layer):
     """Inputs ``[residual, prior_mask]``, ``(B, D, H, W, 1)`` each → ``min(r, 0) + near · max(r, 0)``, with
-    ``near`` the prior mask's maximum over a ``size``³ window (stride 1, same padding): P2's residual may
-    add a lesion only within ``size // 2`` voxels of the prior, and remove one anywhere."""
+    ``near`` 1 where the prior mask is positive anywhere in the ``size``³ window around the voxel, else 0
+    (a soft prior's faint blob opens the gate as a whole lesion does): P2's residual may add a lesion only
+    within ``size // 2`` voxels of the prior, and remove one anywhere."""
 
     def __init__(self, size: int = 7, **kwargs):
         super().__init__(**kwargs)
@@ -149,7 +150,7 @@ class PriorGate(_Float32Layer):
 
     def call(self, inputs):
         residual, prior = (ops.cast(x, "float32") for x in inputs)
-        near = ops.max_pool(prior, pool_size=self.size, strides=1, padding="same")
+        near = ops.cast(ops.max_pool(prior, pool_size=self.size, strides=1, padding="same") > 0.0, "float32")
         return ops.minimum(residual, 0.0) + near * ops.relu(residual)
 
     def compute_output_shape(self, input_shape):

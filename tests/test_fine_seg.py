@@ -123,6 +123,26 @@ def test_sample_jitter_moves_only_the_prior(rng):
     assert np.all(np.abs(shift) <= 2.0 + 1e-6) and np.abs(shift).max() > 0
 
 
+def test_a_soft_prior_keeps_a_one_voxel_lesion_that_the_threshold_loses():
+    """``soft_prior``: a one-voxel prior lesion moved by part of a voxel keeps its whole mass (a pure shift
+    of a trilinear sample), and the thresholded prior is the soft one ``>= 0.5`` (same jitter, same seed)."""
+    fixed, moving, fmask, mmask = _two_lesion_pair()
+    aug = dataclasses.replace(config.AugmentConfig(), enabled=False)
+    lost = 0
+    for seed in range(6):
+        masks = {}
+        for soft in (False, True):
+            st = fine_seg.SegmenterSettings(crop=0, prior_jitter_voxels=0.5, prior_jitter_degrees=0.0,
+                                            soft_prior=soft)
+            masks[soft] = fine_seg.segmenter_sample(fixed, moving, fmask, mmask, np.random.default_rng(seed),
+                                                    aug, st)["warped_mask"]
+        tiny = (slice(3, 10),) * 3
+        assert masks[True][tiny].sum() == pytest.approx(1.0, abs=1e-5) and masks[True].max() <= 1.0
+        np.testing.assert_array_equal(masks[False], (masks[True] >= 0.5).astype(np.float32))
+        lost += int(masks[False][tiny].sum() == 0)
+    assert lost >= 3  # the threshold drops the moved one-voxel lesion most of the time
+
+
 def test_lesion_centred_cubes_hold_the_lesion(rng):
     fixed, moving, fmask, mmask = _pair(rng)
     aug = config.AugmentConfig()  # flips, rotations, scales: the cube must still find the lesion
@@ -303,7 +323,8 @@ def test_segmenter_validation_script_refuses_bad_input_in_one_line(tmp_path, cap
 @pytest.mark.parametrize("bad", [dict(crop=20), dict(lesion_probability=1.5), dict(batch_size=0),
                                  dict(image_order=2), dict(factor=3), dict(epochs=True),
                                  dict(lesion_sampling="size"), dict(lesion_balance_mm3=-1.0),
-                                 dict(prior_lesion_scale=0.5), dict(prior_lesion_scale=float("nan"))])
+                                 dict(prior_lesion_scale=0.5), dict(prior_lesion_scale=float("nan")),
+                                 dict(soft_prior="yes")])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(ValueError):
         fine_seg.SegmenterSettings(**bad).validate()
@@ -382,7 +403,8 @@ def _write_segmenter(folder, reg_cfg, factor, rng):
 
 def test_segment_fine_places_the_prior_on_the_fine_grid(predictor, tmp_path):
     """Prior = new scan, identity registration: the segmenter gets the same fine image twice, and the
-    lesion mask on the fine grid; P1/P2 come back with every k-th voxel on the model grid."""
+    lesion mask on the fine grid (thresholded, or soft for a segmenter trained on a soft prior: the same
+    mask at 0.5); P1/P2 come back with every k-th voxel on the model grid."""
     paths = write_moved(tmp_path, BIG, BIG_AFFINE)
     inputs = inference.read_case_inputs(paths["new"], paths["new"], paths["new_mask"])
     case = inference.prepare_case(inputs, predictor)
@@ -397,7 +419,12 @@ def test_segment_fine_places_the_prior_on_the_fine_grid(predictor, tmp_path):
     outputs = {"affine": np.eye(3, 4, dtype=np.float32), "dvf": np.zeros((s, s, s, 3), np.float32),
                "p1_prob": np.zeros((s, s, s, 1)), "p2_prob": np.zeros((s, s, s, 1))}
     out = fine_seg_inference.segment_fine(seg, case, outputs, predictor.cfg.data.clip_sigma)
+    soft = dataclasses.replace(seg, settings=fine_seg.SegmenterSettings(soft_prior=True))
+    fine_seg_inference.segment_fine(soft, case, outputs, predictor.cfg.data.clip_sigma)
     fixed, warped, mask = seen[0]
+    soft_mask = seen[1][2]
+    assert ((soft_mask > 0) & (soft_mask < 1)).any() and soft_mask.max() <= 1.0
+    np.testing.assert_array_equal(mask, (soft_mask >= 0.5).astype(np.float32))
     assert fixed.shape == (1, 2 * s, 2 * s, 2 * s, 1)
     np.testing.assert_allclose(warped, fixed, atol=1e-5)
     # fine voxel 2i = model voxel i (the intensity normalisation's statistics differ a little between grids)

@@ -46,14 +46,15 @@ def reference(transform, new, prior, mask, labels):
     xp = inv[:3, :3] @ q + inv[:3, 3:4]
     kw = dict(mode="grid-constant", cval=0.0, prefilter=False)
     img = ndimage.map_coordinates(prior.data.astype(np.float32), xp, order=1, **kw).reshape(new.shape)
-    msk = ndimage.map_coordinates(mask.data.astype(np.float32), xp, order=1, **kw).reshape(new.shape) >= 0.5
+    soft = ndimage.map_coordinates(mask.data.astype(np.float32), xp, order=1, **kw).reshape(new.shape)
     lab = ndimage.map_coordinates(labels.astype(np.int32), xp, order=0, **kw).reshape(new.shape)
-    return img, msk, lab, d.T.reshape(new.shape + (3,)), (q - world).T.reshape(new.shape + (3,))
+    return img, soft, lab, d.T.reshape(new.shape + (3,)), (q - world).T.reshape(new.shape + (3,))
 
 
 def test_resample_to_new_equals_the_per_point_reference(case):
     transform, new, prior, mask, labels = case
-    img, msk, lab, d, total = reference(transform, new, prior, mask, labels)
+    img, soft, lab, d, total = reference(transform, new, prior, mask, labels)
+    msk = soft >= 0.5
     res = resample_to_new(transform, new, prior, mask, labels, native_fields=True)
     assert msk.sum() > 20 and len(np.unique(lab)) == 3  # the lesions land on the new grid
     np.testing.assert_allclose(res.prior_warped, img, atol=1e-6)
@@ -64,6 +65,10 @@ def test_resample_to_new_equals_the_per_point_reference(case):
     lean = resample_to_new(transform, new, prior, mask, labels, native_fields=False)
     assert lean.deformation is None and lean.total is None
     np.testing.assert_array_equal(lean.prior_warped, res.prior_warped)
+    # the soft mask (a segmenter trained on a soft prior): the trilinear value itself
+    smooth = resample_to_new(transform, new, prior, mask, labels, native_fields=False, soft_mask=True)
+    assert smooth.prior_mask_warped.dtype == np.float32 and ((soft > 0) & (soft < 0.5)).sum() > 20
+    np.testing.assert_allclose(smooth.prior_mask_warped, soft, atol=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, 2])
