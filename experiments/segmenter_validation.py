@@ -68,6 +68,9 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="val", help="manifest split to score (default val)")
     p.add_argument("--pairs", type=int, default=None, help="at most this many pairs (default all)")
     p.add_argument("--cache", default=None, help="preprocessing cache folder (as train_segmenter --cache)")
+    p.add_argument("--config-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a weightless config field of every segmenter (repeatable), e.g. "
+                        "model.p2_gate_size=3")
     p.add_argument("--json", default=None, help="write the counts here")
     args = p.parse_args(argv)
 
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
     from spirs_tf.manifest import load_manifest
 
     try:
-        segmenters = [fine_seg_inference.load_segmenter(path) for path in args.segmenter]
+        segmenters = [fine_seg_inference.load_segmenter(path, args.config_set) for path in args.segmenter]
         grids = {(s.cfg.data.grid_size, s.cfg.data.spacing_mm) for s in segmenters}
         if len(grids) != 1:
             raise ValueError(f"the segmenters work on different grids: {sorted(grids)}")

@@ -84,13 +84,23 @@ def read_segmenter(path: str) -> tuple[str, config_lib.SpirsConfig, SegmenterSet
     return ckpt, cfg, settings, state
 
 
-def load_segmenter(path: str) -> FineSegmenter:
-    """A segmenter (:func:`read_segmenter`) ready for inference."""
+def load_segmenter(path: str, overrides: list[str] | None = None) -> FineSegmenter:
+    """A segmenter (:func:`read_segmenter`) ready for inference. ``overrides`` (``key=value``, as
+    ``--config-set``) change fields of its config that hold no weights, e.g. ``model.p2_gate_size=3``;
+    one that changes the weights' shapes is refused (:class:`SpirsInputError` naming the path)."""
     from spirs_tf.networks import load_model_state
 
     _, cfg, settings, state = read_segmenter(path)
+    if overrides:
+        try:
+            cfg = config_lib.apply_overrides(cfg, overrides).validate()
+        except SpirsInputError as exc:
+            raise SpirsInputError(f"segmenter config: {exc.problem}", path) from None
     model = build_segmenter(cfg, settings.extra)
-    load_model_state(model, state)
+    try:
+        load_model_state(model, state)
+    except SpirsInputError as exc:
+        raise SpirsInputError(exc.problem, path) from None
 
     def run(fixed, warped, warped_mask):
         from spirs_tf._compat import ops

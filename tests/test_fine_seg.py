@@ -334,7 +334,7 @@ def _source(rng, n=3):
     return PairSource.from_arrays([_pair(np.random.default_rng(i)) for i in range(n)])
 
 
-def test_training_runs_saves_and_resumes(rng, tmp_path):
+def test_training_runs_saves_and_resumes(rng, tmp_path, capsys):
     cfg = _cfg()
     st = fine_seg.SegmenterSettings(extra=2, crop=0, batch_size=1, steps_per_epoch=2, epochs=1, validation_samples=2)
     state = model_state(build_spirs(cfg, cfg.model.num_levels))
@@ -378,6 +378,22 @@ def test_training_runs_saves_and_resumes(rng, tmp_path):
 
     best_epoch = load_checkpoint(str(tmp_path / "seg" / "checkpoints" / "best.npz"))[2]["epoch"]
     assert json.loads((tmp_path / "w" / "demo_segmenter.provenance.json").read_text())["epoch"] == best_epoch
+    # shipped with a weightless config change (a prior gate chosen on validation pairs): same weights, the
+    # gated P2; a change that alters the weights' shapes is refused before anything is written
+    assert ship_weights.main(["--segmenter", str(tmp_path / "seg"), "--out", str(tmp_path / "g"),
+                              "--segmenter-config-set", "model.p2_gate_size=3"]) == 0
+    gated = fine_seg_inference.load_segmenter(str(tmp_path / "g" / "demo_segmenter.npz"))
+    assert gated.cfg.model.p2_gate_size == 3 and seg.cfg.model.p2_gate_size == 0
+    assert json.loads((tmp_path / "g" / "demo_segmenter.provenance.json").read_text())["config_overrides"] == [
+        "model.p2_gate_size=3"]
+    same = fine_seg_inference.load_segmenter(str(tmp_path / "seg"), ["model.p2_gate_size=3"])
+    for a, b in zip(gated(x, x, (x > 0.9).astype("float32")), same(x, x, (x > 0.9).astype("float32"))):
+        np.testing.assert_array_equal(a, b)
+    capsys.readouterr()
+    assert ship_weights.main(["--segmenter", str(tmp_path / "seg"), "--out", str(tmp_path / "bad"),
+                              "--segmenter-config-set", "model.opening_filters=3"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and err.count("\n") == 1 and not (tmp_path / "bad").exists()
 
 
 def test_a_non_segmenter_folder_is_one_clear_error(tmp_path):
