@@ -290,3 +290,44 @@ def test_jax_validation_numbers_equal_tensorflow(step_results):
         assert sorted(got) == sorted(want) and "lncc_identity" in want
         for k, v in want.items():
             assert got[k] == pytest.approx(v, rel=1e-6, abs=1e-6), (mode, k)
+
+
+# ------------------------------------------------------------------------------------------- segmenter
+SEGMENTER_SCRIPT = r"""
+import json, sys
+import numpy as np
+from spirs_tf._compat import BACKEND
+from spirs_tf import config, fine_seg
+from spirs_tf.networks import load_model_state
+assert BACKEND == "jax", BACKEND
+data = np.load(sys.argv[1])
+cfg = config.get_config("test", ["model.p2_residual=true", "model.p2_residual_clip=2", "model.p2_gate_size=3"])
+model = fine_seg.build_segmenter(cfg, 1)
+load_model_state(model, {k[len("w/"):]: data[k] for k in data.files if k.startswith("w/")})
+out = model({k: data["x/" + k] for k in fine_seg.SEGMENTER_INPUTS}, training=False)
+np.savez(sys.argv[2], **{k: np.asarray(v) for k, v in out.items()})
+print("RESULT " + json.dumps({"ok": True}))
+"""
+
+
+def test_gated_segmenter_on_a_soft_prior_is_the_same_under_jax(tmp_path, rng):
+    """The fine-grid segmenter with a residual, clipped, prior-gated P2 (the shipped design) gives the same P1
+    and P2 logits under JAX as under TensorFlow, for the same weights and a soft prior mask."""
+    from spirs_tf import config, fine_seg
+    from spirs_tf.networks import model_state
+
+    cfg = config.get_config("test", ["model.p2_residual=true", "model.p2_residual_clip=2", "model.p2_gate_size=3"])
+    model = fine_seg.build_segmenter(cfg, 1)
+    for v in model.trainable_variables:  # P2's head starts at 0: move every weight off its start
+        v.assign(v.value + 0.05 * rng.standard_normal(v.shape).astype("float32"))
+    x = {k: rng.random((1, 32, 32, 32, 1)).astype("float32") for k in fine_seg.SEGMENTER_INPUTS}
+    x["warped_mask"] = np.zeros_like(x["warped_mask"])
+    x["warped_mask"][0, 9:11, 20, 6, 0] = [0.3, 0.05]  # a faint soft blob opens the gate
+    want = {k: np.asarray(v) for k, v in model(x, training=False).items()}
+    np.savez(tmp_path / "in.npz", **{f"w/{k}": v for k, v in model_state(model).items()},
+             **{f"x/{k}": v for k, v in x.items()})
+    run_jax(SEGMENTER_SCRIPT, tmp_path / "in.npz", tmp_path / "out.npz")
+    got = np.load(tmp_path / "out.npz")
+    assert np.abs(want["p2_logits"] - np.clip(want["p1_logits"], -2, 2)).max() > 1e-3  # P2 is not P1 here
+    for k in ("p1_logits", "p2_logits"):
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4, err_msg=k)
