@@ -29,8 +29,8 @@ variable path) and trained on its own:
 
 A segmenter folder holds ``config.json``, ``segmenter.json`` (training settings) and
 ``checkpoints/{latest,best}.npz``; :func:`spirs_tf.fine_seg_inference.load_segmenter` reads it for
-``spirs predict --segmenter`` (:mod:`spirs_tf.inference`), which places the prior on the fine grid with the registration it used
-(refined by default) and writes P1 and P2 from the segmenter.
+``spirs predict --segmenter`` (:mod:`spirs_tf.inference`), which places the prior on the fine grid with
+the registration it used (refined by default) and writes P1 and P2 from the segmenter.
 """
 from __future__ import annotations
 

@@ -165,8 +165,9 @@ class Resampled:
     """Everything on the new scan's original grid ``(X, Y, Z)``.
 
     ``prior_warped`` float32, ``prior_mask_warped`` uint8 (trilinear ≥ 0.5; with ``soft_mask`` the
-    trilinear value, float32), ``prior_labels_warped`` int32 (nearest), ``deformation`` and ``total`` ``(X, Y, Z, 3)`` float64 RAS mm (``d`` and ``q − w``;
-    ``None`` unless asked for with ``native_fields=True``).
+    trilinear value, float32), ``prior_labels_warped`` int32 (nearest), ``deformation`` and ``total``
+    ``(X, Y, Z, 3)`` float64 RAS mm (``d`` and ``q − w``; ``None`` unless asked for with
+    ``native_fields=True``).
     """
 
     prior_warped: np.ndarray
