@@ -364,6 +364,21 @@ def test_cohort_resume_skips_done_and_cleans_crash_leftovers(predictor, run_dir,
     assert [r["status"] for r in summary] == ["skipped", "done", "error"] and float(summary[0]["lncc"]) > 0
 
 
+def test_cli_predict_split_all_takes_every_patient(run_dir, tmp_path, capsys):
+    """``--split all`` (as the experiment scripts read it): every patient of the manifest, whatever its split."""
+    from cohort import make_cohort
+
+    manifest = make_cohort(str(tmp_path / "data"), n_patients=2, n_timepoints=2, shape=(20, 20, 20),
+                           spacing=5.0, splits=("train", "test"))
+    out = tmp_path / "pred"
+    assert cli.main(["predict", "--manifest", manifest, "--split", "all", "--out", str(out), "--model", run_dir,
+                     "--refine", "off", "--transforms", "none", "--quiet"]) == 0
+    assert sorted(p for p in os.listdir(out) if p != "cohort_summary.csv") == ["p0_0_to_1", "p1_0_to_1"]
+    assert cli.main(["predict", "--manifest", manifest, "--split", "val", "--out", str(tmp_path / "none"),
+                     "--model", run_dir, "--quiet"]) == 2
+    assert "no split 'val'" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------- CLI and bad input
 def test_cli_predict_one_case_and_overwrite(run_dir, predictor, scans, tmp_path, capsys):
     paths, _, _ = scans

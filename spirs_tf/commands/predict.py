@@ -47,7 +47,8 @@ def add_parser(subparsers) -> None:
     one.add_argument("--prior-mask", help="binary lesion mask of the prior scan (same grid as --prior)")
     cohort = parser.add_argument_group("cohort")
     cohort.add_argument("--manifest", help="manifest CSV (see data_manifests/README.md)")
-    cohort.add_argument("--split", default="test", help="manifest split to predict (default: test)")
+    cohort.add_argument("--split", default="test",
+                        help="manifest split to predict (default: test; all: every patient of the manifest)")
     cohort.add_argument("--pairing", choices=("consecutive", "all"), default="consecutive",
                         help="which (prior, new) pairs per patient (default: consecutive time points)")
     cohort.add_argument("--batch-size", type=int, default=1, help="cases per forward pass (default 1)")
@@ -105,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
         from spirs_tf.manifest import load_manifest, make_pairs
 
         manifest = load_manifest(args.manifest)  # manifest problems are reported before the model loads
-        make_pairs(manifest, args.split, args.pairing)
+        split = None if args.split == "all" else args.split  # as the experiment scripts read "all"
+        make_pairs(manifest, split, args.pairing)
         predictor = _load(args)
-        rows = cohort_predict.predict_cohort(predictor, manifest, args.split, args.out, pairing=args.pairing,
+        rows = cohort_predict.predict_cohort(predictor, manifest, split, args.out, pairing=args.pairing,
                                              batch_size=args.batch_size, verbose=not args.quiet,
                                              transforms=args.transforms, refine=refine)
         failed = [r for r in rows if r["status"] == "error"]
