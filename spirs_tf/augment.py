@@ -185,15 +185,16 @@ def _nearest(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
     return ndimage.map_coordinates(volume, coords, order=0, mode="constant", cval=0, prefilter=False)
 
 
-def resample_mask(mask: np.ndarray, coords: np.ndarray, order: int) -> np.ndarray:
-    """Sample a binary mask at ``coords``: order 0 nearest, order 1 linear then ``>= 0.5``. float32."""
+def resample_mask(mask: np.ndarray, coords: np.ndarray, order: int, soft: bool = False) -> np.ndarray:
+    """Sample a binary mask at ``coords``: order 0 nearest, order 1 linear then ``>= 0.5`` (``soft``: the
+    linear value itself, in [0, 1]). float32."""
     if order not in (0, 1):
         raise ValueError(f"mask_order must be 0 (nearest) or 1 (linear + threshold), got {order}")
     if order == 0:
         return (_nearest((np.asarray(mask) > 0.5).view(np.uint8), coords) > 0).astype(np.float32)
     out = ndimage.map_coordinates(np.asarray(mask, dtype=np.float32), coords, order=1, mode="constant",
                                   cval=0.0, prefilter=False, output=np.float32)
-    return (out >= 0.5).astype(np.float32)
+    return np.clip(out, 0.0, 1.0, out=out) if soft else (out >= 0.5).astype(np.float32)
 
 
 def resample_moving(image: np.ndarray, mask: np.ndarray, coords: np.ndarray, image_order: int,

@@ -42,7 +42,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from spirs_tf import augment, geometry, metrics
 from spirs_tf import config as config_lib
@@ -264,26 +263,17 @@ def segmenter_sample(fixed: np.ndarray, moving: np.ndarray, fixed_mask: np.ndarr
                                                                     settings.image_order, 0)
     at_prior = _window(prior_matrix, grid, origin, size)
     out["warped_image"] = augment.resample_image(volumes[1], at_prior, settings.image_order)
-    out["warped_mask"] = _prior_mask(volumes[3], at_prior, settings.soft_prior)
+    out["warped_mask"] = augment.resample_mask(volumes[3], at_prior, 1, settings.soft_prior)
     if settings.lesion_balance_mm3 > 0:
         out["positive_scale"] = lesion_balance(out["fixed_mask"], settings.lesion_balance_mm3, voxel_mm3)
     if settings.prior_lesion_scale != 1.0:
-        marked = _prior_mask(volumes[3], at, settings.soft_prior) > 0  # the prior in the pair's own alignment
+        marked = augment.resample_mask(volumes[3], at, 1, settings.soft_prior) > 0  # in the pair's own alignment
         scale = prior_lesion_scale(out["fixed_mask"], marked, settings.prior_lesion_scale)
         out["p2_positive_scale"] = scale * out.get("positive_scale", 1.0)
     if aug_cfg.enabled:
         out["fixed_image"] = augment.random_gamma(out["fixed_image"], rng, aug_cfg)
         out["warped_image"] = augment.random_gamma(out["warped_image"], rng, aug_cfg)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}
-
-
-def _prior_mask(mask: np.ndarray, coords: np.ndarray, soft: bool) -> np.ndarray:
-    """The prior mask at ``coords``: trilinear (zero outside), then ``>= 0.5`` unless ``soft``; float32."""
-    if not soft:
-        return augment.resample_mask(mask, coords, 1)
-    out = ndimage.map_coordinates(np.asarray(mask, np.float32), coords, order=1, mode="constant", cval=0.0,
-                                  prefilter=False, output=np.float32)
-    return np.clip(out, 0.0, 1.0, out=out)
 
 
 def lesion_balance(mask: np.ndarray, reference_mm3: float, voxel_mm3: float) -> np.ndarray:
