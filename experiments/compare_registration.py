@@ -19,6 +19,10 @@ Per test pair (pre-aligned on the new scan's working grid, model finest grid, au
   first aligned by the SPIRS affine; at test time it registers the SPIRS-affine-aligned prior and the
   original prior is resampled once through ``A(x + u(x))``. ``--vxm-steps 0`` skips it; the weights are
   saved as ``OUT/vxm.weights.h5`` and ``--vxm-weights`` re-uses them.
+* ``SPIRS ×K symmetric`` / ``SPIRS ×K`` (with ``--affine-passes K`` > 1 or ``--affine-symmetric``; beyond the
+  paper) -- the same network run as :meth:`spirs_tf.predictor.Predictor.predict` runs it with those
+  settings (``spirs predict --affine-passes K --affine-symmetric on``): affine ``A`` and the whole
+  transform. Still the network alone: no optimisation.
 * ``identity`` -- the pair unregistered (reference; not in the figure).
 
 Metrics as in :mod:`spirs_tf.evaluation` (LNCC unmasked/masked, Dice of the warped prior mask, % folding
@@ -128,11 +132,37 @@ def _row(ids: dict, method: str, affine: dict | None, deformable: dict | None) -
     return row
 
 
-def _spirs_pairs(run, source, arrays_dir: str, window: int, log) -> tuple[list[dict], list[dict]]:
-    """Run SPIRS on every test pair, save its arrays, return (rows, index)."""
+def passes_method(passes: int, symmetric: bool) -> str | None:
+    """Name of the extra SPIRS row of ``--affine-passes``/``--affine-symmetric`` (None: no extra row)."""
+    if passes <= 1 and not symmetric:
+        return None
+    return f"SPIRS ×{passes}" + (" symmetric" if symmetric else "")
+
+
+def _passes_row(predictor, ids: dict, inp: dict, passes: int, symmetric: bool, window: int) -> dict:
+    """The extra SPIRS row: the network run ``passes`` times (symmetric or not) by the predictor."""
+    from spirs_tf import evaluation as ev
+    from spirs_tf.geometry import warp_working
+
+    batch = [np.asarray(inp[k], np.float32)[None, ..., None] for k in ("fixed_image", "moving_image", "moving_mask")]
+    out = predictor.predict(*batch, passes=passes, symmetric=symmetric)
+    a, shape = out["affine"][0], inp["fixed_image"].shape
+    aff = ev.registration_metrics(inp["fixed_image"], inp["fixed_mask"], warp_working(inp["moving_image"], a, None),
+                                  warp_working(inp["moving_mask"], a, None), None, window)
+    deform = ev.registration_metrics(inp["fixed_image"], inp["fixed_mask"], out["prior_warped"][0, ..., 0],
+                                     out["prior_mask_warped"][0, ..., 0],
+                                     ev.total_displacement(a, out["dvf"][0], shape), window)
+    return _row(ids, passes_method(passes, symmetric), aff, deform)
+
+
+def _spirs_pairs(run, source, arrays_dir: str, window: int, log, passes: int = 1,
+                 symmetric: bool = False) -> tuple[list[dict], list[dict]]:
+    """Run SPIRS on every test pair, save its arrays, return (rows, index); with ``passes`` > 1 or
+    ``symmetric`` also the extra row of :func:`passes_method`."""
     from spirs_tf import evaluation as ev
 
     rows, index = [], []
+    predictor = run.predictor() if passes_method(passes, symmetric) else None
     for k, res in enumerate(ev.iterate_pairs(run, source)):
         L, out, inp = res.levels[-1], res.outputs, res.inputs
         a = out[f"affine_{L}"]
@@ -152,6 +182,8 @@ def _spirs_pairs(run, source, arrays_dir: str, window: int, log) -> tuple[list[d
         deform = ev.registration_metrics(inp["fixed_image"], fm, arrays["spirs_image"], arrays["spirs_mask"],
                                          ev.total_displacement(a, out[f"dvf_{L}"], shape), window)
         rows += [_row(res.ids, "identity", ident, ident), _row(res.ids, "SPIRS", aff, deform)]
+        if predictor is not None:
+            rows.append(_passes_row(predictor, res.ids, inp, passes, symmetric, window))
         index.append(dict(res.ids, file=f"{name}.npz", spacing=list(res.spacing)))
         log(f"SPIRS [{k + 1}/{len(source)}] {res.pair_id}")
     return rows, index
@@ -269,8 +301,9 @@ def figure(rows: list[dict], path: str, title: str) -> dict:
 
     fig, axes = plt.subplots(1, 4, figsize=(15, 4))
     tests = {}
+    extras = tuple(sorted({r["method"] for r in rows} - set(METHODS)))  # SPIRS ×K (symmetric)
     for ax, (col, label, methods) in zip(axes, PANELS):
-        present = [m for m in methods if any(r["method"] == m and np.isfinite(r[col]) for r in rows)]
+        present = [m for m in methods + extras if any(r["method"] == m and np.isfinite(r[col]) for r in rows)]
         by = {m: {r["pair_id"]: r[col] for r in rows if r["method"] == m} for m in present}
         data = [[v for v in by[m].values() if np.isfinite(v)] for m in present]
         if data:
@@ -283,6 +316,12 @@ def figure(rows: list[dict], path: str, title: str) -> dict:
                 res = wilcoxon_paired([by["SPIRS"][k] for k in keys], [by[m][k] for k in keys])
                 tests[f"{col}: SPIRS vs {m}"] = res.pvalue
                 names.append(f"vs {m}: p={p_text(res.pvalue)}")
+        for extra in extras:
+            for m in present:
+                if m in ("ANTs", "VXM") and extra in by:
+                    keys = sorted(set(by[m]) & set(by[extra]))
+                    tests[f"{col}: {extra} vs {m}"] = wilcoxon_paired([by[extra][k] for k in keys],
+                                                                      [by[m][k] for k in keys]).pvalue
         ax.set_title(label + ("\n" + ", ".join(names) if names else ""), fontsize=9)
         ax.set_ylabel(label.split(",")[0])
     fig.suptitle(title, fontsize=10)
@@ -304,7 +343,8 @@ def markdown(rows, info, tests) -> str:
              "(`experiments/stats.py` gives Holm-adjusted values).", "",
              "| method | LNCC affine | LNCC deformable | DSC affine | DSC deformable | % folding |",
              "|---|---|---|---|---|---|"]
-    for method in METHODS:
+    extras = sorted({r["method"] for r in rows} - set(METHODS))
+    for method in METHODS[:2] + tuple(extras) + METHODS[2:]:
         mine = [r for r in rows if r["method"] == method]
         if mine:
             cells = [median_iqr_text([r[c] for r in mine], 3) for c in
@@ -330,6 +370,7 @@ def markdown(rows, info, tests) -> str:
 
 def compare(args, log=print) -> dict:
     from spirs_tf import evaluation as ev
+    from spirs_tf.errors import SpirsInputError
 
     run = ev.load_run(args.run)
     source = ev.pair_source(run, args.manifest, ev.split_arg(args.split), args.pairing, args.limit)
@@ -337,7 +378,9 @@ def compare(args, log=print) -> dict:
     arrays_dir = os.path.join(out_dir, "arrays")
     os.makedirs(arrays_dir, exist_ok=True)
     window = run.cfg.loss.lncc_window
-    rows, index = _spirs_pairs(run, source, arrays_dir, window, log)
+    if args.affine_passes < 1:
+        raise SpirsInputError(f"--affine-passes must be >= 1, got {args.affine_passes}")
+    rows, index = _spirs_pairs(run, source, arrays_dir, window, log, args.affine_passes, args.affine_symmetric)
     ev.atomic_write_text(os.path.join(arrays_dir, "index.json"), json.dumps(index, indent=2) + "\n")
     info = {"data": ev.data_label(args.manifest, args.synthetic), "pairs": len(index), "run": run.describe(),
             "split": args.split}
@@ -377,6 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override SyN iterations per level, e.g. 50 30 10")
     parser.add_argument("--ants-python", help="Python executable with antspyx")
     parser.add_argument("--seed", type=int, default=0, help="seed of VXM initialisation and ANTs")
+    parser.add_argument("--affine-passes", type=int, default=1, metavar="K",
+                        help="with K > 1 (or --affine-symmetric): an extra row, the network run K times as "
+                             "spirs predict --affine-passes K runs it (beyond the paper; default 1)")
+    parser.add_argument("--affine-symmetric", action="store_true",
+                        help="the extra row's affines are symmetric (spirs predict --affine-symmetric on)")
     return parser
 
 

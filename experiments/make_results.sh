@@ -16,6 +16,9 @@
 #   LIMIT []                 at most this many test pairs for every script
 #   COMPARE_LIMIT [20]       at most this many test pairs for the baselines (ANTs is slow)
 #   ANTS [default]           ANTs SyN settings: paper (about 5 min per 32^3 pair on 2 cores) | default | none
+#   NET_PASSES [3] NET_SYMMETRIC [on]  Figure 5's extra row "SPIRS ×3 symmetric": the network alone run as
+#                            `spirs predict --affine-passes 3 --affine-symmetric on` runs it (beyond the paper;
+#                            NET_PASSES=1 NET_SYMMETRIC=off: no extra row)
 #   VXM_STEPS [1000]         VoxelMorph training steps
 #   TRAIN_LIMIT [64]         at most this many training pairs for VoxelMorph (spread evenly)
 #   VXM_WEIGHTS []           load these VoxelMorph weights (.weights.h5, e.g. an earlier OUT/figure5/
@@ -101,8 +104,10 @@ elif [ -n "$TRAIN_MANIFEST" ] && [ "$VXM_STEPS" -gt 0 ]; then
   VXM_ARGS=(--vxm-steps "$VXM_STEPS" --train-manifest "$TRAIN_MANIFEST" --train-split train
             --train-limit "$TRAIN_LIMIT")
 fi
+PASSES_ARGS=(--affine-passes "${NET_PASSES:-3}")
+[ "${NET_SYMMETRIC:-on}" = on ] && PASSES_ARGS+=(--affine-symmetric)
 "$PYTHON" "$HERE/compare_registration.py" --run "$RUN" --manifest "$TEST_MANIFEST" --split "$SPLIT" \
-  --limit "${LIMIT:-$COMPARE_LIMIT}" --ants "$ANTS" "${VXM_ARGS[@]}" --out "$OUT/figure5"
+  --limit "${LIMIT:-$COMPARE_LIMIT}" --ants "$ANTS" "${VXM_ARGS[@]}" "${PASSES_ARGS[@]}" --out "$OUT/figure5"
 "$PYTHON" "$HERE/stats.py" --registration "$OUT/figure5/registration.csv" \
   --metrics lncc_affine lncc_deformable dice_affine dice_deformable folding_percent \
   --out "$OUT/stats/figure5_stats.json" > "$OUT/stats/figure5_stats.txt"

@@ -94,6 +94,12 @@ class ModelConfig:
     #: far, is registered again k − 1 times (:meth:`spirs_tf.predictor.Predictor.predict`; the affines
     #: compose, the last pass's field and P2 are kept). Training and the checkpoint are unaffected.
     affine_passes: int = 1
+    #: False (authors): each pass's affine is the network's answer for (new, prior). True: each pass also
+    #: registers the new scan to the prior and takes the log-Euclidean mean of the first answer and the
+    #: inverse of the second (:func:`spirs_tf.geometry.affine_log_mean`), which cancels the network's bias
+    #: (a pair registered to itself gets the identity exactly); one more pass on the prior placed by
+    #: that affine gives the field. 2k + 1 network runs for k passes; the checkpoint is unaffected.
+    affine_symmetric: bool = False
     #: False (authors): P2's logits are the fusion block's output, its head starting at the prior bias.
     #: True: P2 = P1's logits + the fusion block's output, whose head starts at zero, so that P2 starts
     #: as P1 and learns only what the prior adds (issue 16: P2 trained the authors' way found fewer

@@ -39,6 +39,9 @@ def check_config(cfg) -> None:
         raise SpirsInputError(f"config {cfg.name!r}: model.normalization must be one of "
                               f"{', '.join(NORMALIZATIONS)}, got {cfg.model.normalization!r}")
     _positive_int(cfg, "model.affine_passes", cfg.model.affine_passes)
+    if not isinstance(cfg.model.affine_symmetric, bool):
+        raise SpirsInputError(f"config {cfg.name!r}: model.affine_symmetric must be true or false, "
+                              f"got {cfg.model.affine_symmetric!r}")
     if not 0.0 <= cfg.augment.fixed_pose_probability <= 1.0 or not cfg.augment.fixed_rotation_degrees >= 0:
         raise SpirsInputError(f"config {cfg.name!r}: augment.fixed_pose_probability must be in [0, 1] and "
                               f"augment.fixed_rotation_degrees >= 0, got {cfg.augment.fixed_pose_probability!r}, "

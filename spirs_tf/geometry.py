@@ -92,6 +92,23 @@ def invert_affine(matrix: np.ndarray) -> np.ndarray:
     return np.concatenate([inv, (-inv @ m[:, 3])[:, None]], axis=1).astype(np.float32)
 
 
+def affine_log_mean(matrices) -> np.ndarray:
+    """Log-Euclidean mean ``expm(mean(logm(Aᵢ)))`` of centred 4×4 affines (each with a linear part of
+    positive determinant): the mean of ``A`` and ``A⁻¹`` is the identity, of translations their mean
+    translation, of rotations about one axis the mean angle. → float64 4×4.
+
+    Raises:
+        ValueError: a linear part with determinant ≤ 0 (no real logarithm).
+    """
+    from scipy.linalg import expm, logm
+
+    mats = [np.asarray(m, dtype=np.float64) for m in matrices]
+    for m in mats:
+        if m.shape != (4, 4) or not np.linalg.det(m[:3, :3]) > 0:
+            raise ValueError("affine_log_mean needs 4×4 affines whose linear part has a positive determinant")
+    return expm(np.mean([np.real(logm(m)) for m in mats], axis=0))
+
+
 def warp_working(volume: np.ndarray, matrix: np.ndarray, dvf: np.ndarray | None) -> np.ndarray:
     """The network's spatial transformer in NumPy: trilinear, zero padding, at
     ``p(x) = M(x − c) + t + u(x) + c`` (:func:`sample_locations`) → float32."""

@@ -307,6 +307,7 @@ def write_case(predictor: Predictor, case: PreparedCase, outputs: dict, out_dir:
         registration = {
             "grid": "model working grid of the new scan",
             "network_passes": predictor.passes,
+            "network_affine_symmetric": predictor.symmetric,
             "lncc_window": window,
             "lncc_identity": metrics.lncc(new_w, case.prior_image, window),
             "lncc": metrics.lncc(new_w, warped_w, window),

@@ -94,6 +94,8 @@ class Predictor:
             model cannot provide it (a SavedModel).
         affine_passes: network passes at inference (:meth:`predict`); ``None`` = the config's
             ``model.affine_passes`` (``spirs predict --affine-passes`` sets it).
+        affine_symmetric: symmetric affine passes (:meth:`predict`); ``None`` = the config's
+            ``model.affine_symmetric`` (``spirs predict --affine-symmetric`` sets it).
         segmenter: a :class:`spirs_tf.fine_seg_inference.FineSegmenter` (``spirs predict --segmenter``): P1 and P2
             come from it, on a grid finer than the model's, with the prior placed by the registration
             used (:func:`spirs_tf.inference.segment_case`); ``None`` = the model's own P1 and P2.
@@ -106,11 +108,17 @@ class Predictor:
     p2_fn: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray] | None = None
     affine_passes: int | None = None
     segmenter: object | None = None
+    affine_symmetric: bool | None = None
 
     @property
     def passes(self) -> int:
         """Network passes :meth:`predict` runs by default (``affine_passes``, else the config's)."""
         return int(self.affine_passes if self.affine_passes is not None else self.cfg.model.affine_passes)
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether :meth:`predict` estimates each pass's affine symmetrically by default."""
+        return bool(self.affine_symmetric if self.affine_symmetric is not None else self.cfg.model.affine_symmetric)
 
     @property
     def size(self) -> int:
@@ -123,7 +131,7 @@ class Predictor:
         return model_grid(self.cfg, self.levels)[1]
 
     def predict(self, new: np.ndarray, prior: np.ndarray, prior_mask: np.ndarray,
-                passes: int | None = None) -> dict[str, np.ndarray]:
+                passes: int | None = None, symmetric: bool | None = None) -> dict[str, np.ndarray]:
         """Run the model on a batch ``(B, S, S, S, 1)`` each → NumPy outputs (:data:`OUTPUT_NAMES`).
 
         ``passes`` (default :attr:`passes`; 1 = the paper's single pass): with k > 1 the
@@ -133,6 +141,14 @@ class Predictor:
         ``u``, expressed in the prior's voxels (``M_A·u``), so that ``p(x) = A(x) + u(x)`` as for one
         pass; ``prior_warped``/``prior_mask_warped`` are the original prior and mask resampled once by
         that transform, and P2 is recomputed from them where the model can (else the last pass's).
+
+        ``symmetric`` (default :attr:`symmetric`): each pass's affine is the log-Euclidean mean of the
+        network's answer ``F`` for (new, prior) and the inverse of its answer ``B`` for (prior, new)
+        (no mask on that side: the registration does not read the masks), which cancels a bias the
+        network has in both directions; then one more run on the prior resampled by the affine ``A``
+        found gives the field: its own affine ``F'`` and field ``u`` are folded into the returned field
+        (``M_A·(F'(x) − x + u(x))``), so that the sample locations are that run's, composed onto ``A``,
+        and ``affine`` is ``A``. ``2·passes + 1`` network runs.
         """
         arrays = [np.asarray(a, dtype=np.float32) for a in (new, prior, prior_mask)]
         s = self.size
@@ -142,6 +158,8 @@ class Predictor:
         passes = self.passes if passes is None else int(passes)
         if passes < 1:
             raise ValueError(f"passes must be >= 1, got {passes}")
+        if self.symmetric if symmetric is None else symmetric:
+            return self._predict_symmetric(*arrays, passes)
         out = {k: np.asarray(v) for k, v in self.run_fn(*arrays).items()}
         if passes == 1:
             return {k: out[k] for k in OUTPUT_NAMES}
@@ -162,6 +180,49 @@ class Predictor:
         p2 = self.p2_fn(new_, *warped) if self.p2_fn is not None else out["p2_prob"]
         return {"p1_prob": out["p1_prob"], "p2_prob": np.asarray(p2, np.float32),
                 "affine": total.astype(np.float32), "dvf": dvf,
+                "prior_warped": warped[0], "prior_mask_warped": warped[1]}
+
+
+    def _run(self, new, prior, mask) -> dict[str, np.ndarray]:
+        return {k: np.asarray(v) for k, v in self.run_fn(new, prior, mask).items()}
+
+    def _predict_symmetric(self, new, prior, mask, passes: int) -> dict[str, np.ndarray]:
+        """:meth:`predict` with ``symmetric``: ``passes`` symmetric affine estimates, then the field."""
+        from spirs_tf.geometry import affine_log_mean, sample_locations, to_homogeneous, warp_working
+
+        def warp_batch(volumes, matrices, dvfs=None):
+            dvfs = [None] * len(volumes) if dvfs is None else dvfs
+            return np.stack([warp_working(v[..., 0], m[:3], d) for v, m, d in zip(volumes, matrices, dvfs)])[..., None]
+
+        def homogeneous(affine):
+            return to_homogeneous(np.asarray(affine, np.float64))
+
+        total = np.tile(np.eye(4), (len(new), 1, 1))
+        moved, moved_mask, none = prior, mask, np.zeros_like(new)
+        for k in range(passes):
+            if k:
+                moved, moved_mask = warp_batch(prior, total), warp_batch(mask, total)
+            forward = homogeneous(self._run(new, moved, moved_mask)["affine"])
+            backward = homogeneous(self._run(moved, new, none)["affine"])
+            step = []
+            for f, b in zip(forward, backward):
+                try:
+                    step.append(affine_log_mean([f, np.linalg.inv(b)]))
+                except (ValueError, np.linalg.LinAlgError):  # a degenerate answer: keep the forward one
+                    step.append(f)
+            total = total @ np.stack(step)
+        out = self._run(new, warp_batch(prior, total), warp_batch(mask, total))
+        shape = new.shape[1:4]
+        identity = sample_locations(None, shape)
+        dvf = []
+        for a, f, u in zip(total, homogeneous(out["affine"]), np.asarray(out["dvf"], np.float64)):
+            local = np.moveaxis(sample_locations(f[:3], shape) - identity, 0, -1) + u  # F'(x) − x + u(x)
+            dvf.append(np.einsum("ij,xyzj->xyzi", a[:3, :3], local))
+        dvf = np.stack(dvf).astype(np.float32)
+        warped = [warp_batch(v, total, dvf) for v in (prior, mask)]
+        p2 = self.p2_fn(new, *warped) if self.p2_fn is not None else out["p2_prob"]
+        return {"p1_prob": out["p1_prob"], "p2_prob": np.asarray(p2, np.float32),
+                "affine": total[:, :3].astype(np.float32), "dvf": dvf,
                 "prior_warped": warped[0], "prior_mask_warped": warped[1]}
 
 
@@ -299,6 +360,11 @@ class Run:
     @property
     def stage(self) -> int | None:
         return self.meta.get("stage")
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether :meth:`predict` estimates each pass's affine symmetrically by default."""
+        return bool(self.affine_symmetric if self.affine_symmetric is not None else self.cfg.model.affine_symmetric)
 
     @property
     def size(self) -> int:

@@ -139,3 +139,101 @@ def test_config_refuses_bad_affine_passes(bad):
     cfg.model.affine_passes = bad
     with pytest.raises(SpirsInputError, match="affine_passes"):
         cfg.validate()
+
+
+# ------------------------------------------------------------------ symmetric passes (model.affine_symmetric)
+def _affine4(deg: float, shift) -> np.ndarray:
+    return geometry.to_homogeneous(np.concatenate([_rotation(deg), np.asarray(shift, float)[:, None]], axis=1))
+
+
+def test_affine_log_mean_analytic():
+    a = _affine4(12.0, [2.0, -1.0, 3.0]) @ np.diag([1.05, 0.97, 1.0, 1.0])
+    np.testing.assert_allclose(geometry.affine_log_mean([a, np.linalg.inv(a)]), np.eye(4), atol=1e-12)
+    np.testing.assert_allclose(geometry.affine_log_mean([a, a]), a, atol=1e-10)
+    t1, t2 = _affine4(0.0, [2.0, 0.0, -4.0]), _affine4(0.0, [0.0, 6.0, 1.0])
+    np.testing.assert_allclose(geometry.affine_log_mean([t1, t2]), _affine4(0.0, [1.0, 3.0, -1.5]), atol=1e-12)
+    np.testing.assert_allclose(geometry.affine_log_mean([_affine4(10.0, [0, 0, 0]), _affine4(30.0, [0, 0, 0])]),
+                               _affine4(20.0, [0, 0, 0]), atol=1e-12)
+    with pytest.raises(ValueError, match="determinant"):
+        geometry.affine_log_mean([a, np.diag([-1.0, 1.0, 1.0, 1.0])])
+
+
+def test_symmetric_cancels_a_constant_answer_and_keeps_the_last_runs_locations():
+    """A network that always answers R and u (whatever it is shown) is pure bias: each symmetric pass
+    averages R with R⁻¹, so the affine is the identity exactly; the field run then gives the sample
+    locations R(x) + u(x). 2k + 1 runs for k passes, the swapped ones with the new scan as the prior."""
+    residual = (_affine4(8.0, [1.5, -0.5, 0.75]) @ np.diag([1.03, 0.98, 1.0, 1.0]))[:3]
+    u = np.zeros((S, S, S, 3), np.float32)
+    u[..., 0], u[..., 2] = 0.4, -0.3
+    calls = []
+
+    def run(new, prior, mask):
+        calls.append((new.copy(), prior.copy(), mask.copy()))
+        return _outputs(new, prior, mask, residual, u)
+
+    predictor = Predictor(config.get_config("test"), 3, run)
+    new, prior = _blob((16, 16, 16), 5.0), _blob((15, 17, 16), 5.0)
+    mask = (prior > 0.5).astype(np.float32)
+    for k in (1, 3):
+        calls.clear()
+        out = predictor.predict(_batch(new), _batch(prior), _batch(mask), passes=k, symmetric=True)
+        assert len(calls) == 2 * k + 1
+        np.testing.assert_allclose(calls[1][0][0, ..., 0], prior)    # swapped: the prior is the 'new' scan
+        np.testing.assert_allclose(calls[1][1][0, ..., 0], new)
+        assert not calls[1][2].any()                                  # no mask known for the new scan
+        np.testing.assert_allclose(out["affine"][0], np.eye(4)[:3], atol=1e-6)
+        expected = ndimage.map_coordinates(prior, geometry.sample_locations(residual, (S, S, S), u), order=1,
+                                           mode="grid-constant", prefilter=False)
+        np.testing.assert_allclose(out["prior_warped"][0, ..., 0], expected, atol=1e-4)
+        locations = geometry.sample_locations(out["affine"][0], (S, S, S), out["dvf"][0])
+        np.testing.assert_allclose(locations, geometry.sample_locations(residual, (S, S, S), u), atol=1e-4)
+
+
+def test_symmetric_removes_a_bias_the_plain_network_keeps():
+    """A 'network' that finds the true translation (centroid shift) plus a constant bias b: one plain pass
+    is off by b, one symmetric pass is not (t + b averaged with −(−t + b))."""
+    shift, bias = np.array([4.0, -3.0, 2.0]), np.array([1.5, 1.0, -2.0])
+    new, prior = _blob((16, 16, 16)), _blob(16 + shift)
+    grid = np.stack(np.meshgrid(*[np.arange(S, dtype=np.float64)] * 3, indexing="ij"))
+
+    def centroid(v):
+        return (grid * v).reshape(3, -1).sum(1) / v.sum()
+
+    def run(new_b, prior_b, mask_b):
+        t = centroid(prior_b[0, ..., 0]) - centroid(new_b[0, ..., 0]) + bias
+        return _outputs(new_b, prior_b, mask_b, np.concatenate([np.eye(3), t[:, None]], axis=1),
+                        np.zeros((S, S, S, 3), np.float32))
+
+    predictor = Predictor(config.get_config("test"), 3, run)
+    plain = predictor.predict(_batch(new), _batch(prior), _batch(prior > 0.5), passes=1)
+    np.testing.assert_allclose(plain["affine"][0, :, 3], shift + bias, atol=0.05)
+    sym = predictor.predict(_batch(new), _batch(prior), _batch(prior > 0.5), passes=1, symmetric=True)
+    np.testing.assert_allclose(sym["affine"][0, :, 3], shift, atol=0.05)
+    np.testing.assert_allclose(sym["affine"][0, :, :3], np.eye(3), atol=1e-9)
+
+
+def test_symmetric_default_from_config_and_override():
+    cfg = config.get_config("test")
+    cfg.model.affine_symmetric = True
+    calls = []
+
+    def run(new, prior, mask):
+        calls.append(1)
+        return _outputs(new, prior, mask, np.eye(4)[:3], np.zeros((S, S, S, 3), np.float32))
+
+    predictor = Predictor(cfg, 3, run)
+    blob = _batch(_blob((16, 16, 16)))
+    predictor.predict(blob, blob, blob > 0.5)
+    assert predictor.symmetric and len(calls) == 3
+    calls.clear()
+    predictor.affine_symmetric = False  # what spirs predict --affine-symmetric off sets
+    predictor.predict(blob, blob, blob > 0.5)
+    assert not predictor.symmetric and len(calls) == 1
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None])
+def test_config_refuses_bad_affine_symmetric(bad):
+    cfg = config.get_config("test")
+    cfg.model.affine_symmetric = bad
+    with pytest.raises(SpirsInputError, match="affine_symmetric"):
+        cfg.validate()

@@ -223,6 +223,30 @@ def test_compare_registration(setup, capsys):
     assert "ANTs baselines skipped" in md and "VXM skipped" in md
 
 
+def test_compare_registration_symmetric_row(setup):
+    """--affine-symmetric on the shifted run: its affine head answers the same 7-voxel shift whichever scan
+    is the prior, so the symmetric affine is the identity (affine metrics = the identity row's) and the
+    field run composes the shift again (deformable metrics = the SPIRS row's)."""
+    module = _script("compare_registration")
+    out = str(setup["root"] / "compare_symmetric")
+    assert module.main(["--run", setup["shifted"], "--manifest", setup["manifest"], "--out", out, "--ants", "none",
+                        "--vxm-steps", "0", "--affine-symmetric"]) == 0
+    _, rows = _read(os.path.join(out, "registration.csv"))
+    by = {(r["pair_id"], r["method"]): r for r in rows}
+    pairs = {r["pair_id"] for r in rows}
+    assert {r["method"] for r in rows} == {"identity", "SPIRS", "SPIRS ×1 symmetric"} and pairs
+    for pid in pairs:
+        sym = by[(pid, "SPIRS ×1 symmetric")]
+        for c in ("lncc_affine", "dice_affine"):
+            assert _f(sym[c]) == pytest.approx(_f(by[(pid, "identity")][c]), abs=1e-5, nan_ok=True), c
+        for c in ("lncc_deformable", "dice_deformable"):
+            assert _f(sym[c]) == pytest.approx(_f(by[(pid, "SPIRS")][c]), abs=1e-4, nan_ok=True), c
+        assert _f(by[(pid, "SPIRS")]["lncc_affine"]) != pytest.approx(_f(sym["lncc_affine"]), abs=1e-3)
+    assert "SPIRS ×1 symmetric" in open(os.path.join(out, "results.md"), encoding="utf-8").read()
+    assert module.main(["--run", setup["shifted"], "--manifest", setup["manifest"], "--out", out + "_bad",
+                        "--ants", "none", "--vxm-steps", "0", "--affine-passes", "0"]) == 2
+
+
 def _has_ants():
     return importlib.util.find_spec("ants") is not None
 

@@ -484,3 +484,11 @@ def test_cli_affine_passes_recorded_and_checked(run_dir, scans, tmp_path, capsys
     assert cli.main(base + ["--out", str(tmp_path / "zero"), "--affine-passes", "0"]) == 2
     assert "--affine-passes must be >= 1" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "zero")
+    # --affine-symmetric on: the identity network answers the identity both ways, so the prior is still
+    # carried exactly; report.json records the setting
+    sym = str(tmp_path / "symmetric")
+    assert cli.main(base + ["--out", sym, "--affine-passes", "2", "--affine-symmetric", "on"]) == 0
+    with open(os.path.join(sym, "report.json")) as f:
+        registration = json.load(f)["registration"]
+    assert registration["network_passes"] == 2 and registration["network_affine_symmetric"] is True
+    np.testing.assert_array_equal(load(os.path.join(sym, "prior_mask_warped.nii.gz"))[0], lesions)

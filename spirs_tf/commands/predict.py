@@ -64,6 +64,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--affine-passes", type=int, default=None, metavar="K",
                         help="network passes: the prior, warped by the affine found so far, is registered again "
                              "K-1 times (default: the model's config, model.affine_passes; 1 = the paper)")
+    parser.add_argument("--affine-symmetric", choices=("on", "off"), default=None,
+                        help="on: each pass's affine is the mean of the network's answer and the inverse of its "
+                             "answer with the scans swapped, which cancels its bias (2K+1 network runs); "
+                             "default: the model's config, model.affine_symmetric (off = the paper)")
     parser.add_argument("--segmenter", default=None, metavar="DIR",
                         help="P1 and P2 from this segmenter (folder of experiments/train_segmenter.py, or its "
                              ".npz) on its finer grid, the prior placed by the registration used (refined by "
@@ -75,11 +79,13 @@ def add_parser(subparsers) -> None:
 
 
 def _load(args: argparse.Namespace):
-    """The predictor of ``--model`` with ``--affine-passes`` and ``--segmenter`` applied."""
+    """The predictor of ``--model`` with ``--affine-passes``, ``--affine-symmetric`` and ``--segmenter`` applied."""
     from spirs_tf import inference
 
     predictor = inference.load_predictor(args.model)
     predictor.affine_passes = args.affine_passes
+    if args.affine_symmetric is not None:
+        predictor.affine_symmetric = args.affine_symmetric == "on"
     if args.segmenter == "off":
         predictor.segmenter = None
     elif args.segmenter:
