@@ -196,8 +196,9 @@ def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = No
         for lid, (size_bin, p1) in found["P1"].items():
             lesions.append({"case": case, "lesion_id": lid, "bin": size_bin, "P1": p1, "P2": found["P2"][lid][1],
                             "groups": groups.get(lid, []), "in_prior": in_prior.get(lid, False)})
-            if lid in centres and lesions[-1]["P2"] and not p1:
-                lesions[-1]["centre_voxel"] = centres[lid]
+            if lid in centres and lesions[-1]["P2"] and not p1:  # what figure7 shows of it
+                lesions[-1].update(centre_voxel=centres[lid], patient_id=pairs[case].new.patient_id,
+                                   new_image=pairs[case].new.image, new_mask=pairs[case].new.mask)
     if not false_pos["P1"]:
         raise SpirsInputError("no case folders with p1_mask.nii.gz", cases_dir)
     result = {"cases": len(false_pos["P1"]), "lesions": len(lesions), "bins": {},
@@ -218,24 +219,22 @@ def score(manifest_path: str, cases_dir: str, synthetic_lesions: str | None = No
     return result
 
 
-def figure7(result: dict, manifest_path: str, cases_dir: str, out_png: str, count: int = 3) -> int:
-    """Figure 7 from ``spirs predict``'s outputs: lesions P2 found and P1 missed, micro first, at most one
-    per patient. Each lesion: the new scan's axial slice through its centre, P1's mask (left) and P2's
-    (right) in red, the truth dashed green. Returns the number of lesions shown."""
+def figure7(result: dict, cases_dir: str, out_png: str, count: int = 3) -> int:
+    """Figure 7 from ``spirs predict``'s outputs and :func:`score`'s result (its ``p2_only`` rows name
+    their patient and new scan): lesions P2 found and P1 missed, micro first, at most one per patient.
+    Each lesion: the new scan's axial slice through its centre, P1's mask (left) and P2's (right) in red,
+    the truth dashed green. Returns the number of lesions shown."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from spirs_tf.atomic import atomic_path
-    from spirs_tf.cohort_predict import case_name
     from spirs_tf.io import read_volume
-    from spirs_tf.manifest import load_manifest, make_pairs
 
-    pairs = {case_name(p): p for p in make_pairs(load_manifest(manifest_path), None, "all", both_directions=True)}
     chosen, patients = [], set()
     for b in BINS:
         for r in result["p2_only"]:
-            patient = pairs[r["case"]].new.patient_id
+            patient = r["patient_id"]
             if r["bin"] == b and patient not in patients and len(chosen) < count:
                 chosen.append(r)
                 patients.add(patient)
@@ -243,9 +242,9 @@ def figure7(result: dict, manifest_path: str, cases_dir: str, out_png: str, coun
     if not chosen:
         axes[0, 0].text(0.5, 0.5, "no lesion found by P2 and missed by P1", ha="center")
     for row, r in zip(axes, chosen):
-        pair, folder = pairs[r["case"]], os.path.join(cases_dir, r["case"])
-        image = read_volume(pair.new.image).data
-        truth = read_volume(pair.new.mask, "mask").data > 0.5
+        folder = os.path.join(cases_dir, r["case"])
+        image = read_volume(r["new_image"]).data
+        truth = read_volume(r["new_mask"], "mask").data > 0.5
         x, y, z = r["centre_voxel"]
         h = 20
         box = (slice(max(0, x - h), x + h), slice(max(0, y - h), y + h), z)
@@ -306,7 +305,7 @@ def main(argv=None) -> int:
         from spirs_tf.atomic import atomic_write_text
         atomic_write_text(args.markdown, table1_markdown(result, args.title))
     if args.figure7:
-        shown = figure7(result, args.manifest, args.cases, args.figure7)
+        shown = figure7(result, args.cases, args.figure7)
         print(f"  Figure 7: {shown} lesion(s) found by P2 and missed by P1 in {args.figure7}")
     return 0
 

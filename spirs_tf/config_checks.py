@@ -15,9 +15,14 @@ NORMALIZATIONS = ("batch", "instance")
 P2_PRIORS = ("network", "truth")
 
 
+def is_positive_int(value) -> bool:
+    """Whether ``value`` is an integer >= 1 (a bool is not one: True would pass as 1)."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
 def _positive_int(cfg, name: str, value) -> None:
-    """An integer >= 1 (a bool is not one: True would pass as 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    """Raise :class:`SpirsInputError` unless ``value`` is an integer >= 1 (:func:`is_positive_int`)."""
+    if not is_positive_int(value):
         raise SpirsInputError(f"config {cfg.name!r}: {name} must be an integer >= 1, got {value!r}")
 
 

@@ -46,6 +46,7 @@ import numpy as np
 from spirs_tf import augment, geometry, metrics
 from spirs_tf import config as config_lib
 from spirs_tf.atomic import atomic_write_text
+from spirs_tf.config_checks import is_positive_int
 from spirs_tf.errors import SpirsInputError
 
 __all__ = ["SegmenterSettings", "SegmenterTrainer", "build_segmenter", "fine_extra", "segmenter_config",
@@ -115,7 +116,7 @@ class SegmenterSettings:
             problems.append(f"image_order must be 1 or 3, got {self.image_order}")
         for name in ("batch_size", "steps_per_epoch", "epochs", "validation_samples"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_positive_int(value):
                 problems.append(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("learning_rate_p1", "learning_rate_p2"):
             if not getattr(self, name) >= 0:

@@ -65,7 +65,7 @@ def test_counts_false_positives_and_mcnemar(tmp_path, capsys):
     _save(str(swap / "p2_mask.nii.gz"), small + medium)
     swapped = script.score(str(manifest), str(tmp_path / "swap"))
     assert [(r["bin"], tuple(r["centre_voxel"])) for r in swapped["p2_only"]] == [("small", (4, 4, 4))]
-    assert script.figure7(swapped, str(manifest), str(tmp_path / "swap"), str(tmp_path / "f7b.png")) == 1
+    assert script.figure7(swapped, str(tmp_path / "swap"), str(tmp_path / "f7b.png")) == 1
     table = out_md.read_text(encoding="utf-8")
     # small: 1 lesion, P1 found it (100 %, exact interval 2.5–100 %, shown as 3–100), P2 did not (0 %, 0–97.5 %)
     assert table.startswith("#### T1") and "| small | 1 | 100 % (3–100) | 0 % (0–98) | 1 | 0 | 1 | 1 |" in table
