@@ -25,6 +25,23 @@ output                 shape                 meaning
 ``prior_mask_warped``  (B, S, S, S, 1)       prior mask warped (soft, trilinear)
 =====================  ====================  ===================================================
 
+With a segmenter (:mod:`spirs_tf.fine_seg`; ``spirs export`` keeps the one the model is used with, as
+the shipped one with the demo weights), a second signature ``segment`` holds it:
+
+=====================  ======================  =================================================
+input / output         shape                   meaning
+=====================  ======================  =================================================
+``fixed_image``        (None, G, G, G, 1) f32  new scan on the segmenter's grid (k × the working
+                                               grid, the same field of view), normalised
+``warped_image``       (None, G, G, G, 1) f32  prior placed there by the registration, normalised
+``warped_mask``        (None, G, G, G, 1) f32  prior mask placed there (soft for a soft-prior one)
+``p1_prob``            (B, G, G, G, 1)         P1 probability, σ(clip(logit, ±50))
+``p2_prob``            (B, G, G, G, 1)         P2 probability
+=====================  ======================  =================================================
+
+(:func:`spirs_tf.fine_seg_inference.segment_fine` prepares those inputs; ``spirs predict --model DIR``
+uses the signature unless ``--segmenter off``.)
+
 The resolved config and a description (levels, input size, source checkpoint, stage) are stored
 twice: as the string variable ``spirs_info`` (JSON; read by :func:`spirs_tf.predictor.read_export_info`)
 and as the asset file ``assets/spirs_info.json`` for people. :func:`spirs_tf.predictor.load_predictor`
@@ -38,6 +55,7 @@ Loading elsewhere::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -51,7 +69,10 @@ from spirs_tf.predictor import (OUTPUT_NAMES, load_saved_model_predictor,  # noq
 INFO_FILE = "spirs_info.json"
 
 
-def _module(model, cfg, levels: int, info: dict, asset_path: str):
+SEGMENT_INPUTS = ("fixed_image", "warped_image", "warped_mask")
+
+
+def _module(model, cfg, levels: int, info: dict, asset_path: str, segmenter=None):
     from spirs_tf._compat import tf
 
     s = cfg.level_grid(levels)
@@ -70,7 +91,21 @@ def _module(model, cfg, levels: int, info: dict, asset_path: str):
                               "moving_mask": prior_mask}, training=False)
             return serving_outputs(raw, levels)
 
-    return SpirsExport()
+    module = SpirsExport()
+    if segmenter is not None:
+        g = segmenter.cfg.data.grid_size
+        module.segmenter = segmenter.model
+
+        @tf.function(input_signature=[tf.TensorSpec((None, g, g, g, 1), tf.float32, name=n) for n in SEGMENT_INPUTS])
+        def segment(fixed_image, warped_image, warped_mask):
+            raw = module.segmenter({"fixed_image": fixed_image, "warped_image": warped_image,
+                                    "warped_mask": warped_mask}, training=False)
+            return {f"p{i}_prob": tf.sigmoid(tf.clip_by_value(tf.cast(raw[f"p{i}_logits"], tf.float32),
+                                                              -config_lib.LOGIT_CLIP, config_lib.LOGIT_CLIP))
+                    for i in (1, 2)}
+
+        module.segment = segment
+    return module
 
 
 def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> str:
@@ -78,7 +113,8 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
     beside it, renamed at the end).
 
     Args:
-        predictor: a :class:`spirs_tf.predictor.Predictor` built from a checkpoint (``load_predictor``).
+        predictor: a :class:`spirs_tf.predictor.Predictor` built from a checkpoint (``load_predictor``);
+            its ``segmenter``, if any, becomes the ``segment`` signature.
         out_dir: destination folder.
         overwrite: replace an existing folder.
 
@@ -104,14 +140,25 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
             "input_size": predictor.size, "source": predictor.info,
             "inputs": ["new_image", "prior_image", "prior_mask"],
             "outputs": list(OUTPUT_NAMES)}
+    segmenter = predictor.segmenter
+    if segmenter is not None:
+        if getattr(segmenter, "model", None) is None:
+            raise SpirsInputError("the segmenter has no Keras model (it comes from a SavedModel?)", segmenter.path)
+        info["segmenter"] = {"config": config_lib.to_dict(segmenter.cfg), "settings": dataclasses.asdict(segmenter.settings),
+                             "source": os.path.abspath(segmenter.path), "inputs": list(SEGMENT_INPUTS),
+                             "outputs": ["p1_prob", "p2_prob"]}
     work = tempfile.mkdtemp(prefix=".tmp-spirs-export-", dir=parent)
     try:
         asset = os.path.join(work, INFO_FILE)
         with open(asset, "w", encoding="utf-8") as fh:
             json.dump(info, fh, indent=2, default=str)
-        module = _module(model, predictor.cfg, predictor.levels, json.loads(json.dumps(info, default=str)), asset)
+        module = _module(model, predictor.cfg, predictor.levels, json.loads(json.dumps(info, default=str)), asset,
+                         segmenter)
         saved = os.path.join(work, "saved_model")
-        tf.saved_model.save(module, saved, signatures={"serving_default": module.serve})
+        signatures = {"serving_default": module.serve}
+        if segmenter is not None:
+            signatures["segment"] = module.segment
+        tf.saved_model.save(module, saved, signatures=signatures)
         if os.path.exists(out):
             shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
         os.replace(saved, out)

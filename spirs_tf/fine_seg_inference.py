@@ -26,6 +26,8 @@ class FineSegmenter:
     settings: SegmenterSettings
     run_fn: object
     path: str
+    #: its Keras model (``spirs export`` saves it); ``None`` for one loaded from a SavedModel
+    model: object | None = None
 
     @property
     def factor(self) -> int:
@@ -111,7 +113,7 @@ def load_segmenter(path: str, overrides: list[str] | None = None) -> FineSegment
                                                                             config_lib.LOGIT_CLIP))))
                      for k in ("p1_logits", "p2_logits"))
 
-    return FineSegmenter(cfg, settings, run, os.fspath(path))
+    return FineSegmenter(cfg, settings, run, os.fspath(path), model)
 
 
 def check_segmenter_fits(segmenter: FineSegmenter, cfg: config_lib.SpirsConfig) -> None:

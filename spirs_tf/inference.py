@@ -206,7 +206,9 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
         raise ValueError(f"refined dvf must have shape (kS, kS, kS, 3) with S = {s} and an integer k >= 1, "
                          f"got {dvf.shape}")
     keep_p2 = predictor.p2_fn is None
-    if keep_p2 and not result.get("keep_network_p2"):
+    # a segmenter (a SavedModel's too) computes P1/P2 afterwards from the refined registration
+    fallback = keep_p2 and predictor.segmenter is None
+    if fallback and not result.get("keep_network_p2"):
         raise ValueError("this model cannot recompute P2 from a refined registration (a SavedModel); "
                          "use a run directory or checkpoint")
     on_working = dvf[::k, ::k, ::k] / k if k > 1 else dvf  # exact: fine voxel k·i = working voxel i
@@ -220,8 +222,8 @@ def apply_refinement(predictor: Predictor, case: PreparedCase, outputs: dict, re
     info = {"applied": True, "seconds": time.perf_counter() - t0, "info": result.get("info"),
             "lncc_before": metrics.lncc(case.new_image, np.asarray(outputs["prior_warped"])[..., 0], window),
             "lncc_after": metrics.lncc(case.new_image, warped[..., 0], window),
-            "p2_from": "network registration" if keep_p2 else "refined registration",
-            "warnings": [P2_FALLBACK_WARNING] if keep_p2 else [],
+            "p2_from": "network registration" if fallback else "refined registration",
+            "warnings": [P2_FALLBACK_WARNING] if fallback else [],
             "network_affine_voxel": np.asarray(outputs["affine"], float).reshape(3, 4).tolist()}
     return out, info
 

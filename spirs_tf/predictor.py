@@ -40,6 +40,7 @@ from typing import Callable
 
 import numpy as np
 
+from spirs_tf import affine_passes
 from spirs_tf import config as config_lib
 from spirs_tf.checkpoints import (checkpoint_config, find_run_checkpoint,  # noqa: F401 (re-exported)
                                   load_checkpoint, resolve_run)
@@ -158,72 +159,16 @@ class Predictor:
         passes = self.passes if passes is None else int(passes)
         if passes < 1:
             raise ValueError(f"passes must be >= 1, got {passes}")
+        run = self._run
         if self.symmetric if symmetric is None else symmetric:
-            return self._predict_symmetric(*arrays, passes)
-        out = {k: np.asarray(v) for k, v in self.run_fn(*arrays).items()}
+            return affine_passes.symmetric_passes(run, self.p2_fn, *arrays, passes)
         if passes == 1:
+            out = run(*arrays)
             return {k: out[k] for k in OUTPUT_NAMES}
-        from spirs_tf.geometry import to_homogeneous, warp_working
-
-        def warp_batch(volumes, matrices, dvfs):  # (B, S, S, S, 1) each by its own transform
-            return np.stack([warp_working(v[..., 0], m, d) for v, m, d in zip(volumes, matrices, dvfs)])[..., None]
-
-        new_, prior_, mask_ = arrays
-        total = np.asarray(out["affine"], np.float64)
-        for _ in range(passes - 1):
-            before = total
-            moved = [warp_batch(v, before, [None] * len(v)) for v in (prior_, mask_)]
-            out = {k: np.asarray(v) for k, v in self.run_fn(new_, *moved).items()}
-            total = (to_homogeneous(before) @ to_homogeneous(np.asarray(out["affine"], np.float64)))[:, :3]
-        dvf = np.einsum("bij,bxyzj->bxyzi", before[:, :, :3], np.asarray(out["dvf"], np.float64)).astype(np.float32)
-        warped = [warp_batch(v, total, dvf) for v in (prior_, mask_)]
-        p2 = self.p2_fn(new_, *warped) if self.p2_fn is not None else out["p2_prob"]
-        return {"p1_prob": out["p1_prob"], "p2_prob": np.asarray(p2, np.float32),
-                "affine": total.astype(np.float32), "dvf": dvf,
-                "prior_warped": warped[0], "prior_mask_warped": warped[1]}
-
+        return affine_passes.recursive_passes(run, self.p2_fn, *arrays, passes)
 
     def _run(self, new, prior, mask) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in self.run_fn(new, prior, mask).items()}
-
-    def _predict_symmetric(self, new, prior, mask, passes: int) -> dict[str, np.ndarray]:
-        """:meth:`predict` with ``symmetric``: ``passes`` symmetric affine estimates, then the field."""
-        from spirs_tf.geometry import affine_log_mean, sample_locations, to_homogeneous, warp_working
-
-        def warp_batch(volumes, matrices, dvfs=None):
-            dvfs = [None] * len(volumes) if dvfs is None else dvfs
-            return np.stack([warp_working(v[..., 0], m[:3], d) for v, m, d in zip(volumes, matrices, dvfs)])[..., None]
-
-        def homogeneous(affine):
-            return to_homogeneous(np.asarray(affine, np.float64))
-
-        total = np.tile(np.eye(4), (len(new), 1, 1))
-        moved, moved_mask, none = prior, mask, np.zeros_like(new)
-        for k in range(passes):
-            if k:
-                moved, moved_mask = warp_batch(prior, total), warp_batch(mask, total)
-            forward = homogeneous(self._run(new, moved, moved_mask)["affine"])
-            backward = homogeneous(self._run(moved, new, none)["affine"])
-            step = []
-            for f, b in zip(forward, backward):
-                try:
-                    step.append(affine_log_mean([f, np.linalg.inv(b)]))
-                except (ValueError, np.linalg.LinAlgError):  # a degenerate answer: keep the forward one
-                    step.append(f)
-            total = total @ np.stack(step)
-        out = self._run(new, warp_batch(prior, total), warp_batch(mask, total))
-        shape = new.shape[1:4]
-        identity = sample_locations(None, shape)
-        dvf = []
-        for a, f, u in zip(total, homogeneous(out["affine"]), np.asarray(out["dvf"], np.float64)):
-            local = np.moveaxis(sample_locations(f[:3], shape) - identity, 0, -1) + u  # F'(x) − x + u(x)
-            dvf.append(np.einsum("ij,xyzj->xyzi", a[:3, :3], local))
-        dvf = np.stack(dvf).astype(np.float32)
-        warped = [warp_batch(v, total, dvf) for v in (prior, mask)]
-        p2 = self.p2_fn(new, *warped) if self.p2_fn is not None else out["p2_prob"]
-        return {"p1_prob": out["p1_prob"], "p2_prob": np.asarray(p2, np.float32),
-                "affine": total[:, :3].astype(np.float32), "dvf": dvf,
-                "prior_warped": warped[0], "prior_mask_warped": warped[1]}
 
 
 def keras_predictor(model, cfg: config_lib.SpirsConfig, levels: int, info: dict | None = None) -> Predictor:
@@ -575,6 +520,31 @@ def load_saved_model_predictor(path: str) -> Predictor:
 
     run.loaded = loaded  # keep the restored objects alive
     source = info.get("source", {})
-    return Predictor(cfg, int(info["levels"]), run,
-                     {"kind": "SavedModel", "path": os.path.abspath(path), "config": cfg.name,
-                      "stage": source.get("stage"), "checkpoint": source.get("checkpoint")})
+    predictor = Predictor(cfg, int(info["levels"]), run,
+                          {"kind": "SavedModel", "path": os.path.abspath(path), "config": cfg.name,
+                           "stage": source.get("stage"), "checkpoint": source.get("checkpoint")})
+    if "segmenter" in info:
+        predictor.segmenter = _saved_segmenter(loaded, info["segmenter"], path)
+    return predictor
+
+
+def _saved_segmenter(loaded, info: dict, path: str):
+    """The :class:`~spirs_tf.fine_seg_inference.FineSegmenter` of a SavedModel's ``segment`` signature."""
+    from spirs_tf._compat import tf
+    from spirs_tf.fine_seg import SegmenterSettings
+    from spirs_tf.fine_seg_inference import FineSegmenter
+
+    if "segment" not in loaded.signatures:
+        raise SpirsInputError("SavedModel describes a segmenter but has no 'segment' signature", path)
+    segment = loaded.signatures["segment"]
+    try:
+        settings = SegmenterSettings(**info["settings"]).validate()
+    except (TypeError, ValueError) as exc:
+        raise SpirsInputError(f"segmenter settings: {exc}", path) from None
+
+    def run(fixed, warped, warped_mask):
+        out = segment(**{k: tf.constant(np.asarray(v, np.float32)) for k, v in
+                         zip(("fixed_image", "warped_image", "warped_mask"), (fixed, warped, warped_mask))})
+        return np.asarray(out["p1_prob"]), np.asarray(out["p2_prob"])
+
+    return FineSegmenter(config_lib.from_dict(info["config"]), settings, run, os.path.abspath(path))
