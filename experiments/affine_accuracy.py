@@ -97,6 +97,8 @@ def main(argv=None) -> int:
                         help="pose the fixed image too with probability P (augment.fixed_pose_probability; "
                              "default: the model's config). 1 = pairs in which neither scan is upright")
     parser.add_argument("--passes", type=int, default=1, help="network passes (model.affine_passes; default 1)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="symmetric passes (model.affine_symmetric, spirs predict --affine-symmetric on)")
     parser.add_argument("--json", help="write the figures here")
     args = parser.parse_args(argv)
 
@@ -122,7 +124,8 @@ def main(argv=None) -> int:
     rows, t0 = [], time.time()
     for k in range(args.pairs):
         sample = data.make_sample(source, (k % len(source), AFFINE_TEST_STREAM, 0, k), args.seed, augment, size)
-        out = predictor.predict(*(sample[name][None] for name in data.MODEL_INPUT_KEYS), passes=args.passes)
+        out = predictor.predict(*(sample[name][None] for name in data.MODEL_INPUT_KEYS), passes=args.passes,
+                                symmetric=args.symmetric)
         pred = np.asarray(out["affine"][0], np.float64)
         true = np.asarray(sample["true_affine"], np.float64)
         fixed, moving = sample["fixed_image"][..., 0], sample["moving_image"][..., 0]
@@ -146,7 +149,7 @@ def main(argv=None) -> int:
     eye = np.eye(3)
     result = {
         "model": os.path.abspath(args.model), "config": cfg.name, "levels": levels, "grid": size,
-        "passes": args.passes, "fixed_pose_probability": augment.fixed_pose_probability,
+        "passes": args.passes, "symmetric": args.symmetric, "fixed_pose_probability": augment.fixed_pose_probability,
         "spacing_mm": spacing, "manifest": os.path.abspath(args.manifest), "split": args.split,
         "samples": len(rows), "seed": args.seed, "seconds": seconds,
         "linear": slope_correlation(stack("true", lin) - eye, stack("pred", lin) - eye),
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
 
     print(f"SYNTHETIC: {len(rows)} augmented pairs of split {args.split!r} (fixed image posed with probability "
           f"{augment.fixed_pose_probability:g}), model {args.model} ({cfg.name}, {size}³ at {spacing:g} mm, "
-          f"{args.passes} pass(es)), {seconds:.1f} s")
+          f"{args.passes} pass(es){', symmetric' if args.symmetric else ''}), {seconds:.1f} s")
     for part in ("linear", "rotation", "scale", "translation"):
         r = result[part]
         print(f"  {part:<12} slope {r['slope']:6.3f}  correlation {r['correlation']:6.3f}  (n = {r['n']})")

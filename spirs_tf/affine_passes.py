@@ -11,7 +11,8 @@ from spirs_tf.geometry import affine_log_mean, sample_locations, to_homogeneous,
 def _warp_batch(volumes, matrices, dvfs=None) -> np.ndarray:
     """``(B, S, S, S, 1)`` volumes each resampled once by its own affine (3×4 or 4×4) and field."""
     dvfs = [None] * len(volumes) if dvfs is None else dvfs
-    return np.stack([warp_working(v[..., 0], np.asarray(m)[:3], d) for v, m, d in zip(volumes, matrices, dvfs)])[..., None]
+    warped = [warp_working(v[..., 0], np.asarray(m)[:3], d) for v, m, d in zip(volumes, matrices, dvfs)]
+    return np.stack(warped)[..., None]
 
 
 def _homogeneous(affine) -> np.ndarray:

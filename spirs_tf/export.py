@@ -144,7 +144,8 @@ def export_saved_model(predictor, out_dir: str, *, overwrite: bool = False) -> s
     if segmenter is not None:
         if getattr(segmenter, "model", None) is None:
             raise SpirsInputError("the segmenter has no Keras model (it comes from a SavedModel?)", segmenter.path)
-        info["segmenter"] = {"config": config_lib.to_dict(segmenter.cfg), "settings": dataclasses.asdict(segmenter.settings),
+        info["segmenter"] = {"config": config_lib.to_dict(segmenter.cfg),
+                             "settings": dataclasses.asdict(segmenter.settings),
                              "source": os.path.abspath(segmenter.path), "inputs": list(SEGMENT_INPUTS),
                              "outputs": ["p1_prob", "p2_prob"]}
     work = tempfile.mkdtemp(prefix=".tmp-spirs-export-", dir=parent)

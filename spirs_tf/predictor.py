@@ -307,11 +307,6 @@ class Run:
         return self.meta.get("stage")
 
     @property
-    def symmetric(self) -> bool:
-        """Whether :meth:`predict` estimates each pass's affine symmetrically by default."""
-        return bool(self.affine_symmetric if self.affine_symmetric is not None else self.cfg.model.affine_symmetric)
-
-    @property
     def size(self) -> int:
         """Finest input grid ``S`` of the model."""
         return model_grid(self.cfg, self.levels)[0]

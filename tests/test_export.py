@@ -168,7 +168,8 @@ def test_export_with_a_segmenter(exported, tmp_path, capsys):
     base = ["predict", "--new", str(tmp_path / "new.nii.gz"), "--prior", str(tmp_path / "prior.nii.gz"),
             "--prior-mask", str(tmp_path / "mask.nii.gz"), "--refine", "off", "--quiet"]
     assert cli.main(base + ["--model", str(out), "--out", str(tmp_path / "a")]) == 0
-    assert cli.main(base + ["--model", str(root / "run"), "--segmenter", str(seg_dir), "--out", str(tmp_path / "b")]) == 0
+    assert cli.main(base + ["--model", str(root / "run"), "--segmenter", str(seg_dir),
+                            "--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     assert report["segmentation"]["model"] == "segmenter" and report["segmentation"]["factor"] == 2
     for name in ("p1_prob.nii.gz", "p2_prob.nii.gz"):
@@ -177,7 +178,8 @@ def test_export_with_a_segmenter(exported, tmp_path, capsys):
 
     # refined: P2 comes from the segmenter on the refined registration, so no "P2 uses the network's
     # registration" warning (a SavedModel without a segmenter gets it)
-    assert cli.main(base[:-3] + ["--refine", "affine", "--quiet", "--model", str(out), "--out", str(tmp_path / "r")]) == 0
+    assert cli.main(base[:-3] + ["--refine", "affine", "--quiet", "--model", str(out),
+                                 "--out", str(tmp_path / "r")]) == 0
     refined = json.loads((tmp_path / "r" / "report.json").read_text())
     assert refined["registration"]["refinement"]["p2_from"] == "refined registration"
     assert not any("P2 uses the network" in w for w in refined["registration"]["refinement"]["warnings"])

@@ -72,7 +72,8 @@ def add_parser(subparsers) -> None:
                         help="P1 and P2 from this segmenter (folder of experiments/train_segmenter.py, or its "
                              ".npz) on its finer grid, the prior placed by the registration used (refined by "
                              "default); 'off' = the model's own P1/P2 (default: the shipped segmenter with the "
-                             "demo weights, if any; the one exported with a SavedModel --model; none with other --model)")
+                             "demo weights, if any; the one exported with a SavedModel --model; none with "
+                             "other --model)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing case folder (one case)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=run)
