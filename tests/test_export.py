@@ -188,3 +188,12 @@ def test_export_with_a_segmenter(exported, tmp_path, capsys):
     assert cli.main(["export", "--run", str(root / "run"), "--segmenter", "off", "--out", str(plain)]) == 0
     assert "segment" not in tf.saved_model.load(str(plain)).signatures
     assert inference.load_predictor(str(plain)).segmenter is None
+
+
+def test_export_refuses_a_bad_segmenter_in_one_line(exported, tmp_path, capsys):
+    root = exported[0]
+    out = tmp_path / "never"
+    assert cli.main(["export", "--run", str(root / "run"), "--segmenter", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "segmenter not found" in err[0] and "nope" in err[0], err
+    assert not out.exists()
