@@ -193,7 +193,8 @@ def test_export_with_a_segmenter(exported, tmp_path, capsys):
 def test_export_refuses_a_bad_segmenter_in_one_line(exported, tmp_path, capsys):
     root = exported[0]
     out = tmp_path / "never"
-    assert cli.main(["export", "--run", str(root / "run"), "--segmenter", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert cli.main(["export", "--run", str(root / "run"), "--segmenter", str(tmp_path / "nope"),
+                     "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "segmenter not found" in err[0] and "nope" in err[0], err
     assert not out.exists()
