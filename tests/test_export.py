@@ -123,6 +123,9 @@ def test_export_with_a_segmenter(exported, tmp_path, capsys):
     root, _, cfg, _ = exported
     seg_cfg = fine_seg.segmenter_config(cfg, 2)
     settings = fine_seg.SegmenterSettings(factor=2, extra=2, soft_prior=True)
+    from spirs_tf._compat import keras
+
+    keras.utils.set_random_seed(3)  # the layers' initial weights: the same segmenter every run
     model = fine_seg.build_segmenter(seg_cfg, settings.extra)
     rng = np.random.default_rng(3)
     for v in model.trainable_variables:
@@ -151,7 +154,7 @@ def test_export_with_a_segmenter(exported, tmp_path, capsys):
         inside = (want[i] > 1e-6) & (want[i] < 1 - 1e-4)  # float32 saturates near 0 and 1
         diff = np.abs(logit(have[inside]) - logit(want[i][inside])).max()
         print(f"SavedModel vs Keras segmenter {name}: max abs logit diff {diff:.1e}")
-        assert inside.mean() > 0.5 and diff < 1e-3, name
+        assert inside.sum() > 1000 and diff < 1e-3, name
         assert np.ptp(logit(want[i][inside])) > 0.05  # not a constant: a real check
     saved = inference.load_predictor(str(out))
     assert saved.segmenter is not None and saved.segmenter.settings == settings
