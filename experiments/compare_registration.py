@@ -370,7 +370,6 @@ def markdown(rows, info, tests) -> str:
 
 def compare(args, log=print) -> dict:
     from spirs_tf import evaluation as ev
-    from spirs_tf.errors import SpirsInputError
 
     run = ev.load_run(args.run)
     source = ev.pair_source(run, args.manifest, ev.split_arg(args.split), args.pairing, args.limit)
@@ -378,8 +377,6 @@ def compare(args, log=print) -> dict:
     arrays_dir = os.path.join(out_dir, "arrays")
     os.makedirs(arrays_dir, exist_ok=True)
     window = run.cfg.loss.lncc_window
-    if args.affine_passes < 1:
-        raise SpirsInputError(f"--affine-passes must be >= 1, got {args.affine_passes}")
     rows, index = _spirs_pairs(run, source, arrays_dir, window, log, args.affine_passes, args.affine_symmetric)
     ev.atomic_write_text(os.path.join(arrays_dir, "index.json"), json.dumps(index, indent=2) + "\n")
     info = {"data": ev.data_label(args.manifest, args.synthetic), "pairs": len(index), "run": run.describe(),
@@ -437,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.vxm_steps < 0:
         print("compare_registration: error: --vxm-steps must be >= 0", file=sys.stderr)
+        return 2
+    if args.affine_passes < 1:
+        print(f"compare_registration: error: --affine-passes must be >= 1, got {args.affine_passes}", file=sys.stderr)
         return 2
     try:
         info = compare(args)

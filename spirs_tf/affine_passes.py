@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from spirs_tf.geometry import affine_log_mean, sample_locations, to_homogeneous, warp_working
+from spirs_tf.geometry import affine_log_mean, to_homogeneous, total_displacement, warp_working
 
 
 def _warp_batch(volumes, matrices, dvfs=None) -> np.ndarray:
@@ -69,10 +69,8 @@ def symmetric_passes(run, p2_fn, new, prior, mask, passes: int) -> dict:
                 step.append(f)
         total = total @ np.stack(step)
     out = run(new, _warp_batch(prior, total), _warp_batch(mask, total))
-    shape = new.shape[1:4]
-    identity = sample_locations(None, shape)
     dvf = []
-    for a, f, u in zip(total, _homogeneous(out["affine"]), np.asarray(out["dvf"], np.float64)):
-        local = np.moveaxis(sample_locations(f[:3], shape) - identity, 0, -1) + u  # F'(x) − x + u(x)
+    for a, f, u in zip(total, _homogeneous(out["affine"]), np.asarray(out["dvf"])):
+        local = np.asarray(total_displacement(f[:3], u, new.shape[1:4]), np.float64)  # F'(x) − x + u(x)
         dvf.append(np.einsum("ij,xyzj->xyzi", a[:3, :3], local))
     return _outputs(out, p2_fn, new, total, np.stack(dvf).astype(np.float32), prior, mask)

@@ -52,7 +52,7 @@ from spirs_tf import metrics
 from spirs_tf.atomic import atomic_write_json, atomic_write_text
 from spirs_tf.data import PairSource
 from spirs_tf.errors import SpirsInputError
-from spirs_tf.geometry import sample_locations, scale_translation
+from spirs_tf.geometry import scale_translation, total_displacement  # noqa: F401 (re-exported)
 from spirs_tf.manifest import load_manifest
 from spirs_tf.predictor import Run, load_run  # noqa: F401 (re-exported)
 from spirs_tf.stats import median_iqr, read_csv
@@ -167,17 +167,6 @@ def iterate_pairs(run: Run, source, kind: str = "pyramid") -> Iterator[PairResul
 
 
 # ------------------------------------------------------------------------------------- metrics
-def total_displacement(matrix: np.ndarray | None, dvf: np.ndarray | None, shape) -> np.ndarray:
-    """Displacement ``p(x) − x`` of the whole map ``p(x) = M(x − c) + t + u(x) + c`` → ``(D, H, W, 3)``.
-
-    ``matrix`` (3, 4) and ``dvf`` (D, H, W, 3) in voxels of the grid ``shape``; either may be None.
-    """
-    shape = tuple(int(n) for n in shape[:3])
-    p = sample_locations(matrix, shape, dvf)
-    x = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"))
-    return np.moveaxis(p - x, 0, -1).astype(np.float32)
-
-
 def registration_metrics(fixed, fixed_mask, warped, warped_mask, displacement=None, window: int = 9) -> dict:
     """``lncc``, ``lncc_masked``, ``dice`` and, with a displacement, ``folding_percent`` and
     ``log_jacobian_std`` (NaN without one) of one registration result.

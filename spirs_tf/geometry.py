@@ -85,6 +85,16 @@ def sample_locations(matrix: np.ndarray | None, shape, dvf: np.ndarray | None = 
     return p
 
 
+def total_displacement(matrix: np.ndarray | None, dvf: np.ndarray | None, shape) -> np.ndarray:
+    """Displacement ``p(x) − x`` of the whole map ``p(x) = M(x − c) + t + u(x) + c`` → ``(D, H, W, 3)``.
+
+    ``matrix`` (3, 4) and ``dvf`` (D, H, W, 3) in voxels of the grid ``shape``; either may be None.
+    """
+    shape = tuple(int(n) for n in shape[:3])
+    p = sample_locations(matrix, shape, dvf) - sample_locations(None, shape)
+    return np.moveaxis(p, 0, -1).astype(np.float32)
+
+
 def invert_affine(matrix: np.ndarray) -> np.ndarray:
     """Inverse of a centred 3×4 affine ``[M | t]`` (so that p = M(x−c)+t+c ⇔ x = M⁻¹(p−c) − M⁻¹t + c)."""
     m = np.asarray(matrix, dtype=np.float64)
