@@ -85,47 +85,26 @@ def rms_displacement(error: np.ndarray, mask: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.sum(d * d, axis=1))))
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="run directory or checkpoint .npz")
-    parser.add_argument("--config", help="config file of a checkpoint whose config.json is not beside it")
-    parser.add_argument("--manifest", required=True)
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--pairs", type=int, default=32, help="samples (pairs are reused if the split has fewer)")
-    parser.add_argument("--seed", type=int, default=2027)
-    parser.add_argument("--fixed-pose", type=float, default=None, metavar="P",
-                        help="pose the fixed image too with probability P (augment.fixed_pose_probability; "
-                             "default: the model's config). 1 = pairs in which neither scan is upright")
-    parser.add_argument("--passes", type=int, default=1, help="network passes (model.affine_passes; default 1)")
-    parser.add_argument("--symmetric", action="store_true",
-                        help="symmetric passes (model.affine_symmetric, spirs predict --affine-symmetric on)")
-    parser.add_argument("--json", help="write the figures here")
-    args = parser.parse_args(argv)
-
+def measure(run, source, samples: int, seed: int, augment, passes: int = 1, symmetric: bool = False,
+            deadline: float | None = None) -> dict:
+    """The figures of this script for ``run`` (:func:`spirs_tf.predictor.load_run`) on ``samples`` augmented
+    pairs of ``source`` (a :class:`spirs_tf.data.PairSource`; pairs reused when it has fewer), drawn with
+    ``augment`` from stream :data:`AFFINE_TEST_STREAM`. ``deadline`` (``time.time()`` seconds): no new pair
+    starts after it, so ``samples`` in the result can be smaller (0: every figure NaN).
+    """
     from spirs_tf import data, metrics
     from spirs_tf.geometry import warp_working
-    from spirs_tf.errors import SpirsInputError
-    from spirs_tf.manifest import load_manifest
-    from spirs_tf.predictor import load_run, open_run
 
-    try:
-        run = open_run(args.model, args.config) if args.config else load_run(args.model)
-        source = data.PairSource(load_manifest(args.manifest), args.split, run.cfg.data)
-        if len(source) == 0:
-            raise SpirsInputError(f"no pairs in split {args.split!r}", args.manifest)
-    except SpirsInputError as exc:
-        print(f"affine_accuracy: error: {exc}", file=sys.stderr)
-        return 2
     cfg, size, levels = run.cfg, run.size, run.levels
-    augment = cfg.augment if args.fixed_pose is None else \
-        dataclasses.replace(cfg.augment, fixed_pose_probability=args.fixed_pose)
     predictor = run.predictor()
     spacing = run.spacing[0]
     rows, t0 = [], time.time()
-    for k in range(args.pairs):
-        sample = data.make_sample(source, (k % len(source), AFFINE_TEST_STREAM, 0, k), args.seed, augment, size)
-        out = predictor.predict(*(sample[name][None] for name in data.MODEL_INPUT_KEYS), passes=args.passes,
-                                symmetric=args.symmetric)
+    for k in range(samples):
+        if deadline is not None and time.time() >= deadline:
+            break
+        sample = data.make_sample(source, (k % len(source), AFFINE_TEST_STREAM, 0, k), seed, augment, size)
+        out = predictor.predict(*(sample[name][None] for name in data.MODEL_INPUT_KEYS), passes=passes,
+                                symmetric=symmetric)
         pred = np.asarray(out["affine"][0], np.float64)
         true = np.asarray(sample["true_affine"], np.float64)
         fixed, moving = sample["fixed_image"][..., 0], sample["moving_image"][..., 0]
@@ -145,29 +124,70 @@ def main(argv=None) -> int:
     def stack(key, part=None):
         return np.stack([r[key] if part is None else r[key][part] for r in rows])
 
-    lin = (slice(None), slice(0, 3))
-    eye = np.eye(3)
     result = {
-        "model": os.path.abspath(args.model), "config": cfg.name, "levels": levels, "grid": size,
-        "passes": args.passes, "symmetric": args.symmetric, "fixed_pose_probability": augment.fixed_pose_probability,
-        "spacing_mm": spacing, "manifest": os.path.abspath(args.manifest), "split": args.split,
-        "samples": len(rows), "seed": args.seed, "seconds": seconds,
-        "linear": slope_correlation(stack("true", lin) - eye, stack("pred", lin) - eye),
-        "rotation": slope_correlation(stack("rot_t"), stack("rot_p")),
-        "scale": slope_correlation(stack("sv_t") - 1, stack("sv_p") - 1),
-        "translation": slope_correlation(stack("true", (slice(None), 3)), stack("pred", (slice(None), 3))),
+        "config": cfg.name, "levels": levels, "grid": size, "passes": passes, "symmetric": symmetric,
+        "fixed_pose_probability": augment.fixed_pose_probability, "spacing_mm": spacing,
+        "samples": len(rows), "seed": seed, "seconds": seconds,
     }
+    parts = ("linear", "rotation", "scale", "translation")
+    if rows:
+        lin, eye = (slice(None), slice(0, 3)), np.eye(3)
+        pairs = [(stack("true", lin) - eye, stack("pred", lin) - eye), (stack("rot_t"), stack("rot_p")),
+                 (stack("sv_t") - 1, stack("sv_p") - 1),
+                 (stack("true", (slice(None), 3)), stack("pred", (slice(None), 3)))]
+    else:  # no pair before the deadline: every figure NaN
+        pairs = [(np.zeros(0), np.zeros(0))] * len(parts)
+    result.update({part: slope_correlation(*xy) for part, xy in zip(parts, pairs)})
     for key in ("rms_identity", "rms_network", "lncc_identity", "lncc_network"):
-        values = np.array([r[key] for r in rows])
-        result[key] = {"median": float(np.nanmedian(values)), "mean": float(np.nanmean(values))}
+        values = np.array([r[key] for r in rows], np.float64)
+        result[key] = {"median": float(np.nanmedian(values)) if rows else float("nan"),
+                       "mean": float(np.nanmean(values)) if rows else float("nan")}
     result["rms_identity_mm"] = result["rms_identity"]["median"] * spacing
     result["rms_network_mm"] = result["rms_network"]["median"] * spacing
     result["target_met"] = bool(all(result[p]["slope"] >= 0.8 and result[p]["correlation"] >= 0.9
                                     for p in ("linear", "translation")))
+    return result
 
-    print(f"SYNTHETIC: {len(rows)} augmented pairs of split {args.split!r} (fixed image posed with probability "
-          f"{augment.fixed_pose_probability:g}), model {args.model} ({cfg.name}, {size}³ at {spacing:g} mm, "
-          f"{args.passes} pass(es){', symmetric' if args.symmetric else ''}), {seconds:.1f} s")
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="run directory or checkpoint .npz")
+    parser.add_argument("--config", help="config file of a checkpoint whose config.json is not beside it")
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--pairs", type=int, default=32, help="samples (pairs are reused if the split has fewer)")
+    parser.add_argument("--seed", type=int, default=2027)
+    parser.add_argument("--fixed-pose", type=float, default=None, metavar="P",
+                        help="pose the fixed image too with probability P (augment.fixed_pose_probability; "
+                             "default: the model's config). 1 = pairs in which neither scan is upright")
+    parser.add_argument("--passes", type=int, default=1, help="network passes (model.affine_passes; default 1)")
+    parser.add_argument("--symmetric", action="store_true",
+                        help="symmetric passes (model.affine_symmetric, spirs predict --affine-symmetric on)")
+    parser.add_argument("--json", help="write the figures here")
+    args = parser.parse_args(argv)
+
+    from spirs_tf import data
+    from spirs_tf.errors import SpirsInputError
+    from spirs_tf.manifest import load_manifest
+    from spirs_tf.predictor import load_run, open_run
+
+    try:
+        run = open_run(args.model, args.config) if args.config else load_run(args.model)
+        source = data.PairSource(load_manifest(args.manifest), args.split, run.cfg.data)
+        if len(source) == 0:
+            raise SpirsInputError(f"no pairs in split {args.split!r}", args.manifest)
+    except SpirsInputError as exc:
+        print(f"affine_accuracy: error: {exc}", file=sys.stderr)
+        return 2
+    augment = run.cfg.augment if args.fixed_pose is None else \
+        dataclasses.replace(run.cfg.augment, fixed_pose_probability=args.fixed_pose)
+    result = measure(run, source, args.pairs, args.seed, augment, passes=args.passes, symmetric=args.symmetric)
+    result = {"model": os.path.abspath(args.model), "manifest": os.path.abspath(args.manifest), "split": args.split,
+              **result}
+    print(f"SYNTHETIC: {result['samples']} augmented pairs of split {args.split!r} (fixed image posed with "
+          f"probability {augment.fixed_pose_probability:g}), model {args.model} ({run.cfg.name}, {run.size}³ at "
+          f"{result['spacing_mm']:g} mm, {args.passes} pass(es){', symmetric' if args.symmetric else ''}), "
+          f"{result['seconds']:.1f} s")
     for part in ("linear", "rotation", "scale", "translation"):
         r = result[part]
         print(f"  {part:<12} slope {r['slope']:6.3f}  correlation {r['correlation']:6.3f}  (n = {r['n']})")

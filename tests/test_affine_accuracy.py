@@ -75,3 +75,24 @@ def test_identity_network_end_to_end(tmp_path, capsys):
     assert result["linear"]["slope"] == pytest.approx(0.0, abs=1e-5)
     assert "NOT met" in capsys.readouterr().out
     assert acc.main(["--model", run, "--manifest", manifest, "--split", "val"]) == 2
+
+
+def test_measure_stops_at_its_deadline(tmp_path):
+    """No pair starts after the deadline (the GPU recipe's budget): a past deadline gives no samples and
+    NaN figures, a future one all of them."""
+    import time
+
+    from cohort import make_fake_run
+    from spirs_tf import data
+    from spirs_tf.manifest import load_manifest
+    from spirs_tf.predictor import load_run
+
+    manifest = make_cohort(str(tmp_path / "cohort"), n_patients=2, n_timepoints=2, seed=5, splits=("test", "test"))
+    run = load_run(make_fake_run(tmp_path / "run"))
+    source = data.PairSource(load_manifest(manifest), "test", run.cfg.data)
+    acc = _script()
+    late = acc.measure(run, source, 3, 2027, run.cfg.augment, deadline=time.time() - 1.0)
+    assert late["samples"] == 0 and late["target_met"] is False
+    assert np.isnan(late["linear"]["slope"]) and np.isnan(late["rms_network"]["median"])
+    on_time = acc.measure(run, source, 3, 2027, run.cfg.augment, deadline=time.time() + 3600.0)
+    assert on_time["samples"] == 3 and on_time["rms_identity"]["median"] > 0.5

@@ -58,7 +58,13 @@ def test_smoke_outputs(smoke, tmp_path):
     assert prov["config"] == json.loads(json.dumps(config_lib.to_dict(expected)))
     assert prov["mode"] == "smoke" and prov["device"]["backend"] == SMOKE_BACKEND and prov["eager"]
     assert prov["source_digest"] == recipe.source_digest()
-    assert {"synth", "preprocess", "train", "total"} <= set(prov["timings"])
+    assert {"synth", "preprocess", "train", "affine_eval", "total"} <= set(prov["timings"])
+    # issue 15's figures of the final weights, on the cohort's test patient (experiments/affine_accuracy.py)
+    acc = prov["affine_accuracy"]
+    assert acc["split"] == "test" and acc["samples"] == 2 and acc["grid"] == 32 and acc["levels"] == 3
+    assert acc["fixed_pose_probability"] == 0.0 and acc["linear"]["n"] == 18 and acc["translation"]["n"] == 6
+    assert np.isfinite(acc["rms_network_mm"]) and acc["rms_identity_mm"] > 0 and isinstance(acc["target_met"], bool)
+    assert "affine evaluation (SYNTHETIC, 2 augmented pairs" in (smoke / "recipe.log").read_text()
     assert prov["cohort"]["train_pairs"] >= 1 and prov["cohort"]["val_pairs"] >= 1
     assert "--fade-fraction" in prov["cohort"]["command"]
     assert {n: v["bytes"] for n, v in prov["outputs"].items()} == {

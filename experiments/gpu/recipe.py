@@ -32,6 +32,11 @@ Steps, each timed in ``provenance.json``:
                         per-stage epochs/steps/stop reason/best metric
    ``recipe.log``       this script's output
 
+5. After the last stage, ``provenance.json`` gets ``affine_accuracy``: issue 15's slope and correlation of the
+   network's affine against the truth on ``--affine-eval`` held-out augmented pairs of the cohort's test split
+   (``experiments/affine_accuracy.py``'s :func:`measure`, fixed image upright), inside the budget: training
+   leaves ``--affine-eval-seconds`` for it.
+
 The weights are trained on SYNTHETIC data (``spirs synth``): not for clinical use.
 """
 from __future__ import annotations
@@ -401,6 +406,37 @@ def train_stages(cfg, train_source, val_source, run_dir: str, train_end: float, 
     return done
 
 
+#: seed of the held-out affine samples (experiments/affine_accuracy.py's default)
+AFFINE_EVAL_SEED = 2027
+
+
+def affine_evaluation(run_dir: str, manifest, samples: int, deadline: float) -> dict:
+    """Issue 15's figures for the last stage's best weights: ``experiments/affine_accuracy.py``'s
+    :func:`measure` on ``samples`` augmented pairs of the cohort's test split (else its validation split),
+    the fixed image upright, no new pair after ``deadline``. Slope and Pearson r of the predicted against
+    the true linear part and translation, RMS displacement error, masked LNCC. SYNTHETIC pairs."""
+    import dataclasses
+
+    from spirs_tf import data
+    from spirs_tf.predictor import load_run
+
+    here = os.path.join(ROOT, "experiments")
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import affine_accuracy
+
+    run = load_run(run_dir)
+    for split in ("test", "val"):
+        source = data.PairSource(manifest, split, run.cfg.data)
+        if len(source):
+            break
+    else:
+        return {"skipped": "the cohort has no test or validation pairs"}
+    augment = dataclasses.replace(run.cfg.augment, fixed_pose_probability=0.0)
+    result = affine_accuracy.measure(run, source, samples, AFFINE_EVAL_SEED, augment, deadline=deadline)
+    return {"split": split, "pairs_in_split": len(source), **result}
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT)")
@@ -432,6 +468,11 @@ def parse_args(argv):
                         help="run the steps op by op, uncompiled (tf.config.run_functions_eagerly / jax_disable_jit): "
                              "for the tiny smoke model on a CPU, where compiling takes longer than training")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--affine-eval", type=int, default=None, metavar="N",
+                        help="after training, the affine's slope/correlation on N held-out augmented pairs "
+                             "(experiments/affine_accuracy.py) into provenance.json (default 32; smoke 2; 0: none)")
+    parser.add_argument("--affine-eval-seconds", type=float, default=None,
+                        help="wall seconds kept from training for it (default 60; smoke 30)")
     return parser.parse_args(argv)
 
 
@@ -549,10 +590,28 @@ def _run(args, t0: float) -> int:
         timings["total"] = round(time.time() - t0, 2)
         write_outputs(run_dir, args.out, provenance, done, run_name)
 
+    eval_pairs = args.affine_eval if args.affine_eval is not None else (2 if args.smoke else 32)
+    eval_reserve = 0.0 if eval_pairs <= 0 else (
+        args.affine_eval_seconds if args.affine_eval_seconds is not None else (30.0 if args.smoke else 60.0))
     start = time.time()
-    done = train_stages(cfg, train_source, val_source, run_dir, end - reserve, shares, provenance, after_stage,
-                        verbose=0 if args.quiet else 1, stages_to_run=stages_to_run, init_from=init_from)
+    done = train_stages(cfg, train_source, val_source, run_dir, end - reserve - eval_reserve, shares, provenance,
+                        after_stage, verbose=0 if args.quiet else 1, stages_to_run=stages_to_run,
+                        init_from=init_from)
     timings["train"] = round(time.time() - start, 2)
+    if done and eval_pairs > 0:
+        # 5. issue 15's figures of the final weights, within the budget (a pair started before the end)
+        start = time.time()
+        acc = affine_evaluation(run_dir, manifest, eval_pairs, deadline=end - reserve)
+        provenance["affine_accuracy"] = acc
+        timings["affine_eval"] = round(time.time() - start, 2)
+        if "skipped" in acc:
+            log(f"affine evaluation skipped: {acc['skipped']}")
+        else:
+            log(f"affine evaluation (SYNTHETIC, {acc['samples']} augmented pairs of split {acc['split']!r}, upright "
+                f"fixed image) in {timings['affine_eval']:.0f} s: linear slope {acc['linear']['slope']:.3f} r "
+                f"{acc['linear']['correlation']:.3f}, translation slope {acc['translation']['slope']:.3f} r "
+                f"{acc['translation']['correlation']:.3f}, RMS error {acc['rms_network_mm']:.1f} mm (identity "
+                f"{acc['rms_identity_mm']:.1f} mm), target {'met' if acc['target_met'] else 'NOT met'}")
     timings["total"] = round(time.time() - t0, 2)
     provenance["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     written = write_outputs(run_dir, args.out, provenance, done, run_name)
