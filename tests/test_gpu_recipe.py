@@ -139,6 +139,19 @@ def test_stages_and_init_from_are_checked_before_any_work(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["recipe.log"]  # nothing synthesised, nothing trained
 
 
+def test_affine_evaluation_without_held_out_pairs_says_so(tmp_path):
+    """A cohort with training patients only: the evaluation is skipped with a reason, nothing raised."""
+    import time
+
+    from cohort import make_cohort, make_fake_run
+    from spirs_tf.manifest import load_manifest
+
+    manifest = make_cohort(str(tmp_path / "cohort"), n_patients=2, splits=("train", "train"))
+    run = make_fake_run(tmp_path / "run")
+    acc = recipe.affine_evaluation(run, load_manifest(manifest), 2, deadline=time.time() + 600)
+    assert acc == {"skipped": "the cohort has no test or validation pairs"}
+
+
 def test_stage_deadlines_pass_unused_time_on():
     # three stages sharing 100 s as 3:3:4; what stage 1 leaves over is shared by stages 2 and 3
     assert recipe.stage_deadlines(0.0, 100.0, [0.3, 0.3, 0.4], 1) == pytest.approx(30.0)
