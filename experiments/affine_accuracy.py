@@ -149,6 +149,33 @@ def measure(run, source, samples: int, seed: int, augment, passes: int = 1, symm
     return result
 
 
+def held_out(run_dir: str, manifest, samples: int, deadline: float | None = None, seed: int = 2027) -> dict:
+    """:func:`measure` for the best weights of a run's last stage (:func:`spirs_tf.predictor.load_run`) on
+    ``samples`` augmented pairs of ``manifest``'s test split (else its validation split), the fixed image
+    upright, with a one-line ``summary``; ``{"skipped": reason}`` when the manifest has neither split.
+    The GPU recipe's step 5 (``experiments/gpu/recipe.py``)."""
+    from spirs_tf import data
+    from spirs_tf.predictor import load_run
+
+    run = load_run(run_dir)
+    for split in ("test", "val"):
+        source = data.PairSource(manifest, split, run.cfg.data) if split in manifest.splits() else []
+        if len(source):
+            break
+    else:
+        return {"skipped": "the cohort has no test or validation pairs"}
+    augment = dataclasses.replace(run.cfg.augment, fixed_pose_probability=0.0)
+    acc = {"split": split, "pairs_in_split": len(source), **measure(run, source, samples, seed, augment,
+                                                                     deadline=deadline)}
+    acc["summary"] = (
+        f"SYNTHETIC, {acc['samples']} augmented pairs of split {split!r}, upright fixed image: linear slope "
+        f"{acc['linear']['slope']:.3f} r {acc['linear']['correlation']:.3f}, translation slope "
+        f"{acc['translation']['slope']:.3f} r {acc['translation']['correlation']:.3f}, RMS error "
+        f"{acc['rms_network_mm']:.1f} mm (identity {acc['rms_identity_mm']:.1f} mm), target "
+        f"{'met' if acc['target_met'] else 'NOT met'}")
+    return acc
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="run directory or checkpoint .npz")

@@ -64,7 +64,8 @@ def test_smoke_outputs(smoke, tmp_path):
     assert acc["split"] == "test" and acc["samples"] == 2 and acc["grid"] == 32 and acc["levels"] == 3
     assert acc["fixed_pose_probability"] == 0.0 and acc["linear"]["n"] == 18 and acc["translation"]["n"] == 6
     assert np.isfinite(acc["rms_network_mm"]) and acc["rms_identity_mm"] > 0 and isinstance(acc["target_met"], bool)
-    assert "affine evaluation (SYNTHETIC, 2 augmented pairs" in (smoke / "recipe.log").read_text()
+    assert acc["summary"].startswith("SYNTHETIC, 2 augmented pairs of split 'test'")
+    assert "affine evaluation in" in (smoke / "recipe.log").read_text()
     assert prov["cohort"]["train_pairs"] >= 1 and prov["cohort"]["val_pairs"] >= 1
     assert "--fade-fraction" in prov["cohort"]["command"]
     assert {n: v["bytes"] for n, v in prov["outputs"].items()} == {
@@ -150,6 +151,9 @@ def test_affine_evaluation_without_held_out_pairs_says_so(tmp_path):
     run = make_fake_run(tmp_path / "run")
     acc = recipe.affine_evaluation(run, load_manifest(manifest), 2, deadline=time.time() + 600)
     assert acc == {"skipped": "the cohort has no test or validation pairs"}
+    # a measurement that fails (here: no weights at all) is reported, not raised
+    failed = recipe.affine_evaluation(str(tmp_path / "nowhere"), load_manifest(manifest), 2, time.time() + 600)
+    assert failed["skipped"].startswith("failed: ")
 
 
 def test_stage_deadlines_pass_unused_time_on():
