@@ -61,8 +61,13 @@ def random_affine_params(rng: np.random.Generator, aug_cfg: AugmentConfig, grid_
     ``spatial_probability`` (independently), otherwise it keeps its identity value (t = θ = h = 0,
     s = 1).
 
-    The generator is always advanced by the same amount (4 + 15 draws), whatever is applied, so the
-    random stream after this call does not depend on the outcome.
+    With ``near_identity_probability = q > 0`` (not the authors') two more draws follow: with
+    probability q every deviation from the identity (``t``, ``θ``, ``s − 1``, ``h``) is multiplied by
+    one factor ``f ~ U(0, near_identity_scale)``, so that pairs close to alignment, which a second affine
+    pass sees, are common in training. With q = 0 nothing more is drawn (the authors' stream).
+
+    The generator is always advanced by the same amount (4 + 15 draws, + 2 when q > 0), whatever is
+    applied, so the random stream after this call does not depend on the outcome.
 
     Args:
         rng: NumPy generator.
@@ -82,6 +87,11 @@ def random_affine_params(rng: np.random.Generator, aug_cfg: AugmentConfig, grid_
     for on, part, lo, hi in zip(apply, (translation, rotation, scale, shear), (0, 3, 6, 9), (3, 6, 9, 15)):
         if on:
             params[lo:hi] = part
+    if aug_cfg.near_identity_probability > 0:
+        near = rng.random() < aug_cfg.near_identity_probability
+        factor = rng.uniform(0.0, aug_cfg.near_identity_scale)
+        if near:
+            params = geometry.IDENTITY_PARAMS + factor * (params - geometry.IDENTITY_PARAMS)
     return params
 
 

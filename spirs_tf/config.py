@@ -203,6 +203,12 @@ class AugmentConfig:
     #: translation as the moving's); the target composes both (:func:`spirs_tf.augment.augment_pair`).
     fixed_pose_probability: float = 0.0
     fixed_rotation_degrees: float = 10.0
+    #: 0 (authors): the moving image's affine is drawn uniformly over the ranges above, so few pairs lie
+    #: near the identity, where a second affine pass (``model.affine_passes``) works. q > 0: with
+    #: probability q every deviation from the identity (translation, rotation, scale − 1, shear) is
+    #: multiplied by one factor ``f ~ U(0, near_identity_scale)`` (:func:`spirs_tf.augment.random_affine_params`)
+    near_identity_probability: float = 0.0
+    near_identity_scale: float = 0.25
 
 
 @dataclass

@@ -51,6 +51,10 @@ def check_config(cfg) -> None:
         raise SpirsInputError(f"config {cfg.name!r}: augment.fixed_pose_probability must be in [0, 1] and "
                               f"augment.fixed_rotation_degrees >= 0, got {cfg.augment.fixed_pose_probability!r}, "
                               f"{cfg.augment.fixed_rotation_degrees!r}")
+    if not 0.0 <= cfg.augment.near_identity_probability <= 1.0 or not 0.0 < cfg.augment.near_identity_scale <= 1.0:
+        raise SpirsInputError(f"config {cfg.name!r}: augment.near_identity_probability must be in [0, 1] and "
+                              f"augment.near_identity_scale in (0, 1], got {cfg.augment.near_identity_probability!r}, "
+                              f"{cfg.augment.near_identity_scale!r}")
     if not cfg.model.affine_radius >= 0:
         raise SpirsInputError(f"config {cfg.name!r}: model.affine_radius must be >= 0, "
                               f"got {cfg.model.affine_radius!r}")

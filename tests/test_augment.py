@@ -363,6 +363,47 @@ def test_fixed_pose_is_rigid_within_range_and_label_channels_follow():
     assert max(angles) <= 10.0 * np.sqrt(3) + 1e-3 and np.median(angles) > 3.0
 
 
+def test_near_identity_mixture_shrinks_every_deviation_by_one_factor():
+    """near_identity_probability q: the same 15 draws as q = 0, then, with probability q, every deviation
+    from the identity scaled by one factor f ≤ near_identity_scale; q = 0 leaves the stream as it was."""
+    base, mixed = AugmentConfig(), AugmentConfig(near_identity_probability=1.0, near_identity_scale=0.25)
+    for seed in range(50):
+        wide = A.random_affine_params(np.random.default_rng(seed), base, 64)
+        rng = np.random.default_rng(seed)
+        near = A.random_affine_params(rng, mixed, 64)
+        dev_wide, dev_near = wide - G.IDENTITY_PARAMS, near - G.IDENTITY_PARAMS
+        changed = np.abs(dev_wide) > 1e-9
+        if changed.any():
+            ratios = dev_near[changed] / dev_wide[changed]
+            np.testing.assert_allclose(ratios, ratios[0], rtol=1e-9)
+            assert 0.0 <= ratios[0] <= 0.25
+        np.testing.assert_array_equal(dev_near[~changed], 0.0)
+        check = np.random.default_rng(seed)
+        check.random(4), check.uniform(size=15), check.random(), check.uniform()
+        assert rng.random() == check.random()              # 4 + 15 + 2 draws
+    # q = 0.5: about half the draws shrunk (rotation magnitude ≤ 5° for those with the group applied)
+    half = AugmentConfig(near_identity_probability=0.5, near_identity_scale=0.25, spatial_probability=1.0)
+    rot = np.degrees(np.abs(np.stack([A.random_affine_params(np.random.default_rng(s), half, 64)[3:6]
+                                      for s in range(400)])).max(axis=1))
+    assert 150 < (rot <= 5.0).sum() < 260 and rot.max() > 15.0
+    rng = np.random.default_rng(3)
+    A.random_affine_params(rng, base, 64)
+    check = np.random.default_rng(3)
+    check.random(4), check.uniform(size=15)
+    assert rng.random() == check.random()                  # q = 0: 4 + 15 draws only
+
+
+def test_near_identity_settings_are_checked():
+    from spirs_tf.config import get_config
+    from spirs_tf.config_checks import check_config
+    from spirs_tf.errors import SpirsInputError
+    for q, f in ((1.5, 0.25), (0.5, 0.0), (0.5, 1.5)):
+        cfg = get_config("cpu-medium")
+        cfg.augment.near_identity_probability, cfg.augment.near_identity_scale = q, f
+        with pytest.raises(SpirsInputError, match="near_identity"):
+            check_config(cfg)
+
+
 def test_fixed_pose_probability_zero_draws_nothing():
     """Probability 0 (authors) leaves the random stream untouched: the same output as before."""
     rng = np.random.default_rng(5)
