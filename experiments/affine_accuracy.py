@@ -2,8 +2,10 @@
 
 SYNTHETIC DATA. Each held-out pair of a manifest split (default ``test``; pre-aligned pairs such as
 ``spirs synth --pose aligned``) is moved by a random affine drawn as in training
-(:func:`spirs_tf.augment.augment_pair`, the config's ``augment`` settings, generator
-``[seed, 7, 0, k]`` for sample ``k``: a stream that training (0) and validation (1) never draw). The
+(:func:`spirs_tf.augment.augment_pair`, the config's ``augment`` settings without the near-identity
+share ``augment.near_identity_probability``, so that runs trained with and without it meet the same
+pairs; generator ``[seed, 7, 0, k]`` for sample ``k``: a stream that training (0) and validation (1)
+never draw). The
 network (eval mode, its finest level) predicts the affine ``[M̂ | t̂]`` that undoes it; the truth is
 ``[M | t]`` (the augmentation's own matrix, translation in voxels of the model's finest grid).
 
@@ -167,7 +169,7 @@ def held_out(run_dir: str, manifest, samples: int, deadline: float | None = None
             break
     else:
         return {"skipped": "the cohort has no test or validation pairs"}
-    augment = dataclasses.replace(run.cfg.augment, fixed_pose_probability=0.0)
+    augment = dataclasses.replace(run.cfg.augment, fixed_pose_probability=0.0, near_identity_probability=0.0)
     acc = {"split": split, "pairs_in_split": len(source), **measure(run, source, samples, seed, augment,
                                                                      deadline=deadline)}
     acc["summary"] = (
@@ -209,8 +211,10 @@ def main(argv=None) -> int:
     except SpirsInputError as exc:
         print(f"affine_accuracy: error: {exc}", file=sys.stderr)
         return 2
-    augment = run.cfg.augment if args.fixed_pose is None else \
-        dataclasses.replace(run.cfg.augment, fixed_pose_probability=args.fixed_pose)
+    # the test pairs span the whole augmentation range, whatever near-identity share the run trained on
+    augment = dataclasses.replace(run.cfg.augment, near_identity_probability=0.0)
+    if args.fixed_pose is not None:
+        augment = dataclasses.replace(augment, fixed_pose_probability=args.fixed_pose)
     result = measure(run, source, args.pairs, args.seed, augment, passes=args.passes, symmetric=args.symmetric)
     result = {"model": os.path.abspath(args.model), "manifest": os.path.abspath(args.manifest), "split": args.split,
               **result}

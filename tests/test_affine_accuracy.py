@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -96,3 +97,24 @@ def test_measure_stops_at_its_deadline(tmp_path):
     assert np.isnan(late["linear"]["slope"]) and np.isnan(late["rms_network"]["median"])
     on_time = acc.measure(run, source, 3, 2027, run.cfg.augment, deadline=time.time() + 3600.0)
     assert on_time["samples"] == 3 and on_time["rms_identity"]["median"] > 0.5
+
+
+def test_test_pairs_ignore_the_runs_near_identity_share(tmp_path):
+    """A run trained with augment.near_identity_probability meets the same wide-range test pairs as one
+    trained without it (otherwise its figures would be measured on easier pairs)."""
+    from cohort import make_fake_run
+
+    manifest = make_cohort(str(tmp_path / "cohort"), n_patients=2, n_timepoints=2, seed=6, splits=("test", "test"))
+    plain = make_fake_run(tmp_path / "plain")
+    near = make_fake_run(tmp_path / "near")
+    config_path = tmp_path / "near" / "stage3" / "config.json"
+    cfg = json.loads(config_path.read_text())
+    cfg["augment"]["near_identity_probability"], cfg["augment"]["near_identity_scale"] = 1.0, 0.05
+    config_path.write_text(json.dumps(cfg))
+    acc = _script()
+    figures = []
+    for run in (plain, near):
+        out = tmp_path / f"{os.path.basename(run)}.json"
+        assert acc.main(["--model", run, "--manifest", manifest, "--pairs", "4", "--json", str(out)]) == 0
+        figures.append(json.loads(out.read_text())["rms_identity"]["median"])
+    assert figures[0] > 0.5 and figures[1] == pytest.approx(figures[0], rel=1e-6)
