@@ -203,10 +203,9 @@ class AugmentConfig:
     #: translation as the moving's); the target composes both (:func:`spirs_tf.augment.augment_pair`).
     fixed_pose_probability: float = 0.0
     fixed_rotation_degrees: float = 10.0
-    #: 0 (authors): the moving image's affine is drawn uniformly over the ranges above, so few pairs lie
-    #: near the identity, where a second affine pass (``model.affine_passes``) works. q > 0: with
-    #: probability q every deviation from the identity (translation, rotation, scale − 1, shear) is
-    #: multiplied by one factor ``f ~ U(0, near_identity_scale)`` (:func:`spirs_tf.augment.random_affine_params`)
+    #: 0 (authors): few training pairs lie near the identity, where a second affine pass works. q > 0: with
+    #: probability q every deviation of the moving image's affine from the identity is multiplied by one
+    #: factor ``f ~ U(0, near_identity_scale)`` (:func:`spirs_tf.augment.random_affine_params`)
     near_identity_probability: float = 0.0
     near_identity_scale: float = 0.25
 
