@@ -93,12 +93,14 @@ def measure(run, source, samples: int, seed: int, augment, passes: int = 1, symm
             deadline: float | None = None) -> dict:
     """The figures of this script for ``run`` (:func:`spirs_tf.predictor.load_run`) on ``samples`` augmented
     pairs of ``source`` (a :class:`spirs_tf.data.PairSource`; pairs reused when it has fewer), drawn with
-    ``augment`` from stream :data:`AFFINE_TEST_STREAM`. ``deadline`` (``time.time()`` seconds): no new pair
+    ``augment`` from stream :data:`AFFINE_TEST_STREAM`, without its near-identity share (the pairs span the
+    whole range, whatever share the run trained on). ``deadline`` (``time.time()`` seconds): no new pair
     starts after it, so ``samples`` in the result can be smaller (0: every figure NaN).
     """
     from spirs_tf import data, metrics
     from spirs_tf.geometry import warp_working
 
+    augment = dataclasses.replace(augment, near_identity_probability=0.0)
     cfg, size, levels = run.cfg, run.size, run.levels
     predictor = run.predictor()
     spacing = run.spacing[0]
@@ -169,7 +171,7 @@ def held_out(run_dir: str, manifest, samples: int, deadline: float | None = None
             break
     else:
         return {"skipped": "the cohort has no test or validation pairs"}
-    augment = dataclasses.replace(run.cfg.augment, fixed_pose_probability=0.0, near_identity_probability=0.0)
+    augment = dataclasses.replace(run.cfg.augment, fixed_pose_probability=0.0)
     acc = {"split": split, "pairs_in_split": len(source), **measure(run, source, samples, seed, augment,
                                                                      deadline=deadline)}
     acc["summary"] = (
@@ -211,10 +213,8 @@ def main(argv=None) -> int:
     except SpirsInputError as exc:
         print(f"affine_accuracy: error: {exc}", file=sys.stderr)
         return 2
-    # the test pairs span the whole augmentation range, whatever near-identity share the run trained on
-    augment = dataclasses.replace(run.cfg.augment, near_identity_probability=0.0)
-    if args.fixed_pose is not None:
-        augment = dataclasses.replace(augment, fixed_pose_probability=args.fixed_pose)
+    augment = run.cfg.augment if args.fixed_pose is None else \
+        dataclasses.replace(run.cfg.augment, fixed_pose_probability=args.fixed_pose)
     result = measure(run, source, args.pairs, args.seed, augment, passes=args.passes, symmetric=args.symmetric)
     result = {"model": os.path.abspath(args.model), "manifest": os.path.abspath(args.manifest), "split": args.split,
               **result}
